@@ -1,0 +1,42 @@
+"""Choosing the next token: greedy, or sampling with temperature / top-k / top-p and a seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0
+    seed: int = 0  # request i samples from its own generator seeded seed + i
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("sampling: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generator(self, request_index: int) -> torch.Generator | None:
+        """One generator per request, so what a request samples does not depend on its batch."""
+        return None if self.greedy else torch.Generator().manual_seed(self.seed + request_index)
+
+    def choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
+        """The next token from one row of logits `[vocab]`."""
+        if self.greedy:
+            return int(logits.argmax())
+        scores = logits.float().cpu() / self.temperature
+        if self.top_k:
+            kth = torch.topk(scores, min(self.top_k, scores.numel())).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p < 1:
+            ordered, order = torch.sort(scores, descending=True)
+            # drop a token once the mass before it already reaches top_p (the first always stays)
+            drop = torch.cumsum(torch.softmax(ordered, -1), -1) - torch.softmax(ordered, -1) >= self.top_p
+            scores[order[drop]] = float("-inf")
+        return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))

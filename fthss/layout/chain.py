@@ -1,0 +1,140 @@
+"""Chain samples: shared content, then steps, each run by a named stage.
+
+A chain sample is text. It is what a user writes (our JSONL format), what the authors' data
+holds (`I_ALL`, `I_A`, `O_A`, `O_B`, multi-round `O_1A`, `O_1B`, `O_2A`, ...), and what the
+engine runs (outputs left empty, per-step generation limits set). `fthss.layout.sequence`
+turns it into tokens and metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+class ChainFormatError(ValueError):
+    """A chain file or record that cannot be read; the message names the file, line and field."""
+
+
+@dataclass
+class Step:
+    stage: str
+    input: str | None = None  # private to this step unless `input_visible`
+    output: str | None = None  # gold text for training; None when the engine generates it
+    input_visible: bool = False  # later steps may read this input
+    max_new_tokens: int | None = None  # generation limit (engine default when None)
+    stop: list[str] = field(default_factory=list)  # stop strings for generation
+
+
+@dataclass
+class ChainSample:
+    shared: str
+    steps: list[Step]
+    id: str | None = None
+
+    @property
+    def stages(self) -> list[str]:
+        return list(dict.fromkeys(step.stage for step in self.steps))
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+_STEP_FIELDS = {"stage": str, "input": (str, type(None)), "output": (str, type(None)),
+                "input_visible": bool, "max_new_tokens": (int, type(None)), "stop": list}
+_OUTPUT_KEY = re.compile(r"^O_(\d*)([A-Za-z]\w*)$")
+_INPUT_KEY = re.compile(r"^I_([A-Za-z]\w*)$")
+
+
+def chain_from_json(record: dict, where: str) -> ChainSample:
+    """Our JSONL format: `{"id", "shared", "steps": [{"stage", "input", "output", ...}]}`."""
+    if not isinstance(record, dict):
+        raise ChainFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    unknown = set(record) - {"id", "shared", "steps"}
+    if unknown:
+        raise ChainFormatError(f"{where}: unknown field(s) {sorted(unknown)}")
+    shared = record.get("shared", "")
+    if not isinstance(shared, str):
+        raise ChainFormatError(f"{where}: field 'shared' must be a string")
+    steps = record.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise ChainFormatError(f"{where}: field 'steps' must be a non-empty list")
+    parsed = []
+    for k, step in enumerate(steps):
+        at = f"{where}: steps[{k}]"
+        if not isinstance(step, dict):
+            raise ChainFormatError(f"{at}: expected an object")
+        if "stage" not in step:
+            raise ChainFormatError(f"{at}: missing field 'stage'")
+        for name, value in step.items():
+            if name not in _STEP_FIELDS:
+                raise ChainFormatError(f"{at}: unknown field '{name}'")
+            if not isinstance(value, _STEP_FIELDS[name]):
+                raise ChainFormatError(f"{at}.{name}: wrong type {type(value).__name__}")
+        if not all(isinstance(s, str) and s for s in step.get("stop", [])):
+            raise ChainFormatError(f"{at}.stop: must be a list of non-empty strings")
+        parsed.append(Step(**step))
+    chain_id = record.get("id")
+    return ChainSample(shared=shared, steps=parsed, id=None if chain_id is None else str(chain_id))
+
+
+def chain_from_authors(record: dict, where: str) -> ChainSample:
+    """The FTHSS authors' keys: `I_ALL` shared, `I_<stage>` a stage's input, `O_<stage>` or
+    `O_<round><stage>` outputs. Single-round steps run in stage-name order (A then B);
+    multi-round steps in (round, stage) order. An input belongs to the stage's first step."""
+    if not isinstance(record, dict):
+        raise ChainFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    outputs, inputs = [], {}
+    for key, value in record.items():
+        if key == "I_ALL":
+            continue
+        if not isinstance(value, str):
+            raise ChainFormatError(f"{where}: field '{key}' must be a string")
+        if m := _OUTPUT_KEY.match(key):
+            outputs.append((int(m.group(1) or 0), m.group(2), value))
+        elif m := _INPUT_KEY.match(key):
+            inputs[m.group(1)] = value
+        else:
+            raise ChainFormatError(f"{where}: unknown field '{key}' (expected I_ALL, I_<stage>, "
+                                   "O_<stage> or O_<round><stage>)")
+    if not outputs:
+        raise ChainFormatError(f"{where}: no output field (O_A, O_1A, ...)")
+    shared = record.get("I_ALL", "")
+    if not isinstance(shared, str):
+        raise ChainFormatError(f"{where}: field 'I_ALL' must be a string")
+    orphan = set(inputs) - {stage for _, stage, _ in outputs}
+    if orphan:
+        raise ChainFormatError(f"{where}: input for stage(s) {sorted(orphan)} with no output")
+    steps = []
+    for _, stage, text in sorted(outputs, key=lambda o: (o[0], o[1])):
+        steps.append(Step(stage=stage, input=inputs.pop(stage, None), output=text))
+    return ChainSample(shared=shared, steps=steps)
+
+
+def load_chains(path: str | Path) -> list[ChainSample]:
+    """Read a `.jsonl` file in our format, or a `.json` list in the authors' format."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ChainFormatError(f"{path}: cannot read: {err.strerror}") from err
+    if path.suffix == ".jsonl":
+        samples = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ChainFormatError(f"{path}:{line_no}: malformed JSON: {err.msg}") from err
+            samples.append(chain_from_json(record, f"{path}:{line_no}"))
+        return samples
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ChainFormatError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from err
+    if not isinstance(records, list):
+        raise ChainFormatError(f"{path}: expected a JSON list of records")
+    return [chain_from_authors(r, f"{path}: record {i}") for i, r in enumerate(records)]

@@ -1,0 +1,161 @@
+"""The frozen base model every stage is a soft prompt on.
+
+`BaseModel` wraps a Hugging Face causal LM and its tokenizer, checks that fthss can run it
+(rotary positions, attention that takes a 4D mask), and knows the shapes stages depend on. Its
+fingerprint identifies the base a stage was trained for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+# Attention implementations that apply a caller's 4D mask as given. FlashAttention kernels only
+# know causal and padding masks, so they cannot express the cascade.
+MASKABLE_ATTENTION = {"sdpa", "eager"}
+
+
+class UnsupportedModelError(ValueError):
+    """A base model fthss cannot run; the message says why."""
+
+
+@dataclass
+class BaseModel:
+    model: torch.nn.Module
+    tokenizer: object
+
+    def __post_init__(self):
+        self.model.eval()
+        self.model.requires_grad_(False)
+        check_supported(self.model)
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype | None = None, device: str | None = None,
+             attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> BaseModel:
+        """Load a local model directory (weights and tokenizer). Remote code runs only if asked."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or "auto", attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if device:
+            model.to(device)
+        return cls(model, tokenizer)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return (getattr(self.config, "head_dim", None)
+                or self.config.hidden_size // self.config.num_attention_heads)
+
+    @property
+    def max_positions(self) -> int:
+        """Longest position + 1 the model is made for (RoPE works past it, but badly)."""
+        return self.config.max_position_embeddings
+
+    @property
+    def attention_window(self) -> int | None:
+        """The sliding window, when the model uses one: a 4D mask replaces it, so fthss refuses
+        sequences longer than it rather than silently attend further than the model would."""
+        window = getattr(self.config, "sliding_window", None)
+        layer_types = getattr(self.config, "layer_types", None)
+        if layer_types is not None and "sliding_attention" not in layer_types:
+            return None
+        if getattr(self.config, "use_sliding_window", True) is False:
+            return None
+        return window
+
+    @property
+    def position_limit(self) -> int:
+        window = self.attention_window
+        return min(self.max_positions, window) if window else self.max_positions
+
+    @cached_property
+    def _cache_argument(self) -> str:
+        # transformers renamed `past_key_values` to `cache` (5.2x); accept both.
+        names = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in names else "past_key_values"
+
+    def forward(self, cache, position_ids: torch.Tensor, *, input_ids=None, inputs_embeds=None,
+                attention_mask=None, logits: bool = True, logits_at: torch.Tensor | None = None):
+        """One forward that appends to `cache`; returns logits (at the sequence indices
+        `logits_at` only, if given), or nothing for `logits=False` (prompt caches)."""
+        module = self.model if logits else self.model.base_model
+        extra = {self._cache_argument: cache}
+        if logits and logits_at is not None:
+            extra["logits_to_keep"] = logits_at
+        out = module(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
+                     attention_mask=attention_mask, use_cache=True, **extra)
+        return out.logits if logits else None
+
+    def attention_mask(self, visible: torch.Tensor) -> torch.Tensor:
+        """The boolean visibility mask in the form this model's attention takes: SDPA takes it
+        as is, eager attention adds it to the scores."""
+        if self.config._attn_implementation == "sdpa":
+            return visible
+        bias = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device)
+        return bias.masked_fill(~visible, torch.finfo(self.dtype).min)
+
+    @cached_property
+    def fingerprint(self) -> dict:
+        """What a stage must match: architecture, shapes and a hash of the embedding matrix
+        (taken in bf16, so the same weights loaded in another dtype still match)."""
+        weight = self.model.get_input_embeddings().weight.detach()
+        digest = hashlib.sha256(weight.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+        return {
+            "architecture": type(self.model).__name__,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": weight.shape[0],
+            "embedding_sha256": digest.hexdigest(),
+        }
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    name = type(model).__name__
+    if not any("Rotary" in type(m).__name__ for m in model.modules()):
+        raise UnsupportedModelError(
+            f"{name} has no rotary position embedding: fthss places every stage's prompt and "
+            "content at shared positions and relies on attention depending only on position "
+            "differences (RoPE). Absolute or ALiBi positions are not supported.")
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation not in MASKABLE_ATTENTION:
+        raise UnsupportedModelError(
+            f"{name} uses attention '{implementation}', which cannot take a custom 4D mask; "
+            f"load it with attn_implementation in {sorted(MASKABLE_ATTENTION)}.")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{name} is an encoder-decoder: fthss needs a decoder-only LM")

@@ -1,0 +1,127 @@
+"""Stages: named soft prompts on the frozen base, each ending up as a prompt cache.
+
+Two kinds (DESIGN.md, "Vocabulary"):
+- `prompt`: N input-level embeddings (PEFT's PROMPT_TUNING). Its prompt cache is the base's K/V
+  for those embeddings, placed at positions C-N ... C-1.
+- `prefix`: a learned K/V per layer (P-Tuning v2, PEFT's PREFIX_TUNING without projection). Its
+  keys are used as stored, with no rotation.
+Both are stored in PEFT's layout, so one weight tensor per stage:
+`[N, hidden]` for a prompt, `[N, layers * 2 * kv_heads * head_dim]` for a prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import DynamicCache
+
+from fthss.models.base import BaseModel
+
+KINDS = ("prompt", "prefix")
+INITS = ("random", "vocab", "text")
+
+# One layer's (keys, values), each [batch, kv_heads, tokens, head_dim].
+LayerKV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class StageConfig:
+    name: str
+    kind: Literal["prompt", "prefix"] = "prompt"
+    num_virtual_tokens: int = 100
+    init: Literal["random", "vocab", "text"] = "random"
+    init_text: str | None = None
+
+    def __post_init__(self):
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"stage name {self.name!r}: use letters, digits, '-' and '_'")
+        if self.kind not in KINDS:
+            raise ValueError(f"stage {self.name}: kind must be one of {KINDS}, not {self.kind!r}")
+        if self.init not in INITS:
+            raise ValueError(f"stage {self.name}: init must be one of {INITS}, not {self.init!r}")
+        if self.init == "text" and not self.init_text:
+            raise ValueError(f"stage {self.name}: init 'text' needs init_text")
+        if self.num_virtual_tokens < 1:
+            raise ValueError(f"stage {self.name}: num_virtual_tokens must be >= 1")
+
+
+def prefix_width(base: BaseModel) -> int:
+    return base.num_layers * 2 * base.num_kv_heads * base.head_dim
+
+
+class Stage(torch.nn.Module):
+    def __init__(self, config: StageConfig, weight: torch.Tensor):
+        super().__init__()
+        if weight.ndim != 2 or weight.shape[0] != config.num_virtual_tokens:
+            raise ValueError(f"stage {config.name}: weight of shape {tuple(weight.shape)} does "
+                             f"not hold {config.num_virtual_tokens} virtual tokens")
+        self.config = config
+        self.weight = torch.nn.Parameter(weight.float())  # trained in fp32 whatever the base
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.config.num_virtual_tokens
+
+    @classmethod
+    def create(cls, config: StageConfig, base: BaseModel, seed: int = 0) -> Stage:
+        """A new stage initialised as `config.init` says. A prefix starts as the prompt cache
+        of the prompt-kind stage with the same initialisation."""
+        embeddings = _initial_embeddings(config, base, torch.Generator().manual_seed(seed))
+        prompt = cls(StageConfig(config.name, "prompt", config.num_virtual_tokens), embeddings)
+        if config.kind == "prompt":
+            return cls(config, embeddings)
+        with torch.no_grad():
+            layers = prompt.prompt_cache(base, config.num_virtual_tokens)
+        return cls(config, _pack_prefix(layers))
+
+    def check_fits(self, base: BaseModel) -> None:
+        expected = base.hidden_size if self.config.kind == "prompt" else prefix_width(base)
+        if self.weight.shape[1] != expected:
+            what = "hidden size" if self.config.kind == "prompt" else "layers*2*kv_heads*head_dim"
+            raise ValueError(f"stage {self.name} ({self.config.kind}) has width "
+                             f"{self.weight.shape[1]} but the base's {what} is {expected}")
+
+    def prompt_cache(self, base: BaseModel, first_position: int) -> list[LayerKV]:
+        """Per-layer K/V of this stage's prompt, batch 1, in the base's dtype. Differentiable:
+        training backpropagates through it. `first_position` is C (prompts end at C-1)."""
+        self.check_fits(base)
+        n = self.num_virtual_tokens
+        weight = self.weight.to(base.device, base.dtype)
+        if self.config.kind == "prefix":
+            # PEFT's layout: [N, L*2, H, D] -> [L*2, H, N, D]; layer i is rows 2i (K), 2i+1 (V).
+            kv = weight.view(n, base.num_layers * 2, base.num_kv_heads, base.head_dim)
+            kv = kv.permute(1, 2, 0, 3).unsqueeze(1)
+            return [(kv[2 * i], kv[2 * i + 1]) for i in range(base.num_layers)]
+        if first_position < n:
+            raise ValueError(f"stage {self.name}: first content position {first_position} < N={n}")
+        cache = DynamicCache()
+        positions = torch.arange(first_position - n, first_position, device=base.device)
+        base.forward(cache, positions[None], inputs_embeds=weight[None], logits=False)
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _initial_embeddings(config: StageConfig, base: BaseModel, generator: torch.Generator):
+    table = base.model.get_input_embeddings().weight.detach().float().cpu()
+    n = config.num_virtual_tokens
+    if config.init == "random":
+        return torch.randn(n, table.shape[1], generator=generator) * table.std()
+    if config.init == "vocab":
+        return table[torch.randint(0, table.shape[0], (n,), generator=generator)].clone()
+    ids = base.tokenizer.encode(config.init_text, add_special_tokens=False)
+    if not ids:
+        raise ValueError(f"stage {config.name}: init_text encodes to no tokens")
+    ids = (ids * math.ceil(n / len(ids)))[:n]  # as PEFT's TEXT init: repeat, then cut
+    return table[torch.tensor(ids)].clone()
+
+
+def _pack_prefix(layers: list[LayerKV]) -> torch.Tensor:
+    """Inverse of the prefix view in `prompt_cache`: per-layer K/V to PEFT's [N, L*2*H*D]."""
+    kv = torch.stack([t[0] for layer in layers for t in layer])  # [L*2, H, N, D]
+    return kv.permute(2, 0, 1, 3).reshape(kv.shape[2], -1).detach().float().cpu()
