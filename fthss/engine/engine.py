@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from fthss.engine.cache import ChainCache
 from fthss.engine.sampling import SamplingConfig
@@ -107,7 +108,7 @@ class ChainEngine:
 
     def run(self, requests: list[ChainSample], mode: str = "shared",
             sampling: SamplingConfig | None = None, step_input: StepInput | None = None,
-            output_scores: bool = False) -> list[ChainResult]:
+            output_scores: bool = False, progress: bool = False) -> list[ChainResult]:
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}'; choose one of {MODES}")
         for i, request in enumerate(requests):
@@ -118,7 +119,8 @@ class ChainEngine:
         sampling = sampling or SamplingConfig()
         results = []
         with torch.no_grad():
-            for start in range(0, len(requests), self.batch_size):
+            starts = range(0, len(requests), self.batch_size)
+            for start in tqdm(starts, desc=f"{mode} chains", unit="batch", disable=not progress):
                 rows = [_Row(r, sampling.generator(start + i), TokenChain([], []))
                         for i, r in enumerate(requests[start:start + self.batch_size])]
                 self._run_batch(rows, mode, sampling, step_input, output_scores)

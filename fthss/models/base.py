@@ -103,6 +103,25 @@ class BaseModel:
         return min(self.max_positions, window) if window else self.max_positions
 
     @cached_property
+    def rotary(self) -> torch.nn.Module:
+        return next(m for m in self.model.modules() if "Rotary" in type(m).__name__)
+
+    def rotate_keys(self, keys: torch.Tensor, offset: int) -> torch.Tensor:
+        """Move keys `[b, h, n, d]` by `offset` positions: RoPE rotations compose, so this is
+        what the keys would be had they been computed `offset` positions later."""
+        position = torch.full((1, 1), offset, device=keys.device)
+        cos, sin = self.rotary(keys, position)  # [1, 1, d]
+        if cos.shape[-1] != keys.shape[-1]:
+            raise UnsupportedModelError(f"{type(self.model).__name__}: partial rotary embeddings "
+                                        "cannot move prefix keys")
+        half = keys.shape[-1] // 2
+        rotated_half = torch.cat([-keys[..., half:], keys[..., :half]], dim=-1)
+        return keys * cos[:, None].to(keys.dtype) + rotated_half * sin[:, None].to(keys.dtype)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    @cached_property
     def _cache_argument(self) -> str:
         # transformers renamed `past_key_values` to `cache` (5.2x); accept both.
         names = inspect.signature(self.model.forward).parameters

@@ -4,7 +4,10 @@ Two kinds (DESIGN.md, "Vocabulary"):
 - `prompt`: N input-level embeddings (PEFT's PROMPT_TUNING). Its prompt cache is the base's K/V
   for those embeddings, placed at positions C-N ... C-1.
 - `prefix`: a learned K/V per layer (P-Tuning v2, PEFT's PREFIX_TUNING without projection). Its
-  keys are used as stored, with no rotation.
+  keys are used as stored, with no rotation, when content starts at C = N (as in PEFT). When a
+  chain's C is larger (a longer prompt in the chain), the keys are rotated by C - N, so that the
+  prefix keeps the same offset to the content whatever chain it runs in: without this, a prefix
+  stage would answer differently alone and beside a stage with a longer prompt.
 Both are stored in PEFT's layout, so one weight tensor per stage:
 `[N, hidden]` for a prompt, `[N, layers * 2 * kv_heads * head_dim]` for a prefix.
 """
@@ -98,7 +101,9 @@ class Stage(torch.nn.Module):
             # PEFT's layout: [N, L*2, H, D] -> [L*2, H, N, D]; layer i is rows 2i (K), 2i+1 (V).
             kv = weight.view(n, base.num_layers * 2, base.num_kv_heads, base.head_dim)
             kv = kv.permute(1, 2, 0, 3).unsqueeze(1)
-            return [(kv[2 * i], kv[2 * i + 1]) for i in range(base.num_layers)]
+            shift = first_position - n
+            return [(base.rotate_keys(kv[2 * i], shift) if shift else kv[2 * i], kv[2 * i + 1])
+                    for i in range(base.num_layers)]
         if first_position < n:
             raise ValueError(f"stage {self.name}: first content position {first_position} < N={n}")
         cache = DynamicCache()

@@ -1,0 +1,148 @@
+"""The `fthss` command line: `run` chains over a JSONL file, `verify` a model family, `stage`
+tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _add_base_arguments(parser: argparse.ArgumentParser) -> None:
+    from fthss.models.presets import ARCHITECTURES
+
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--base", help="local Hugging Face model directory")
+    source.add_argument("--arch", choices=ARCHITECTURES, help="tiny random-init architecture")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="weights dtype (default: the checkpoint's; float32 for --arch)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda "
+                        "if available)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the model directory's own Python code to run")
+
+
+def _load_base(args):
+    from fthss.models.base import BaseModel
+    from fthss.models.presets import tiny_base
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    if args.arch:
+        base = tiny_base(args.arch, dtype=dtype or torch.float32)
+        base.model.to(device)
+        return base
+    return BaseModel.load(args.base, dtype=dtype, device=device,
+                          trust_remote_code=args.trust_remote_code)
+
+
+def cmd_verify(args) -> int:
+    from fthss.verify import verify
+
+    base = _load_base(args)
+    tolerance = args.tol if args.tol is not None else (1e-4 if base.dtype == torch.float32 else 5e-2)
+    report = verify(base, chains=args.chains, seed=args.seed, batch_size=args.batch_size)
+    name = args.arch or args.base
+    print(f"{name} ({type(base.model).__name__}, {str(base.dtype).removeprefix('torch.')}, "
+          f"{report.chains} random chains)")
+    print(f"  shared incremental vs one-pass masked forward: max |dlogit| = {report.shared_vs_one_pass:.3g}")
+    print(f"  text mode vs plain forward of the text:        max |dlogit| = {report.text_vs_plain:.3g}")
+    print(f"  padded batch vs alone:                         max |dlogit| = {report.batch_vs_alone:.3g}")
+    print(f"  greedy outputs identical alone and in a batch: {report.greedy_outputs_match}")
+    worst = max(report.shared_vs_one_pass, report.text_vs_plain, report.batch_vs_alone)
+    ok = worst <= tolerance and report.greedy_outputs_match
+    print(f"{'PASS' if ok else 'FAIL'}: largest difference {worst:.3g} (tolerance {tolerance:g})")
+    print(json.dumps({"model": name, "tolerance": tolerance, "pass": ok, **vars(report)}))
+    return 0 if ok else 1
+
+
+def cmd_run(args) -> int:
+    from fthss.atomic import atomic_write_text
+    from fthss.engine.engine import ChainEngine
+    from fthss.engine.sampling import SamplingConfig
+    from fthss.layout.chain import load_chains
+    from fthss.prompts.io import load_stage
+
+    base = _load_base(args)
+    stages = [load_stage(path, base) for path in args.stage]
+    requests = load_chains(args.input)
+    engine = ChainEngine(base, stages, max_new_tokens=args.max_new_tokens,
+                         batch_size=args.batch_size)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
+    results = engine.run(requests, args.mode, sampling, progress=True)
+    atomic_write_text(args.output, "".join(json.dumps(r.to_json()) + "\n" for r in results))
+    decoded = sum(s.stats.decoded_tokens for r in results for s in r.steps)
+    print(f"{len(results)} chains ({args.mode} mode), {decoded} tokens decoded -> {args.output}")
+    return 0
+
+
+def cmd_stage_create(args) -> int:
+    from fthss.prompts.io import save_stage
+    from fthss.prompts.stage import Stage, StageConfig
+
+    base = _load_base(args)
+    config = StageConfig(args.name, args.kind, args.tokens, args.init, args.init_text)
+    save_stage(Stage.create(config, base, seed=args.seed), args.out, base)
+    print(f"stage {args.name} ({args.kind}, {args.tokens} virtual tokens) -> {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fthss", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    verify = commands.add_parser("verify", help="check shared-KV inference is exact on a model")
+    _add_base_arguments(verify)
+    verify.add_argument("--chains", type=int, default=16)
+    verify.add_argument("--batch-size", type=int, default=4)
+    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--tol", type=float, default=None,
+                        help="largest logit difference allowed (default 1e-4 fp32, 5e-2 else)")
+    verify.set_defaults(func=cmd_verify)
+
+    run = commands.add_parser("run", help="run chain requests from a JSONL (or authors' JSON) file")
+    _add_base_arguments(run)
+    run.add_argument("--stage", action="append", required=True, metavar="DIR",
+                     help="a stage directory (repeat for each stage)")
+    run.add_argument("--input", required=True, help="requests: .jsonl (ours) or .json (authors')")
+    run.add_argument("--output", required=True, help="results JSONL: texts and per-step stats")
+    run.add_argument("--mode", choices=("shared", "text"), default="shared")
+    run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument("--max-new-tokens", type=int, default=64,
+                     help="per-step limit unless the request sets max_new_tokens")
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    run.add_argument("--top-k", type=int, default=0)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--seed", type=int, default=0)
+    run.set_defaults(func=cmd_run)
+
+    stage = commands.add_parser("stage", help="stage tools")
+    stage_commands = stage.add_subparsers(dest="stage_command", required=True)
+    create = stage_commands.add_parser("create", help="initialise an untrained stage")
+    _add_base_arguments(create)
+    create.add_argument("--name", required=True)
+    create.add_argument("--kind", choices=("prompt", "prefix"), default="prompt")
+    create.add_argument("--tokens", type=int, default=100, help="number of virtual tokens")
+    create.add_argument("--init", choices=("random", "vocab", "text"), default="random")
+    create.add_argument("--init-text", default=None)
+    create.add_argument("--seed", type=int, default=0)
+    create.add_argument("--out", required=True)
+    create.set_defaults(func=cmd_stage_create)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"fthss {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The exactness check a user runs before trusting a model family (`fthss verify`).
+
+Random stages and random chains, then two comparisons:
+- shared mode, decoded incrementally, against the one-pass masked forward over the same tokens
+  (the training forward): same logits for every generated token;
+- text mode against a plain Hugging Face forward of the re-encoded text under the stage's prompt
+  (prompt embeddings prepended, or the prefix as past K/V; the model's own causal mask).
+The text view is written out here a second time on purpose, as an independent oracle.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from fthss.engine.cache import ChainCache
+from fthss.engine.engine import ChainEngine, ChainResult
+from fthss.layout.chain import ChainSample, Step
+from fthss.layout.sequence import TokenChain, build_layout
+from fthss.layout.visibility import Kind
+from fthss.models.base import BaseModel
+from fthss.prompts.stage import Stage, StageConfig
+
+_WORDS = "the a of city river who where born works capital company lake 1987 north Ada".split()
+
+
+def random_text(rnd: random.Random, max_words: int) -> str:
+    return " ".join(rnd.choice(_WORDS) for _ in range(rnd.randint(0, max_words)))
+
+
+def random_stages(base: BaseModel, rnd: random.Random, max_stages: int = 3,
+                  max_tokens: int = 6) -> list[Stage]:
+    return [Stage.create(StageConfig(f"S{i}", rnd.choice(["prompt", "prefix"]),
+                                     rnd.randint(1, max_tokens), rnd.choice(["random", "vocab"])),
+                         base, seed=rnd.randrange(2**31))
+            for i in range(rnd.randint(1, max_stages))]
+
+
+def random_chains(stages: list[Stage], rnd: random.Random, count: int, max_steps: int = 4,
+                  max_new_tokens: int = 5) -> list[ChainSample]:
+    names = [s.name for s in stages]
+    return [ChainSample(random_text(rnd, 4), [
+        Step(rnd.choice(names), input=rnd.choice([None, random_text(rnd, 4)]),
+             input_visible=rnd.random() < 0.3, max_new_tokens=rnd.randint(1, max_new_tokens))
+        for _ in range(rnd.randint(1, max_steps))], id=str(i)) for i in range(count)]
+
+
+def output_logits_one_pass(engine: ChainEngine, results: list[ChainResult]) -> list[torch.Tensor]:
+    """Per result, the one-pass forward's logits predicting each output token, in order."""
+    names = list(dict.fromkeys(s.stage for r in results for s in r.tokens.steps))
+    prompts = engine.prompt_caches(names)
+    layout = build_layout([r.tokens for r in results], {n: i for i, n in enumerate(names)},
+                          [engine.stages[n].num_virtual_tokens for n in names], engine.codec.pad_id)
+    if not bool(layout.mask.any(dim=-1).all()):
+        raise AssertionError("a visibility row is empty")
+    with torch.no_grad():
+        logits = ChainCache.for_layout(engine.base, prompts, layout).forward_layout(layout)
+    rows = []
+    for i in range(len(results)):
+        targets = (layout.meta.kind[i] == Kind.OUTPUT).nonzero().squeeze(1)
+        rows.append(logits[i, targets.to(logits.device) - 1].float().cpu())
+    return rows
+
+
+def text_view(tokens: TokenChain, k: int) -> list[int]:
+    """What step k re-encodes in text mode: shared, earlier outputs and visible inputs, then
+    its own input."""
+    ids = list(tokens.shared_ids)
+    for step in tokens.steps[:k]:
+        ids += (step.input_ids if step.input_visible else []) + step.output_ids
+    return ids + tokens.steps[k].input_ids
+
+
+def plain_forward(base: BaseModel, stage: Stage, input_ids: list[int]) -> torch.Tensor:
+    """Logits of a standalone prompt-tuned model over `input_ids`, as PEFT computes them."""
+    ids = torch.tensor([input_ids], device=base.device)
+    n = stage.num_virtual_tokens
+    weight = stage.weight.detach().to(base.device, base.dtype)
+    with torch.no_grad():
+        if stage.config.kind == "prompt":
+            embeds = torch.cat([weight[None], base.embed(ids)], dim=1)
+            return base.model(inputs_embeds=embeds).logits[0, n:].float().cpu()
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(stage.prompt_cache(base, n)):
+            cache.update(k, v, i)
+        positions = torch.arange(n, n + ids.shape[1], device=base.device)[None]
+        return base.forward(cache, positions, input_ids=ids)[0].float().cpu()
+
+
+@dataclass
+class VerifyReport:
+    shared_vs_one_pass: float
+    text_vs_plain: float
+    batch_vs_alone: float
+    greedy_outputs_match: bool
+    chains: int
+
+
+def verify(base: BaseModel, chains: int = 8, seed: int = 0, batch_size: int = 4) -> VerifyReport:
+    rnd = random.Random(seed)
+    stages = random_stages(base, rnd)
+    requests = random_chains(stages, rnd, chains)
+    engine = ChainEngine(base, stages, batch_size=batch_size)
+    shared = engine.run(requests, "shared", output_scores=True)
+    one_pass = output_logits_one_pass(engine, shared)
+    shared_diff = max(float((torch.cat([s.scores for s in r.steps]) - ref).abs().max())
+                      for r, ref in zip(shared, one_pass))
+    text = engine.run(requests, "text", output_scores=True)
+    text_diff = 0.0
+    for r in text:
+        for k, step in enumerate(r.tokens.steps):
+            view = text_view(r.tokens, k)
+            ref = plain_forward(base, engine.stages[step.stage], view + step.output_ids[:-1])
+            text_diff = max(text_diff, float((r.steps[k].scores - ref[len(view) - 1:]).abs().max()))
+    alone = ChainEngine(base, stages, batch_size=1).run(requests, "shared", output_scores=True)
+    batch_diff = max(float((a.scores - b.scores).abs().max())
+                     for ra, rb in zip(alone, shared) for a, b in zip(ra.steps, rb.steps)
+                     if a.scores.shape == b.scores.shape)
+    same = all(a.output_ids == b.output_ids
+               for ra, rb in zip(alone, shared) for a, b in zip(ra.steps, rb.steps))
+    return VerifyReport(shared_diff, text_diff, batch_diff, same, len(requests))
+
