@@ -1,0 +1,105 @@
+"""Engine behaviour: one cache per request in shared mode, one per stage in text mode, generation
+limits and stop strings, the between-steps callable, statistics and clear errors."""
+
+import pytest
+
+from fthss.engine.cache import SequenceTooLongError
+from fthss.engine.engine import ChainEngine
+from fthss.layout.chain import ChainSample, Step
+from fthss.prompts.stage import Stage, StageConfig
+
+
+@pytest.fixture
+def three_stages(llama):
+    return [Stage.create(StageConfig("A", "prompt", 3), llama, seed=1),
+            Stage.create(StageConfig("B", "prefix", 4), llama, seed=2),
+            Stage.create(StageConfig("C", "prompt", 2), llama, seed=3)]
+
+
+def multi_round(rounds=2):
+    steps = [Step(s, input="doc" if s == "A" else None, max_new_tokens=3)
+             for _ in range(rounds) for s in "ABC"]
+    return ChainSample("question?", steps)
+
+
+def slot_bytes(base):  # K and V of one token in every layer, fp32
+    return base.num_layers * 2 * base.num_kv_heads * base.head_dim * 4
+
+
+def test_shared_mode_holds_one_cache_of_the_request_size(llama, three_stages):
+    result = ChainEngine(llama, three_stages).run([multi_round()], "shared")[0]
+    tokens = result.tokens
+    content = len(tokens.shared_ids) + sum(len(s.input_ids) + len(s.output_ids) for s in tokens.steps)
+    prompts = 3 + 4 + 2
+    last = result.steps[-1].stats
+    # the chain's very last token is never encoded: nobody reads it
+    assert last.kv_tokens == prompts + content - 1
+    assert last.kv_bytes == (prompts + content - 1) * slot_bytes(llama)
+    grown = [s.stats.kv_tokens for s in result.steps]
+    assert grown == sorted(grown) and len(set(grown)) == len(grown)
+
+
+def test_text_mode_holds_one_cache_per_stage(llama, three_stages):
+    result = ChainEngine(llama, three_stages).run([multi_round()], "text")[0]
+    last_three = result.steps[-3:]  # the latest step of A, B and C
+    held = sum(s.stats.prefilled_tokens + s.stats.decoded_tokens - 1 for s in last_three) + 3 + 4 + 2
+    # steps of the last round end one after another; each stage's cache stays held
+    assert result.steps[-1].stats.kv_tokens == held
+    assert result.steps[-1].stats.kv_bytes == held * slot_bytes(llama)
+    shared = ChainEngine(llama, three_stages).run([multi_round()], "shared")[0]
+    assert result.steps[-1].stats.kv_bytes > shared.steps[-1].stats.kv_bytes
+    # text mode re-encodes what shared mode reads once
+    assert sum(s.stats.prefilled_tokens for s in result.steps) > \
+           sum(s.stats.prefilled_tokens for s in shared.steps)
+
+
+def test_generation_limits_and_stop_strings(llama, three_stages):
+    engine = ChainEngine(llama, three_stages, max_new_tokens=12)
+    free = engine.run([ChainSample("x", [Step("A", input="y")])])[0].steps[0]
+    assert free.stats.decoded_tokens <= 12
+    assert free.output_ids[-1] == llama.tokenizer.eos_token_id or len(free.output_ids) == 12
+    assert len(free.output) >= 3, "pick another seed: the test needs a few characters of output"
+    stop = free.output[1:3]
+    stopped = engine.run([ChainSample("x", [Step("A", input="y", stop=[stop])])])[0].steps[0]
+    assert stopped.output.endswith(stop) and stop not in stopped.output[:-len(stop)]
+    assert stopped.output_ids == free.output_ids[: len(stopped.output_ids)]
+    assert len(stopped.output_ids) < len(free.output_ids)
+    short = engine.run([ChainSample("x", [Step("A", input="y", max_new_tokens=2)])])[0].steps[0]
+    assert short.output_ids == free.output_ids[:2]
+
+
+def test_between_steps_callable_supplies_inputs(llama, three_stages):
+    seen = []
+
+    def retrieve(request, k, outputs):
+        seen.append((request.id, k, list(outputs)))
+        return f"passage for step {k}" if k == 1 else None
+
+    request = ChainSample("q", [Step("A", input="a", max_new_tokens=2),
+                                Step("B", max_new_tokens=2)], id="r1")
+    result = ChainEngine(llama, three_stages).run([request], step_input=retrieve)[0]
+    assert seen == [("r1", 0, []), ("r1", 1, [result.steps[0].output])]
+    assert result.steps[0].input == "a"
+    assert result.steps[1].input == "passage for step 1"
+    codec = ChainEngine(llama, three_stages).codec
+    assert result.tokens.steps[1].input_ids == codec.input("passage for step 1")
+
+
+def test_statistics(llama, three_stages):
+    request = ChainSample("q", [Step("A", input="abcd", max_new_tokens=3), Step("B", max_new_tokens=2)])
+    first, second = ChainEngine(llama, three_stages).run([request])[0].steps
+    assert first.stats.prefilled_tokens == 2 + 5  # BOS + "q", then marker + "abcd"
+    assert second.stats.prefilled_tokens == 1 + 1  # A's last token, then B's marker
+    assert (first.stats.decoded_tokens, second.stats.decoded_tokens) == (len(first.output_ids), len(second.output_ids))
+    for stats in (first.stats, second.stats):
+        assert 0 < stats.time_to_first_token_s <= stats.wall_s
+
+
+def test_clear_errors(llama, three_stages):
+    engine = ChainEngine(llama, three_stages)
+    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['Z'\]"):
+        engine.run([ChainSample("q", [Step("Z")], id="7")])
+    with pytest.raises(ValueError, match="unknown mode"):
+        engine.run([multi_round()], mode="fast")
+    with pytest.raises(SequenceTooLongError, match="positions"):
+        engine.run([ChainSample("x" * 5000, [Step("A")])])
