@@ -103,3 +103,14 @@ def test_clear_errors(llama, three_stages):
         engine.run([multi_round()], mode="fast")
     with pytest.raises(SequenceTooLongError, match="positions"):
         engine.run([ChainSample("x" * 5000, [Step("A")])])
+
+
+def test_identical_requests_in_one_batch_and_stop_token_ids(llama, three_stages):
+    engine = ChainEngine(llama, three_stages, max_new_tokens=6)
+    request = ChainSample("same", [Step("A", input="x"), Step("B")])
+    twins = engine.run([request, request])
+    assert [s.output_ids for s in twins[0].steps] == [s.output_ids for s in twins[1].steps]
+    first = twins[0].steps[0].output_ids
+    stop_at = first[1]
+    stopped = engine.run([ChainSample("same", [Step("A", input="x", stop_token_ids=[stop_at])])])
+    assert stopped[0].steps[0].output_ids == first[: first.index(stop_at) + 1]

@@ -72,10 +72,11 @@ class ChainResult:
                            "stats": vars(s.stats)} for s in self.steps]}
 
 
-@dataclass
+@dataclass(eq=False)  # rows compare by identity: two identical requests are two rows
 class _Row:
     """One request's state during a batch."""
 
+    slot: int  # row index in the batch's cache
     request: ChainSample
     generator: torch.Generator | None
     tokens: TokenChain
@@ -121,7 +122,7 @@ class ChainEngine:
         with torch.no_grad():
             starts = range(0, len(requests), self.batch_size)
             for start in tqdm(starts, desc=f"{mode} chains", unit="batch", disable=not progress):
-                rows = [_Row(r, sampling.generator(start + i), TokenChain([], []))
+                rows = [_Row(i, r, sampling.generator(start + i), TokenChain([], []))
                         for i, r in enumerate(requests[start:start + self.batch_size])]
                 self._run_batch(rows, mode, sampling, step_input, output_scores)
                 results += [ChainResult(r.request.id, mode, r.results, r.tokens) for r in rows]
@@ -218,7 +219,7 @@ class ChainEngine:
         while live:
             still = []
             for row in live:
-                i = rows.index(row)
+                i = row.slot
                 step = row.request.steps[k]
                 token = sampling.choose(logits[i], row.generator)
                 ids, scores, first = out[id(row)]
@@ -243,7 +244,7 @@ class ChainEngine:
                 for key, (ids, s, first) in out.items()}
 
     def _finished(self, ids: list[int], step) -> bool:
-        if ids[-1] == self.codec.eos_id:
+        if ids[-1] == self.codec.eos_id or ids[-1] in step.stop_token_ids:
             return True
         if len(ids) >= (step.max_new_tokens or self.max_new_tokens):
             return True

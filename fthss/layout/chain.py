@@ -26,6 +26,7 @@ class Step:
     input_visible: bool = False  # later steps may read this input
     max_new_tokens: int | None = None  # generation limit (engine default when None)
     stop: list[str] = field(default_factory=list)  # stop strings for generation
+    stop_token_ids: list[int] = field(default_factory=list)  # stop tokens besides EOS
 
 
 @dataclass
@@ -43,7 +44,8 @@ class ChainSample:
 
 
 _STEP_FIELDS = {"stage": str, "input": (str, type(None)), "output": (str, type(None)),
-                "input_visible": bool, "max_new_tokens": (int, type(None)), "stop": list}
+                "input_visible": bool, "max_new_tokens": (int, type(None)), "stop": list,
+                "stop_token_ids": list}
 _OUTPUT_KEY = re.compile(r"^O_(\d*)([A-Za-z]\w*)$")
 _INPUT_KEY = re.compile(r"^I_([A-Za-z]\w*)$")
 
@@ -75,6 +77,8 @@ def chain_from_json(record: dict, where: str) -> ChainSample:
                 raise ChainFormatError(f"{at}.{name}: wrong type {type(value).__name__}")
         if not all(isinstance(s, str) and s for s in step.get("stop", [])):
             raise ChainFormatError(f"{at}.stop: must be a list of non-empty strings")
+        if not all(isinstance(t, int) and t >= 0 for t in step.get("stop_token_ids", [])):
+            raise ChainFormatError(f"{at}.stop_token_ids: must be a list of token ids")
         parsed.append(Step(**step))
     chain_id = record.get("id")
     return ChainSample(shared=shared, steps=parsed, id=None if chain_id is None else str(chain_id))
