@@ -80,7 +80,6 @@ class _Row:
     request: ChainSample
     generator: torch.Generator | None
     tokens: TokenChain
-    history: list[tuple[int, Meta]] = field(default_factory=list)  # content in sequence order
     pending: list[tuple[int, Meta]] = field(default_factory=list)  # generated, not yet encoded
     results: list[StepResult] = field(default_factory=list)
 
@@ -130,74 +129,62 @@ class ChainEngine:
 
     def _run_batch(self, rows, mode, sampling, step_input, output_scores):
         names = list(dict.fromkeys(s for row in rows for s in row.request.stages))
-        stage_ids = {name: i for i, name in enumerate(names)}
-        shared_cache = ChainCache(self.base, self.prompt_caches(names), len(rows))
+        shared_cache = None
+        if mode == "shared":
+            shared_cache = ChainCache(self.base, self.prompt_caches(names), len(rows))
         held: dict[str, ChainCache] = {}  # text mode: each stage's latest cache
-        started = time.perf_counter()
+        started = time.perf_counter()  # step 0's clock includes encoding the shared content
         for row in rows:
             row.tokens.shared_ids = self.codec.shared(row.request.shared)
             row.pending = [(t, (Kind.SHARED, -1, -1, False)) for t in row.tokens.shared_ids]
-            row.history = list(row.pending)
         for k in range(max(len(row.request.steps) for row in rows)):
             started = started if k == 0 else time.perf_counter()
             active = [row for row in rows if k < len(row.request.steps)]
             if mode == "shared":
-                cache, cache_ids = shared_cache, stage_ids
+                cache, cache_ids = shared_cache, {name: i for i, name in enumerate(names)}
             else:  # a fresh cache with the prompts of this step's stages only
                 step_names = list(dict.fromkeys(row.request.steps[k].stage for row in active))
                 cache = ChainCache(self.base, self.prompt_caches(step_names), len(rows))
                 cache_ids = {name: i for i, name in enumerate(step_names)}
                 held.update({name: cache for name in step_names})
-            chunks, inputs = {}, {}
-            for row in active:
-                step = row.request.steps[k]
-                inputs[id(row)] = step.input
-                if step_input is not None:
-                    given = step_input(row.request, k, [r.output for r in row.results])
-                    inputs[id(row)] = step.input if given is None else given
-                row.tokens.steps.append(TokenStep(step.stage, self.codec.input(inputs[id(row)]), [],
-                                                  step.input_visible))
-                stage = cache_ids[step.stage]
-                segment = [(t, (Kind.INPUT, k, stage, step.input_visible))
-                           for t in row.tokens.steps[k].input_ids]
-                if mode == "shared":
-                    chunks[id(row)] = row.pending + segment
-                else:
-                    chunks[id(row)] = self._text_view(row, (stage, k)) + segment
-                row.pending = []
-                row.history += [(t, (m[0], m[1], stage_ids[step.stage], m[3])) for t, m in segment]
+            chunks = {id(row): self._start_step(row, k, mode, cache_ids, step_input)
+                      for row in active}
             ids, meta = self._pad([chunks.get(id(row), []) for row in rows])
             logits = cache.append(ids, meta, last_only=True)
             outputs = self._decode(cache, logits, rows, active, k, sampling, output_scores,
-                                   cache_ids, stage_ids)
-            caches = [shared_cache] if mode == "shared" else list({id(c): c for c in held.values()}.values())
+                                   cache_ids)
+            caches = [shared_cache] if mode == "shared" else list(dict.fromkeys(held.values()))
             kv_bytes = sum(c.kv_bytes for c in caches)
-            for i, row in enumerate(rows):
-                if row not in active:
-                    continue
-                out_ids, scores, first_token_at = outputs[id(row)]
-                row.tokens.steps[k].output_ids = out_ids
-                step = row.request.steps[k]
+            for row in active:
+                scores, first_token_at = outputs[id(row)]
+                step, out_ids = row.request.steps[k], row.tokens.steps[k].output_ids
                 stats = StepStats(
                     prefilled_tokens=len(chunks[id(row)]), decoded_tokens=len(out_ids),
                     time_to_first_token_s=first_token_at - started,
                     wall_s=time.perf_counter() - started, kv_bytes=kv_bytes,
-                    kv_tokens=sum(int(c.tokens_held()[i]) for c in caches))
-                row.results.append(StepResult(step.stage, inputs[id(row)],
+                    kv_tokens=sum(int(c.tokens_held()[row.slot]) for c in caches))
+                row.results.append(StepResult(step.stage, row.tokens.steps[k].input_text,
                                               self._output_text(out_ids, step.stop), out_ids,
                                               stats, scores))
 
-    def _text_view(self, row: _Row, own: tuple[int, int]) -> list[tuple[int, Meta]]:
-        """What the step would see in shared mode (by the visibility rule), relabelled as its own
-        input: text mode re-encodes it under its own prompt as plain causal text."""
-        if not row.history:
-            return []
-        stage, k = own
-        query = [(Kind.OUTPUT, k, stage, False)]
-        keys = TokenMeta.from_rows([[m for _, m in row.history] + query])
-        seen = visibility(keys, 1)[0, 0, 0, :-1]
-        return [(t, (Kind.INPUT, k, stage, False))
-                for (t, _), keep in zip(row.history, seen.tolist()) if keep]
+    def _start_step(self, row, k, mode, cache_ids, step_input) -> list[tuple[int, Meta]]:
+        """Record step k's input in `row.tokens` and return the chunk to encode before its first
+        token: in shared mode the previous step's last token and the input segment; in text
+        mode what the step re-encodes (as its own input, under its prompt) and the segment."""
+        step = row.request.steps[k]
+        text = step.input
+        if step_input is not None:
+            given = step_input(row.request, k, [r.output for r in row.results])
+            text = text if given is None else given
+        row.tokens.steps.append(TokenStep(step.stage, self.codec.input(text), [],
+                                          step.input_visible, input_text=text))
+        stage = cache_ids[step.stage]
+        segment = [(t, (Kind.INPUT, k, stage, step.input_visible))
+                   for t in row.tokens.steps[k].input_ids]
+        if mode == "shared":
+            chunk, row.pending = row.pending + segment, []
+            return chunk
+        return [(t, (Kind.INPUT, k, stage, False)) for t in row.tokens.text_view(k)] + segment
 
     def _pad(self, chunks: list[list[tuple[int, Meta]]]):
         meta = TokenMeta.from_rows([[m for _, m in c] for c in chunks])
@@ -208,40 +195,35 @@ class ChainEngine:
             ids[i, : len(c)] = torch.tensor([t for t, _ in c], dtype=torch.long)
         return ids, meta
 
-    def _decode(self, cache, logits, rows, active, k, sampling, output_scores, cache_ids,
-                stage_ids):
-        """Generate step k's outputs for the active rows; finished rows pad until all are done.
-        `cache_ids` number the stages as the cache does, `stage_ids` as the history does."""
-        out = {id(row): ([], [] if output_scores else None, 0.0) for row in active}
-        live = list(active)
+    def _decode(self, cache, logits, rows, active, k, sampling, output_scores, cache_ids):
+        """Generate step k's outputs for the active rows into `row.tokens`; rows that finished
+        pad until all are done. Returns per row (scores or None, time of its first token).
+        `cache_ids` number the stages as the cache does."""
+        scores = {id(row): [] for row in active}
+        first_token_at = {}
         meta_of = {id(row): (Kind.OUTPUT, k, cache_ids[row.request.steps[k].stage], False)
                    for row in active}
+        live = list(active)
         while live:
             still = []
             for row in live:
-                i = row.slot
-                step = row.request.steps[k]
-                token = sampling.choose(logits[i], row.generator)
-                ids, scores, first = out[id(row)]
-                ids.append(token)
-                if scores is not None:
-                    scores.append(logits[i].float().cpu())
-                if len(ids) == 1:
-                    out[id(row)] = (ids, scores, time.perf_counter())
-                meta = meta_of[id(row)]
-                row.history.append((token, (Kind.OUTPUT, k, stage_ids[step.stage], False)))
-                if self._finished(ids, step):
-                    row.pending = [(token, meta)]
+                step, out = row.request.steps[k], row.tokens.steps[k].output_ids
+                out.append(sampling.choose(logits[row.slot], row.generator))
+                first_token_at.setdefault(id(row), time.perf_counter())
+                if output_scores:
+                    scores[id(row)].append(logits[row.slot].float().cpu())
+                if self._finished(out, step):
+                    row.pending = [(out[-1], meta_of[id(row)])]  # encoded by the next step
                 else:
                     still.append(row)
             live = still
             if live:
-                chunk = [[(row.history[-1][0], meta_of[id(row)])] if row in live else []
-                         for row in rows]
+                chunk = [[(row.tokens.steps[k].output_ids[-1], meta_of[id(row)])]
+                         if row in live else [] for row in rows]
                 ids, meta = self._pad(chunk)
                 logits = cache.append(ids, meta, last_only=True)
-        return {key: (ids, torch.stack(s) if s is not None else None, first)
-                for key, (ids, s, first) in out.items()}
+        return {key: (torch.stack(s) if output_scores else None, first_token_at[key])
+                for key, s in scores.items()}
 
     def _finished(self, ids: list[int], step) -> bool:
         if ids[-1] == self.codec.eos_id or ids[-1] in step.stop_token_ids:

@@ -23,6 +23,7 @@ class TokenStep:
     input_ids: list[int]  # step marker, then the input's tokens
     output_ids: list[int]
     input_visible: bool = False
+    input_text: str | None = None  # the text the input ids came from, when known
 
 
 @dataclass
@@ -38,6 +39,18 @@ class TokenChain:
             rows += [(t, (Kind.INPUT, k, stage, step.input_visible)) for t in step.input_ids]
             rows += [(t, (Kind.OUTPUT, k, stage, False)) for t in step.output_ids]
         return rows
+
+    def text_view(self, k: int) -> list[int]:
+        """What step k re-encodes as text when stages pass text: the content its first output
+        token would see in shared mode (by the visibility rule) before step k itself: shared
+        content, earlier outputs, earlier inputs marked visible."""
+        before = TokenChain(self.shared_ids, self.steps[:k])
+        rows = before.rows({step.stage: 0 for step in self.steps})
+        if not rows:
+            return []
+        query = (Kind.OUTPUT, k, 0, False)
+        seen = visibility(TokenMeta.from_rows([[m for _, m in rows] + [query]]), 1)[0, 0, 0, :-1]
+        return [t for (t, _), keep in zip(rows, seen.tolist()) if keep]
 
 
 class SegmentCodec:
