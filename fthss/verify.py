@@ -57,7 +57,7 @@ def output_logits_one_pass(engine: ChainEngine, results: list[ChainResult]) -> l
     if not bool(layout.mask.any(dim=-1).all()):
         raise AssertionError("a visibility row is empty")
     with torch.no_grad():
-        logits = ChainCache.for_layout(engine.base, prompts, layout).forward_layout(layout)
+        logits = ChainCache.forward_layout(engine.base, prompts, layout)
     rows = []
     for i in range(len(results)):
         targets = (layout.meta.kind[i] == Kind.OUTPUT).nonzero().squeeze(1)

@@ -58,7 +58,7 @@ def _one_pass(base, stages, chains):
     first = layout.first_position
     with torch.no_grad():
         prompts = [s.prompt_cache(base, first) for s in stages]
-        return ChainCache.for_layout(base, prompts, layout).forward_layout(layout), layout
+        return ChainCache.forward_layout(base, prompts, layout), layout
 
 
 def _with_noise(base, stages, chain, split, noisy_slots):
@@ -69,7 +69,7 @@ def _with_noise(base, stages, chain, split, noisy_slots):
                           [s.num_virtual_tokens for s in stages], pad_id=2)
     with torch.no_grad():
         prompts = [s.prompt_cache(base, layout.first_position) for s in stages]
-        cache = ChainCache.for_layout(base, prompts, layout)
+        cache = ChainCache(base, prompts, 1)
         if split:
             cache.append(layout.input_ids[:, :split], _cut(layout.meta, 0, split))
         for layer in cache.cache.layers:

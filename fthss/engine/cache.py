@@ -22,25 +22,44 @@ class SequenceTooLongError(ValueError):
     """A request needs more positions than the base model supports."""
 
 
+class PrefixOnlyCache(DynamicCache):
+    """A cache that lets each layer attend over its stored K/V plus the chunk's, but stores
+    nothing new. The one-pass forward needs no growth, and a layer whose forward reads but
+    never writes can be recomputed by gradient checkpointing without doubling its keys."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        return (torch.cat([layer.keys, key_states], dim=-2),
+                torch.cat([layer.values, value_states], dim=-2))
+
+
 class ChainCache:
-    def __init__(self, base: BaseModel, prompts: list[list[LayerKV]], batch_size: int):
-        """`prompts[s]` is stage s's prompt cache (stage id = index), all made for the same C."""
+    def __init__(self, base: BaseModel, prompts: list[list[LayerKV]], batch_size: int,
+                 grow: bool = True):
+        """`prompts[s]` is stage s's prompt cache (stage id = index), all made for the same C.
+        With `grow=False` appended chunks are not kept (training's one pass)."""
         self.base = base
         lengths = [layers[0][0].shape[2] for layers in prompts]
         self.keys, self.first_position = prompt_slots(lengths)
         self.keys = self.keys.to(base.device)
-        self.cache = DynamicCache()
+        self.cache = DynamicCache() if grow else PrefixOnlyCache()
         for i in range(base.num_layers if prompts else 0):
             k = torch.cat([layers[i][0] for layers in prompts], dim=2)
             v = torch.cat([layers[i][1] for layers in prompts], dim=2)
-            self.cache.update(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1), i)
+            # stored as DynamicCache stores, whatever `update` does with later chunks
+            DynamicCache.update(self.cache, k.expand(batch_size, -1, -1, -1),
+                                v.expand(batch_size, -1, -1, -1), i)
         self.next_position = torch.full((batch_size,), self.first_position, device=base.device)
 
     @classmethod
-    def for_layout(cls, base: BaseModel, prompts: list[list[LayerKV]], layout: Layout):
+    def forward_layout(cls, base: BaseModel, prompts: list[list[LayerKV]], layout: Layout
+                       ) -> torch.Tensor:
+        """The one-pass forward (training): the whole layout as one chunk, logits
+        `[B, T, vocab]`. Differentiable through the prompt caches."""
         if layout.first_position != max((p[0][0].shape[2] for p in prompts), default=0):
             raise ValueError("layout and prompt caches disagree on the first content position")
-        return cls(base, prompts, layout.input_ids.shape[0])
+        cache = cls(base, prompts, layout.input_ids.shape[0], grow=False)
+        return cache.append(layout.input_ids, layout.meta)
 
     def append(self, input_ids: torch.Tensor, meta: TokenMeta, last_only: bool = False
                ) -> torch.Tensor:
@@ -67,10 +86,6 @@ class ChainCache:
         if last is None:
             return logits
         return logits[torch.arange(logits.shape[0], device=logits.device), where]
-
-    def forward_layout(self, layout: Layout) -> torch.Tensor:
-        """The one-pass forward: the whole layout as one chunk."""
-        return self.append(layout.input_ids, layout.meta)
 
     @property
     def num_slots(self) -> int:
