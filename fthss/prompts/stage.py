@@ -63,6 +63,26 @@ class Stage(torch.nn.Module):
                              f"not hold {config.num_virtual_tokens} virtual tokens")
         self.config = config
         self.weight = torch.nn.Parameter(weight.float())  # trained in fp32 whatever the base
+        self.reparam: PrefixMLP | None = None
+
+    @property
+    def current_weight(self) -> torch.Tensor:
+        """The weight in PEFT's layout, through the reparameterisation while training with one."""
+        return self.weight if self.reparam is None else self.weight + self.reparam()
+
+    def reparameterize(self, hidden: int, seed: int = 0) -> None:
+        """Train through P-Tuning v2's MLP: weight = w0 + MLP(embedding), w0 frozen. The MLP's
+        last layer starts at zero, so training starts from the current weight."""
+        self.reparam = PrefixMLP(self.num_virtual_tokens, self.weight.shape[1], hidden, seed)
+        self.weight.requires_grad_(False)
+
+    def fold(self) -> None:
+        """Write the reparameterised weight back and drop the MLP (what is saved and served)."""
+        if self.reparam is not None:
+            with torch.no_grad():
+                self.weight.copy_(self.current_weight)
+            self.reparam = None
+            self.weight.requires_grad_(True)
 
     @property
     def name(self) -> str:
@@ -84,6 +104,17 @@ class Stage(torch.nn.Module):
             layers = prompt.prompt_cache(base, config.num_virtual_tokens)
         return cls(config, _pack_prefix(layers))
 
+    def save_pretrained(self, directory, base: BaseModel):
+        from fthss.prompts.io import save_stage
+
+        return save_stage(self, directory, base)
+
+    @classmethod
+    def from_pretrained(cls, directory, base: BaseModel | None = None, name: str | None = None):
+        from fthss.prompts.io import load_stage
+
+        return load_stage(directory, base, name)
+
     def check_fits(self, base: BaseModel) -> None:
         expected = base.hidden_size if self.config.kind == "prompt" else prefix_width(base)
         if self.weight.shape[1] != expected:
@@ -96,7 +127,7 @@ class Stage(torch.nn.Module):
         training backpropagates through it. `first_position` is C (prompts end at C-1)."""
         self.check_fits(base)
         n = self.num_virtual_tokens
-        weight = self.weight.to(base.device, base.dtype)
+        weight = self.current_weight.to(base.device, base.dtype)
         if self.config.kind == "prefix":
             # PEFT's layout: [N, L*2, H, D] -> [L*2, H, N, D]; layer i is rows 2i (K), 2i+1 (V).
             kv = weight.view(n, base.num_layers * 2, base.num_kv_heads, base.head_dim)
@@ -110,6 +141,23 @@ class Stage(torch.nn.Module):
         positions = torch.arange(first_position - n, first_position, device=base.device)
         base.forward(cache, positions[None], inputs_embeds=weight[None], logits=False)
         return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class PrefixMLP(torch.nn.Module):
+    """P-Tuning v2's reparameterisation: an embedding per virtual token through a 2-layer MLP."""
+
+    def __init__(self, num_tokens: int, width: int, hidden: int, seed: int):
+        super().__init__()
+        with torch.random.fork_rng():  # the same seed gives the same MLP on every process
+            torch.manual_seed(seed)
+            self.embedding = torch.nn.Parameter(torch.randn(num_tokens, hidden))
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
+                                           torch.nn.Linear(hidden, width))
+        torch.nn.init.zeros_(self.mlp[2].weight)
+        torch.nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self) -> torch.Tensor:
+        return self.mlp(self.embedding)
 
 
 def _initial_embeddings(config: StageConfig, base: BaseModel, generator: torch.Generator):

@@ -1,0 +1,142 @@
+"""Stages on disk, in PEFT's adapter format plus one file of fthss's own.
+
+    adapter_config.json         PEFT's config: PROMPT_TUNING (a `prompt` stage) or PREFIX_TUNING
+                                without projection (a `prefix` stage)
+    adapter_model.safetensors   `prompt_embeddings`: [N, hidden] or [N, layers*2*kv_heads*head_dim]
+    fthss_stage.json            name, kind, init, and the base model's fingerprint
+
+PEFT loads such a folder unchanged, and a PEFT prompt-learning adapter loads as a stage (its
+base cannot then be checked beyond shapes). Only safetensors are read: no pickle runs.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from fthss.atomic import atomic_save_safetensors, atomic_write_text
+from fthss.models.base import BaseModel
+from fthss.prompts.stage import Stage, StageConfig, prefix_width
+
+CONFIG, WEIGHTS, FTHSS_FILE = "adapter_config.json", "adapter_model.safetensors", "fthss_stage.json"
+PEFT_TYPES = {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}
+
+
+class StageLoadError(ValueError):
+    """A stage folder that cannot be used; the message names the file and what differs."""
+
+
+def save_stage(stage: Stage, directory: str | Path, base: BaseModel) -> Path:
+    stage.check_fits(base)
+    directory = Path(directory)
+    kind, n = stage.config.kind, stage.num_virtual_tokens
+    common = {
+        "task_type": "CAUSAL_LM", "peft_type": PEFT_TYPES[kind], "auto_mapping": None,
+        "base_model_name_or_path": getattr(base.config, "_name_or_path", None) or None,
+        "revision": None, "inference_mode": True, "num_virtual_tokens": n,
+        "num_transformer_submodules": 1, "num_layers": base.num_layers, "modules_to_save": None,
+    }
+    if kind == "prompt":
+        specific = {"token_dim": base.hidden_size,
+                    "num_attention_heads": base.config.num_attention_heads,
+                    # RANDOM: PEFT then needs no tokenizer to load it; the real init is ours
+                    "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
+                    "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
+    else:  # PEFT's GQA convention: one "head" per KV head
+        width = base.num_kv_heads * base.head_dim
+        specific = {"token_dim": width, "num_attention_heads": base.num_kv_heads,
+                    "encoder_hidden_size": width, "prefix_projection": False,
+                    "init_weights": None}
+    ours = {"format": "fthss-stage", "version": 1, "name": stage.name, "kind": kind,
+            "num_virtual_tokens": n, "init": stage.config.init,
+            "init_text": stage.config.init_text, "base": base.fingerprint}
+    atomic_save_safetensors({"prompt_embeddings": stage.current_weight.detach().float().cpu()},
+                            directory / WEIGHTS)
+    atomic_write_text(directory / CONFIG, json.dumps({**common, **specific}, indent=2))
+    atomic_write_text(directory / FTHSS_FILE, json.dumps(ours, indent=2))
+    return directory
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise StageLoadError(f"{path}: missing") from err
+    except json.JSONDecodeError as err:
+        raise StageLoadError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from err
+    if not isinstance(value, dict):
+        raise StageLoadError(f"{path}: expected a JSON object")
+    return value
+
+
+def load_stage(directory: str | Path, base: BaseModel | None = None,
+               name: str | None = None) -> Stage:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise StageLoadError(f"{directory}: no such stage folder")
+    config = _read_json(directory / CONFIG)
+    kind = {v: k for k, v in PEFT_TYPES.items()}.get(config.get("peft_type"))
+    if kind is None:
+        raise StageLoadError(f"{directory / CONFIG}: peft_type {config.get('peft_type')!r} is "
+                             "not a stage (expected PROMPT_TUNING or PREFIX_TUNING)")
+    if kind == "prefix" and config.get("prefix_projection"):
+        raise StageLoadError(f"{directory / CONFIG}: prefix_projection is true; fthss reads "
+                             "projection-free prefixes (fold the projection into the prefix)")
+    ours = _read_json(directory / FTHSS_FILE) if (directory / FTHSS_FILE).is_file() else None
+    weight = _read_weight(directory, config)
+    n = weight.shape[0]
+    stage = Stage(StageConfig(name or (ours or {}).get("name") or directory.name, kind, n,
+                              (ours or {}).get("init", "random"), (ours or {}).get("init_text")),
+                  weight)
+    if ours is not None and (ours.get("kind"), ours.get("num_virtual_tokens")) != (kind, n):
+        raise StageLoadError(f"{directory / FTHSS_FILE}: says kind {ours.get('kind')} with "
+                             f"{ours.get('num_virtual_tokens')} tokens, but {CONFIG} and "
+                             f"{WEIGHTS} hold a {kind} stage of {n}")
+    if base is not None:
+        _check_base(directory, stage, base, ours)
+    return stage
+
+
+def _read_weight(directory: Path, config: dict) -> torch.Tensor:
+    path = directory / WEIGHTS
+    if not path.is_file():
+        pickled = directory / "adapter_model.bin"
+        why = (f"; {pickled.name} exists but pickle files are not loaded (they can run code): "
+               "convert it to safetensors" if pickled.is_file() else "")
+        raise StageLoadError(f"{path}: missing{why}")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise StageLoadError(f"{path}: unreadable or truncated safetensors file ({err})") from err
+    if "prompt_embeddings" not in tensors:
+        raise StageLoadError(f"{path}: no 'prompt_embeddings' tensor (found {sorted(tensors)})")
+    weight = tensors["prompt_embeddings"]
+    n = config.get("num_virtual_tokens")
+    if weight.ndim != 2 or weight.shape[0] != n:
+        raise StageLoadError(f"{path}: prompt_embeddings has shape {tuple(weight.shape)}, but "
+                             f"{CONFIG} says num_virtual_tokens={n}")
+    if not torch.isfinite(weight).all():
+        raise StageLoadError(f"{path}: prompt_embeddings holds NaN or inf values")
+    return weight
+
+
+def _check_base(directory: Path, stage: Stage, base: BaseModel, ours: dict | None) -> None:
+    expected = base.hidden_size if stage.config.kind == "prompt" else prefix_width(base)
+    if stage.weight.shape[1] != expected:
+        raise StageLoadError(f"{directory / WEIGHTS}: width {stage.weight.shape[1]} does not fit "
+                             f"this base (a {stage.config.kind} stage needs {expected})")
+    if ours is None:
+        warnings.warn(f"{directory}: a PEFT adapter without {FTHSS_FILE}; only its shapes can "
+                      "be checked against the base", stacklevel=3)
+        return
+    found, here = ours.get("base") or {}, base.fingerprint
+    differs = [f"{k}: stage made for {found.get(k)!r}, base has {here[k]!r}"
+               for k in here if found.get(k) != here[k]]
+    if differs:
+        raise StageLoadError(f"{directory / FTHSS_FILE}: stage '{stage.name}' was trained for "
+                             "another base model (" + "; ".join(differs) + ")")
