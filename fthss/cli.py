@@ -1,5 +1,5 @@
-"""The `fthss` command line: `run` chains over a JSONL file, `verify` a model family, `stage`
-tools."""
+"""The `fthss` command line: `train` stages, `run` chains over a JSONL file, `verify` a model
+family, `stage` tools."""
 
 from __future__ import annotations
 
@@ -80,6 +80,39 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from fthss.layout.chain import load_chains
+    from fthss.prompts.io import load_stage
+    from fthss.prompts.stage import Stage, StageConfig
+    from fthss.training.config import TrainConfig
+    from fthss.training.methods import method_view
+    from fthss.training.run import train_method
+
+    base = _load_base(args)
+    samples = [s for path in args.data for s in load_chains(path)]
+    stages = {s.name: s for s in (load_stage(path, base) for path in args.stage or [])}
+    used = dict.fromkeys(st.stage for s in samples[: args.max_samples]
+                         for st in method_view(args.method, s).steps)
+    for i, name in enumerate(n for n in used if n not in stages):
+        if args.method == "adapt":
+            raise ValueError(f"adapt starts from trained stages: pass --stage DIR for '{name}'")
+        config = StageConfig(name, args.kind, args.tokens, args.init, args.init_text)
+        stages[name] = Stage.create(config, base, seed=args.seed + i)
+    config = TrainConfig(
+        learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
+        micro_batch_size=args.micro_batch_size, grad_accumulation=args.grad_accumulation,
+        warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+        max_length=args.max_length, gradient_checkpointing=args.gradient_checkpointing,
+        reparam_hidden=args.reparam_hidden, save_every=args.save_every, seed=args.seed)
+    results = train_method(base, samples, args.method, list(stages.values()), args.train,
+                           config, args.out, rounds=args.rounds, max_samples=args.max_samples)
+    for r in results:
+        print(f"trained {'+'.join(r.trained)}: {r.steps} steps, loss {r.first_loss:.4f} -> "
+              f"{r.final_loss:.4f}, {r.tokens_per_s:.0f} tokens/s; stages in {args.out}, "
+              f"log and loss curve in {r.work_dir}")
+    return 0
+
+
 def cmd_stage_create(args) -> int:
     from fthss.prompts.io import save_stage
     from fthss.prompts.stage import Stage, StageConfig
@@ -119,6 +152,41 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=0)
     run.set_defaults(func=cmd_run)
+
+    train = commands.add_parser("train", help="train stages (FTHSS or a baseline method)")
+    _add_base_arguments(train)
+    train.add_argument("--method", choices=("fthss", "chain", "distill", "single", "adapt"),
+                       default="fthss")
+    train.add_argument("--rounds", choices=("single", "multi"), default="multi",
+                       help="fthss/adapt: 'single' trains stages one by one in chain order, "
+                       "'multi' jointly")
+    train.add_argument("--data", action="append", required=True, metavar="FILE",
+                       help="training chains: .jsonl (ours) or .json (authors'); repeatable")
+    train.add_argument("--stage", action="append", metavar="DIR",
+                       help="an existing stage: frozen upstream, or the start for --train")
+    train.add_argument("--train", nargs="+", metavar="NAME",
+                       help="stages to train (default: every stage the chains use)")
+    train.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    train.add_argument("--kind", choices=("prompt", "prefix"), default="prompt",
+                       help="kind of the stages created here")
+    train.add_argument("--tokens", type=int, default=100, help="virtual tokens of new stages")
+    train.add_argument("--init", choices=("random", "vocab", "text"), default="random")
+    train.add_argument("--init-text", default=None)
+    train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--epochs", type=float, default=3.0)
+    train.add_argument("--max-steps", type=int, default=None)
+    train.add_argument("--micro-batch-size", type=int, default=1)
+    train.add_argument("--grad-accumulation", type=int, default=8)
+    train.add_argument("--warmup-ratio", type=float, default=0.03)
+    train.add_argument("--max-grad-norm", type=float, default=None)
+    train.add_argument("--max-length", type=int, default=1224)
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--reparam-hidden", type=int, default=0,
+                       help="prefix stages: train through a P-Tuning v2 MLP of this width")
+    train.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps")
+    train.add_argument("--max-samples", type=int, default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=cmd_train)
 
     stage = commands.add_parser("stage", help="stage tools")
     stage_commands = stage.add_subparsers(dest="stage_command", required=True)

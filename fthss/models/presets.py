@@ -29,8 +29,9 @@ def byte_tokenizer():
 
 
 def _tiny(config_cls, **extra):
-    def build(vocab_size):
+    def build(vocab_size, init_std):
         return config_cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                          initializer_range=init_std,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                           max_position_embeddings=4096, bos_token_id=0, eos_token_id=1,
                           pad_token_id=2, tie_word_embeddings=False, **extra)
@@ -51,15 +52,17 @@ ARCHITECTURES = ("tiny-llama", "tiny-qwen2", "tiny-mistral")
 
 
 def tiny_base(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32,
-              attn_implementation: str = "sdpa") -> BaseModel:
-    """A random-init tiny model of `arch` with the byte tokenizer."""
+              attn_implementation: str = "sdpa", init_std: float = 0.02) -> BaseModel:
+    """A random-init tiny model of `arch` with the byte tokenizer. At the usual init scale
+    (0.02) its outputs are nearly uniform and soft prompts barely move them; training tests use
+    a larger `init_std` so that a prompt has something to steer."""
     from transformers import AutoModelForCausalLM
 
     configs = _configs()
     if arch not in configs:
         raise ValueError(f"unknown architecture '{arch}'; known: {', '.join(ARCHITECTURES)}")
     tokenizer = byte_tokenizer()
-    config = configs[arch](len(tokenizer))
+    config = configs[arch](len(tokenizer), init_std)
     config._attn_implementation = attn_implementation
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -1,0 +1,48 @@
+"""Training feedback on disk: a JSONL metrics log (one line per optimizer step) and a loss
+curve PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fthss.atomic import atomic_write_text
+
+
+class MetricsLog:
+    def __init__(self, path: Path, enabled: bool = True, keep_until: int = 0):
+        """`keep_until`: on resume, lines past this step (written after the checkpoint the run
+        resumes from) are dropped, so the log never shows a step twice."""
+        self.path, self.enabled = Path(path), enabled
+        self.rows: list[dict] = []
+        if self.path.is_file():
+            old = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.rows = [r for r in old if r["step"] <= keep_until]
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def write(self, **row) -> None:
+        self.rows.append(row)
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def losses(self) -> list[float]:
+        return [r["loss"] for r in self.rows]
+
+    def plot(self, path: Path, title: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in self.rows], self.losses(), lw=1.5)
+        ax.set(xlabel="optimizer step", ylabel="loss (outputs of trained stages)", title=title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp = Path(path).with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        tmp.replace(path)

@@ -1,0 +1,216 @@
+"""The one-pass trainer: stages learn over whole chains, one forward per micro-batch.
+
+Each micro-batch of `TokenChain`s is laid out with the visibility rule (`build_layout`) and run
+through `ChainCache.forward_layout`, the same code the engine's exactness is checked against.
+The loss is the mean token cross-entropy on the outputs of the stages being trained, averaged
+per sequence, then over sequences, so that a global batch gives the same gradient on one process
+or on many. Only the trained stages' parameters get gradients; the base and upstream stages
+stay frozen.
+
+Multi-process training runs unchanged under `accelerate launch` (DDP wraps the trainable
+stages). The data order is a pure function of (seed, step), so resuming from a checkpoint
+(stages, optimizer, scheduler, step) continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from fthss.engine.cache import ChainCache
+from fthss.layout.sequence import TokenChain, build_layout
+from fthss.models.base import BaseModel
+from fthss.prompts.stage import Stage
+from fthss.training import checkpoint
+from fthss.training.config import TrainConfig
+from fthss.training.report import MetricsLog
+
+
+@dataclass
+class _Frozen:
+    """What the loss needs but DDP must not wrap: the base and the frozen stages."""
+
+    base: BaseModel
+    stages: dict[str, Stage]
+
+
+class StageSet(torch.nn.Module):
+    """The trainable stages, and the loss of a micro-batch."""
+
+    def __init__(self, base: BaseModel, trained: list[Stage], frozen: list[Stage]):
+        super().__init__()
+        self.trained = torch.nn.ModuleDict({s.name: s for s in trained})
+        self.frozen = _Frozen(base, {s.name: s for s in frozen})
+
+    def stage(self, name: str) -> Stage:
+        return self.trained[name] if name in self.trained else self.frozen.stages[name]
+
+    def forward(self, chains: list[TokenChain]) -> tuple[torch.Tensor, int]:
+        """Loss of a micro-batch, and how many tokens it ran."""
+        base = self.frozen.base
+        names = list(dict.fromkeys(step.stage for chain in chains for step in chain.steps))
+        stages = [self.stage(n) for n in names]
+        first = max(s.num_virtual_tokens for s in stages)
+        prompts = []
+        for stage in stages:
+            with torch.set_grad_enabled(stage.name in self.trained and torch.is_grad_enabled()):
+                prompts.append(stage.prompt_cache(base, first))
+        ids = {n: i for i, n in enumerate(names)}
+        layout = build_layout(chains, ids, [s.num_virtual_tokens for s in stages],
+                              pad_id=base.tokenizer.pad_token_id or 0)
+        logits = ChainCache.forward_layout(base, prompts, layout)
+        labels = layout.labels({ids[n] for n in names if n in self.trained}).to(logits.device)
+        token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                     labels[:, 1:].flatten(), reduction="none").view(len(chains), -1)
+        targets = (labels[:, 1:] != -100).sum(dim=1)
+        per_sequence = token_loss.sum(dim=1) / targets.clamp(min=1)
+        loss = per_sequence[targets > 0].mean() if bool((targets > 0).any()) else token_loss.sum() * 0
+        # every trained parameter takes part in the graph, as DDP requires, even when a
+        # micro-batch happens not to contain one of the trained stages
+        loss = loss + sum(p.sum() for p in self.trained.parameters()) * 0
+        return loss, int(layout.meta.is_real.sum())
+
+
+@dataclass
+class TrainResult:
+    trained: list[str]
+    steps: int
+    final_loss: float
+    first_loss: float
+    tokens_per_s: float
+    work_dir: Path  # checkpoints, metrics.jsonl, loss_curve.png
+
+
+def sequence_length(chain: TokenChain) -> int:
+    return len(chain.shared_ids) + sum(len(s.input_ids) + len(s.output_ids) for s in chain.steps)
+
+
+class Trainer:
+    def __init__(self, base: BaseModel, stages: list[Stage], trained: list[str],
+                 chains: list[TokenChain], config: TrainConfig, output_dir: str | Path,
+                 accelerator=None, progress: bool = True):
+        from accelerate import Accelerator
+
+        unknown = set(trained) - {s.name for s in stages}
+        if unknown:
+            raise ValueError(f"cannot train unknown stage(s) {sorted(unknown)}")
+        if not chains:
+            raise ValueError("no training sequences (does any sample contain a trained stage?)")
+        self.base, self.config, self.progress = base, config, progress
+        # final stages land in output_dir/<name>; checkpoints, metrics and the loss curve in
+        # a working folder of this run's own
+        self.output_dir = Path(output_dir)
+        self.work_dir = self.output_dir / f"train-{'+'.join(trained)}"
+        self.accelerator = accelerator or Accelerator(cpu=base.device.type == "cpu")
+        by_name = {s.name: s for s in stages}
+        self._check_lengths(chains, by_name)
+        self.chains = chains
+        for name in trained:
+            if config.reparam_hidden and by_name[name].config.kind == "prefix":
+                by_name[name].reparameterize(config.reparam_hidden, seed=config.seed)
+        self.stage_set = StageSet(base, [by_name[n] for n in trained],
+                                  [s for s in stages if s.name not in trained])
+        self.stage_set.to(base.device)
+        self.trained = trained
+        world = self.accelerator.num_processes
+        self.global_batch = config.micro_batch_size * world * config.grad_accumulation
+        self.steps_per_epoch = math.ceil(len(chains) / self.global_batch)
+        self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
+        params = [p for p in self.stage_set.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, math.ceil(config.warmup_ratio * self.total_steps), self.total_steps)
+
+    def _check_lengths(self, chains, stages):
+        limit = self.config.max_length or self.base.position_limit
+        for i, chain in enumerate(chains):
+            first = max(stages[s.stage].num_virtual_tokens for s in chain.steps)
+            if first + sequence_length(chain) > limit:
+                raise ValueError(f"training sequence {i} needs {first + sequence_length(chain)} "
+                                 f"positions (prompt {first} + content), over the limit {limit} "
+                                 "(max_length, or the base's position limit)")
+
+    def batch_indices(self, step: int) -> list[int]:
+        """This process's sequences for every micro-step of optimizer step `step`: a pure
+        function of (seed, step), so a resumed run sees the data an uninterrupted one would."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.chains),
+                               generator=torch.Generator().manual_seed(self.config.seed * 100_003 + epoch))
+        start = index * self.global_batch
+        return [int(order[(start + j) % len(self.chains)]) for j in range(self.global_batch)]
+
+    def train(self) -> TrainResult:
+        acc, config = self.accelerator, self.config
+        state = checkpoint.load_latest(self.work_dir / "checkpoints", self.stage_set,
+                                       self.optimizer, self.scheduler)
+        start_step = state["step"] if state else 0
+        if config.gradient_checkpointing:
+            checkpoint.enable_layer_recompute(self.base)
+        model = acc.prepare_model(self.stage_set)
+        log = MetricsLog(self.work_dir / "metrics.jsonl", enabled=acc.is_main_process,
+                         keep_until=start_step)
+        bar = tqdm(total=self.total_steps, initial=start_step, desc=f"train {'+'.join(self.trained)}",
+                   unit="step", disable=not (self.progress and acc.is_main_process))
+        micro, world, rank = config.micro_batch_size, acc.num_processes, acc.process_index
+        started, tokens_seen = time.perf_counter(), 0
+        for step in range(start_step, self.total_steps):
+            indices = self.batch_indices(step)
+            total_loss, tokens = torch.zeros((), device=self.base.device), 0
+            for a in range(config.grad_accumulation):
+                begin = (a * world + rank) * micro
+                chains = [self.chains[i] for i in indices[begin:begin + micro]]
+                last = a == config.grad_accumulation - 1
+                with acc.no_sync(model) if not last else nullcontext():
+                    loss, n = model(chains)
+                    acc.backward(loss / config.grad_accumulation)
+                total_loss += loss.detach() / config.grad_accumulation
+                tokens += n
+            if config.max_grad_norm:
+                acc.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            mean_loss = float(acc.reduce(total_loss, "mean"))
+            tokens_seen += int(acc.reduce(torch.tensor(tokens, device=self.base.device), "sum"))
+            elapsed = time.perf_counter() - started
+            log.write(step=step + 1, loss=mean_loss, lr=self.scheduler.get_last_lr()[0],
+                      tokens=tokens_seen, tokens_per_s=tokens_seen / max(elapsed, 1e-9),
+                      epoch=(step + 1) / self.steps_per_epoch)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
+            done = step + 1 == self.total_steps
+            if done or (config.save_every and (step + 1) % config.save_every == 0):
+                self._save_checkpoint(step + 1)
+        bar.close()
+        return self._finish(log, tokens_seen / max(time.perf_counter() - started, 1e-9))
+
+    def _save_checkpoint(self, step: int) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            checkpoint.save(self.work_dir / "checkpoints", step, self.stage_set, self.base,
+                            self.optimizer, self.scheduler, self.config.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+    def _finish(self, log: MetricsLog, tokens_per_s: float) -> TrainResult:
+        from fthss.prompts.io import save_stage
+
+        for name in self.trained:
+            stage = self.stage_set.trained[name]
+            stage.fold()
+            if self.accelerator.is_main_process:
+                save_stage(stage, self.output_dir / name, self.base)
+        losses = log.losses()
+        if self.accelerator.is_main_process:
+            log.plot(self.work_dir / "loss_curve.png", title=f"training {'+'.join(self.trained)}")
+        self.accelerator.wait_for_everyone()
+        return TrainResult(self.trained, self.total_steps, losses[-1] if losses else float("nan"),
+                           losses[0] if losses else float("nan"), tokens_per_s, self.work_dir)

@@ -1,0 +1,29 @@
+"""Run by tests/test_training.py, under `accelerate launch` (2 processes, micro-batch 1) or
+plainly (1 process, micro-batch 2): the same global batch, so the same prompts must result.
+Writes each rank's trained weight to OUT/rank{r}.pt."""
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from fthss.layout.chain import ChainSample, Step
+from fthss.models.presets import tiny_base
+from fthss.prompts.stage import Stage, StageConfig
+from fthss.training.config import TrainConfig
+from fthss.training.run import train_method
+
+out, micro = Path(sys.argv[1]), int(sys.argv[2])
+accelerator = Accelerator(cpu=True)
+base = tiny_base("tiny-llama", init_std=0.2)
+samples = [ChainSample(f"q{i}", [Step("A", input=f"doc {i}", output=f"c{i % 3}"),
+                                 Step("B", output=f"a{i % 3}")]) for i in range(12)]
+stages = [Stage.create(StageConfig("A", "prompt", 3), base, seed=1),
+          Stage.create(StageConfig("B", "prefix", 3), base, seed=2)]
+out.mkdir(parents=True, exist_ok=True)
+torch.save(stages[1].weight.detach().clone(), out / "start.pt")
+config = TrainConfig(learning_rate=0.05, max_steps=4, micro_batch_size=micro,
+                     grad_accumulation=2, warmup_ratio=0.0)
+train_method(base, samples, "fthss", stages, ["B"], config, out / "run", progress=False)
+torch.save(stages[1].weight.detach().clone(), out / f"rank{accelerator.process_index}.pt")

@@ -1,0 +1,195 @@
+"""Training: stages learn toy chains in one pass per batch, gradients reach only the trained
+stages, the engine reproduces the training forward, runs resume exactly, and two DDP processes
+agree with one process at the same global batch."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fthss.engine.cache import ChainCache
+from fthss.engine.engine import ChainEngine
+from fthss.layout.chain import ChainSample, Step
+from fthss.layout.sequence import SegmentCodec, build_layout
+from fthss.layout.visibility import Kind
+from fthss.models.presets import tiny_base
+from fthss.prompts.stage import Stage, StageConfig
+from fthss.training.config import TrainConfig
+from fthss.training.methods import training_chains
+from fthss.training.run import train_method
+from fthss.training.trainer import StageSet, Trainer
+
+NAMES = ["ada", "bob", "cyd", "dee", "eve", "fay"]
+CITIES = ["rome", "oslo", "lima", "kiev", "nice", "bonn"]
+
+
+@pytest.fixture(scope="module")
+def steerable():
+    """A tiny base initialised at a larger scale, so a soft prompt can steer it."""
+    return tiny_base("tiny-llama", init_std=0.2)
+
+
+def two_stage(n=32, seed=0):
+    rnd = random.Random(seed)
+    samples = []
+    for _ in range(n):
+        i = rnd.randrange(len(NAMES))
+        samples.append(ChainSample(f"where is {NAMES[i]}?", [
+            Step("A", input=f"{NAMES[i]} lives in {CITIES[i]}.", output=f"{NAMES[i]}:{CITIES[i]}"),
+            Step("B", output=CITIES[i])]))
+    return samples
+
+
+def multi_round(n=24, seed=1):
+    rnd = random.Random(seed)
+    samples = []
+    for _ in range(n):
+        i = rnd.randrange(len(NAMES))
+        samples.append(ChainSample(f"q {NAMES[i]}", [
+            Step("A", output="recall"), Step("B", output=CITIES[i]),
+            Step("A", output=f"so {CITIES[i]}"), Step("B", output="done")]))
+    return samples
+
+
+def new_stages(base, kind, names=("A", "B")):
+    return [Stage.create(StageConfig(n, kind, 4), base, seed=i + 1) for i, n in enumerate(names)]
+
+
+FAST = dict(learning_rate=0.1, max_steps=30, micro_batch_size=8, grad_accumulation=1,
+            warmup_ratio=0.0)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_single_round_fthss_learns_and_the_engine_reproduces_training(steerable, kind, tmp_path):
+    stages = new_stages(steerable, kind)
+    results = train_method(steerable, two_stage(), "fthss", stages, None, TrainConfig(**FAST),
+                           tmp_path, rounds="single", progress=False)
+    assert [r.trained for r in results] == [["A"], ["B"]]
+    for r in results:
+        assert r.final_loss < 0.8 * r.first_loss, r
+        assert (r.work_dir / "loss_curve.png").is_file()
+        lines = (r.work_dir / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == list(range(1, 31))
+    # saved stages load and run; shared decoding equals the teacher-forced training forward
+    trained = [Stage.from_pretrained(tmp_path / n, steerable) for n in ("A", "B")]
+    engine = ChainEngine(steerable, trained, max_new_tokens=8)
+    requests = [ChainSample(s.shared, [Step("A", input=s.steps[0].input), Step("B")])
+                for s in two_stage(4, seed=9)]
+    result = engine.run(requests, output_scores=True)
+    layout = build_layout([r.tokens for r in result], {"A": 0, "B": 1}, [4, 4], pad_id=2)
+    with torch.no_grad():
+        prompts = [s.prompt_cache(steerable, 4) for s in trained]
+        logits = ChainCache.forward_layout(steerable, prompts, layout)
+    for i, r in enumerate(result):
+        targets = (layout.meta.kind[i] == Kind.OUTPUT).nonzero().squeeze(1)
+        torch.testing.assert_close(torch.cat([s.scores for s in r.steps]),
+                                   logits[i, targets - 1], atol=1e-4, rtol=0)
+
+
+def test_gradients_reach_only_the_trained_stage(steerable):
+    a, b = new_stages(steerable, "prompt")
+    codec = SegmentCodec(steerable.tokenizer)
+    chains = [c for s in two_stage(4) for c in training_chains("fthss", codec.encode(s), {"B"})]
+    loss, tokens = StageSet(steerable, [b], [a])(chains)
+    loss.backward()
+    assert b.weight.grad is not None and b.weight.grad.abs().sum() > 0
+    assert a.weight.grad is None
+    assert all(p.grad is None for p in steerable.model.parameters())
+    assert tokens == sum(len(c.shared_ids) + sum(len(s.input_ids) + len(s.output_ids)
+                                                 for s in c.steps) for c in chains)
+
+
+def test_multi_round_joint_training(steerable, tmp_path):
+    stages = new_stages(steerable, "prefix")
+    [result] = train_method(steerable, multi_round(), "fthss", stages, None,
+                            TrainConfig(**FAST), tmp_path, rounds="multi", progress=False)
+    assert result.trained == ["A", "B"]
+    assert result.final_loss < 0.8 * result.first_loss
+
+
+def test_reparameterised_prefix_trains_and_folds(steerable, tmp_path):
+    stages = new_stages(steerable, "prefix")
+    before = stages[1].weight.detach().clone()
+    config = TrainConfig(**{**FAST, "reparam_hidden": 16, "learning_rate": 0.01})
+    [result] = train_method(steerable, two_stage(), "fthss", stages, ["B"], config, tmp_path,
+                            progress=False)
+    assert result.final_loss < 0.9 * result.first_loss
+    assert stages[1].reparam is None  # folded into the weight that is saved and served
+    saved = Stage.from_pretrained(tmp_path / "B", steerable)
+    assert torch.equal(saved.weight, stages[1].weight.detach())
+    assert not torch.equal(saved.weight, before)
+
+
+def test_chain_method_trains_each_stage_on_its_text_view():
+    codec = SegmentCodec(tiny_base("tiny-llama").tokenizer)
+    chain = codec.encode(two_stage(1)[0])
+    views = training_chains("chain", chain, {"A", "B"})
+    assert [v.steps[0].stage for v in views] == ["A", "B"]
+    # B reads shared + A's output as its own input text, never A's passages
+    assert views[1].steps[0].input_ids == chain.shared_ids + chain.steps[0].output_ids + [0]
+    assert views[1].shared_ids == []
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_prompts(steerable, tmp_path, monkeypatch):
+    config = TrainConfig(**{**FAST, "max_steps": 8, "save_every": 2, "micro_batch_size": 4,
+                            "grad_accumulation": 2, "warmup_ratio": 0.25})
+    codec = SegmentCodec(steerable.tokenizer)
+    chains = [c for s in two_stage() for c in training_chains("fthss", codec.encode(s), {"B"})]
+
+    def run(out):
+        stages = new_stages(steerable, "prompt")
+        Trainer(steerable, stages, ["B"], chains, config, out, progress=False).train()
+        return stages[1].weight.detach().clone()
+
+    straight = run(tmp_path / "straight")
+    saves = []
+    original = Trainer._save_checkpoint
+
+    def save_then_die(self, step):
+        original(self, step)
+        saves.append(step)
+        if step == 4:
+            raise Interrupted
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(Trainer, "_save_checkpoint", original)
+    resumed = run(tmp_path / "resumed")  # fresh stages: everything comes from the checkpoint
+    assert saves == [2, 4]
+    assert torch.equal(resumed, straight)
+    log = (tmp_path / "resumed" / "train-B" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in log] == list(range(1, 9))
+
+
+DDP_WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # --multi_gpu picks accelerate's torchrun launcher, which on a machine without GPUs starts
+    # CPU processes over gloo (its --cpu flag starts a single process unless MPI is set up)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+              "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29517", str(DDP_WORKER), str(tmp_path / "ddp"), "1"]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = subprocess.run([sys.executable, str(DDP_WORKER), str(tmp_path / "one"), "2"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=True)
+    one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
+    assert torch.equal(rank0, rank1)
+    start = torch.load(tmp_path / "one" / "start.pt", weights_only=True)
+    assert not torch.equal(one, start)
+    torch.testing.assert_close(rank0, one, atol=1e-5, rtol=1e-4)
