@@ -193,3 +193,61 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     start = torch.load(tmp_path / "one" / "start.pt", weights_only=True)
     assert not torch.equal(one, start)
     torch.testing.assert_close(rank0, one, atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    base = tiny_base("tiny-llama", init_std=0.2)
+    codec = SegmentCodec(base.tokenizer)
+    chains = [c for s in two_stage(4) for c in training_chains("fthss", codec.encode(s), {"A", "B"})]
+    grads, attention_calls = [], []
+    attention = base.model.base_model.layers[0].self_attn
+    attention.register_forward_hook(lambda *_: attention_calls.append(1))
+    for recompute in (False, True):
+        stages = new_stages(base, "prefix")
+        if recompute:
+            from fthss.training.checkpoint import enable_layer_recompute
+            enable_layer_recompute(base)
+        attention_calls.clear()
+        loss, _ = StageSet(base, stages, [])(chains)
+        loss.backward()
+        grads.append((loss.detach(), [s.weight.grad.clone() for s in stages]))
+        assert len(attention_calls) == (2 if recompute else 1)  # recomputed in the backward
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("method", ["distill", "single"])
+def test_one_prompt_baselines_train_and_run(steerable, method, tmp_path):
+    from fthss.training.methods import method_view
+
+    stage = Stage.create(StageConfig(method, "prompt", 4), steerable, seed=3)
+    [result] = train_method(steerable, two_stage(), method, [stage], None, TrainConfig(**FAST),
+                            tmp_path, progress=False)
+    assert result.trained == [method] and result.final_loss < 0.8 * result.first_loss
+    request = method_view(method, two_stage(1, seed=5)[0])
+    assert {s.stage for s in request.steps} == {method}
+    [run] = ChainEngine(steerable, [stage], max_new_tokens=6).run([request])
+    assert len(run.steps) == (2 if method == "distill" else 1)
+
+
+def test_cli_train_then_run(tmp_path):
+    from fthss.cli import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(s.to_json()) + "\n" for s in two_stage(8)))
+    out = tmp_path / "stages"
+    assert main(["train", "--arch", "tiny-llama", "--data", str(data), "--out", str(out),
+                 "--tokens", "3", "--max-steps", "3", "--grad-accumulation", "1",
+                 "--micro-batch-size", "4", "--rounds", "single", "--save-every", "1"]) == 0
+    for name in ("A", "B"):
+        assert (out / name / "adapter_model.safetensors").is_file()
+        assert (out / f"train-{name}" / "checkpoints" / "latest").read_text() == "step-000003"
+    results = tmp_path / "results.jsonl"
+    assert main(["run", "--arch", "tiny-llama", "--stage", str(out / "A"), "--stage",
+                 str(out / "B"), "--input", str(data), "--output", str(results),
+                 "--max-new-tokens", "3"]) == 0
+    assert len(results.read_text().splitlines()) == 8
+    # adapt starts from given stages only
+    assert main(["train", "--arch", "tiny-llama", "--method", "adapt", "--data", str(data),
+                 "--out", str(tmp_path / "adapt"), "--max-steps", "1"]) == 2
