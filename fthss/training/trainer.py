@@ -110,6 +110,12 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.work_dir = self.output_dir / f"train-{'+'.join(trained)}"
         self.accelerator = accelerator or Accelerator(cpu=base.device.type == "cpu")
+        kind = self.accelerator.distributed_type.value
+        if kind not in ("NO", "MULTI_GPU", "MULTI_CPU"):
+            # The trainable state is a few soft prompts: sharding it gains nothing, and the
+            # frozen base sits outside the wrapped module (docs/training.md).
+            raise NotImplementedError(f"accelerate backend {kind} is not supported; use DDP "
+                                      "(accelerate launch --multi_gpu)")
         by_name = {s.name: s for s in stages}
         self._check_lengths(chains, by_name)
         self.chains = chains
