@@ -1,0 +1,64 @@
+"""Base models: what fthss refuses and why, loading from a folder, the fingerprint."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig
+
+from fthss.models.base import BaseModel, UnsupportedModelError
+from fthss.models.presets import ARCHITECTURES, byte_tokenizer, tiny_base
+from fthss.verify import verify
+
+
+def test_a_model_without_rotary_positions_is_refused():
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2,
+                                                        vocab_size=259))
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel has no rotary position"):
+        BaseModel(model, byte_tokenizer())
+
+
+def test_attention_that_cannot_take_a_4d_mask_is_refused():
+    model = tiny_base("tiny-llama").model
+    # flash-attn is not installed here; what is checked is the implementation the config names
+    model.config._attn_implementation_internal = "flash_attention_2"
+    assert model.config._attn_implementation == "flash_attention_2"
+    with pytest.raises(UnsupportedModelError, match="attention 'flash_attention_2'"):
+        BaseModel(model, byte_tokenizer())
+
+
+def test_eager_attention_is_exact_too():
+    report = verify(tiny_base("tiny-qwen2", attn_implementation="eager"), chains=4, seed=2)
+    assert max(report.shared_vs_one_pass, report.text_vs_plain, report.batch_vs_alone) < 1e-4
+    assert report.greedy_outputs_match
+
+
+def test_load_from_a_folder(tmp_path):
+    base = tiny_base("tiny-mistral")
+    base.model.save_pretrained(tmp_path)
+    base.tokenizer.save_pretrained(tmp_path)
+    loaded = BaseModel.load(tmp_path)
+    assert loaded.fingerprint == base.fingerprint
+    assert loaded.tokenizer.encode("héllo") == base.tokenizer.encode("héllo")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        BaseModel.load(tmp_path / "missing")
+
+
+def test_fingerprint_ignores_dtype_but_not_weights():
+    fp32 = tiny_base("tiny-llama").fingerprint
+    assert tiny_base("tiny-llama", dtype=torch.bfloat16).fingerprint == fp32
+    assert tiny_base("tiny-llama", seed=1).fingerprint["embedding_sha256"] != fp32["embedding_sha256"]
+    assert tiny_base("tiny-qwen2").fingerprint["architecture"] == "Qwen2ForCausalLM"
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_position_limits(arch):
+    base = tiny_base(arch)
+    assert base.attention_window is None and base.position_limit == 4096
+
+
+def test_a_sliding_window_limits_positions():
+    config = MistralConfig(vocab_size=259, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                           sliding_window=16)
+    config._attn_implementation = "sdpa"
+    base = BaseModel(AutoModelForCausalLM.from_config(config), byte_tokenizer())
+    assert base.position_limit == 16

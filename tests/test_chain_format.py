@@ -1,0 +1,83 @@
+"""Reading chains: the authors' keys, our JSONL, and errors that name file, line and field."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fthss.layout.chain import ChainFormatError, chain_from_authors, load_chains
+
+DATA = Path(__file__).with_name("data")
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "reference"
+
+
+def test_authors_single_round_record():
+    [first, *_] = load_chains(DATA / "compress_qa_sample.json")
+    record = json.loads((DATA / "compress_qa_sample.json").read_text())[0]
+    assert first.shared == record["I_ALL"]
+    assert [(s.stage, s.input, s.output) for s in first.steps] == [
+        ("A", record["I_A"], record["O_A"]), ("B", None, record["O_B"])]
+    assert not first.steps[0].input_visible
+
+
+def test_authors_multi_round_order_is_numeric():
+    chains = load_chains(DATA / "memory_reasoning_sample.json")
+    longest = max(chains, key=lambda c: len(c.steps))
+    assert [s.stage for s in longest.steps] == ["A", "B"] * 5 + ["A"]
+    record = {f"O_{r}{s}": f"{r}{s}" for r in range(1, 12) for s in "AB"} | {"I_ALL": "q"}
+    outputs = [s.output for s in chain_from_authors(record, "x").steps]
+    assert outputs.index("10A") == outputs.index("9B") + 1
+    assert outputs[:3] == ["1A", "1B", "2A"]
+
+
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason="the shared reference data is not beside the repo")
+def test_the_full_reference_files_load():
+    assert len(load_chains(REFERENCE / "compress_qa_hotpotqa_test.json")) == 500
+    rounds = load_chains(REFERENCE / "memory_reasoning_comqa_dev.json")
+    assert len(rounds) == 301
+    assert all(c.steps[0].stage == "A" and c.steps[-1].stage == "A" for c in rounds)
+
+
+def test_our_jsonl():
+    compress, rounds = load_chains(DATA / "chains.jsonl")
+    assert compress.id == "compress-1" and compress.steps[1].stop == ["\n"]
+    assert [s.stage for s in rounds.steps] == ["A", "B", "A"]
+    assert rounds.steps[1].max_new_tokens == 8 and rounds.steps[0].output is None
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"shared": "q", "steps": [{"stage": "A"}]', r":2: malformed JSON"),
+    ('{"shared": "q", "steps": [{"stage": "A"}], "extra": 1}', r":2: unknown field\(s\) \['extra'\]"),
+    ('{"shared": 3, "steps": [{"stage": "A"}]}', r":2: field 'shared' must be a string"),
+    ('{"shared": "q", "steps": [{"input": "x"}]}', r":2: steps\[0\]: missing field 'stage'"),
+    ('{"shared": "q", "steps": []}', r":2: field 'steps' must be a non-empty list"),
+    ('{"shared": "q", "steps": [{"stage": "A", "max_new_tokens": "5"}]}',
+     r":2: steps\[0\].max_new_tokens: wrong type str"),
+    ('{"shared": "q", "steps": [{"stage": "A", "stop": [""]}]}', r":2: steps\[0\].stop"),
+    ('[1, 2]', r":2: expected a JSON object"),
+])
+def test_jsonl_errors_name_file_line_and_field(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"shared": "ok", "steps": [{"stage": "A"}]}\n' + line + "\n")
+    with pytest.raises(ChainFormatError, match=r"bad\.jsonl" + message):
+        load_chains(path)
+
+
+@pytest.mark.parametrize("records, message", [
+    ([{"I_ALL": "q", "O_A": "a", "X": "y"}], r"record 0: unknown field 'X'"),
+    ([{"I_ALL": "q", "O_A": "a"}, {"I_ALL": "q", "I_C": "doc", "O_A": "a"}],
+     r"record 1: input for stage\(s\) \['C'\] with no output"),
+    ([{"I_ALL": "q"}], r"record 0: no output field"),
+    ([{"I_ALL": "q", "O_A": 5}], r"record 0: field 'O_A' must be a string"),
+    ({"I_ALL": "q"}, r"expected a JSON list"),
+])
+def test_authors_errors_name_file_record_and_field(tmp_path, records, message):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(ChainFormatError, match=r"bad\.json: " + message):
+        load_chains(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ChainFormatError, match=r"nope\.jsonl: cannot read"):
+        load_chains(tmp_path / "nope.jsonl")
