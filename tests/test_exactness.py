@@ -30,7 +30,7 @@ def setups(draw):
     return base, stages, requests, draw(st.integers(1, 5))
 
 
-@settings(max_examples=45)
+@settings(max_examples=150)
 @given(setups())
 def test_shared_incremental_equals_one_pass(setup):
     base, stages, requests, batch_size = setup
@@ -42,7 +42,7 @@ def test_shared_incremental_equals_one_pass(setup):
         torch.testing.assert_close(scores, reference, atol=TOLERANCE, rtol=0)
 
 
-@settings(max_examples=30)
+@settings(max_examples=80)
 @given(setups())
 def test_text_mode_equals_plain_forward_of_the_text(setup):
     base, stages, requests, batch_size = setup
@@ -56,7 +56,7 @@ def test_text_mode_equals_plain_forward_of_the_text(setup):
             assert result.steps[k].stats.prefilled_tokens == len(view)
 
 
-@settings(max_examples=30)
+@settings(max_examples=80)
 @given(setups(), st.sampled_from(["shared", "text"]))
 def test_greedy_outputs_do_not_depend_on_the_batch(setup, mode):
     base, stages, requests, batch_size = setup
