@@ -251,3 +251,12 @@ def test_cli_train_then_run(tmp_path):
     # adapt starts from given stages only
     assert main(["train", "--arch", "tiny-llama", "--method", "adapt", "--data", str(data),
                  "--out", str(tmp_path / "adapt"), "--max-steps", "1"]) == 2
+
+
+def test_a_bf16_base_trains_fp32_prompts(tmp_path):
+    base = tiny_base("tiny-qwen2", init_std=0.2, dtype=torch.bfloat16)
+    stages = new_stages(base, "prompt")
+    [result] = train_method(base, two_stage(), "fthss", stages, ["B"], TrainConfig(**FAST),
+                            tmp_path, progress=False)
+    assert stages[1].weight.dtype == torch.float32
+    assert result.final_loss < 0.8 * result.first_loss

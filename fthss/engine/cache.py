@@ -87,10 +87,6 @@ class ChainCache:
             return logits
         return logits[torch.arange(logits.shape[0], device=logits.device), where]
 
-    @property
-    def num_slots(self) -> int:
-        return self.keys.length
-
     def tokens_held(self) -> torch.Tensor:
         """Per row: the slots that hold a real token (prompt slots included, padding not)."""
         return self.keys.is_real.expand(self.next_position.shape[0], -1).sum(dim=1)

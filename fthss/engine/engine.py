@@ -23,7 +23,7 @@ from fthss.engine.cache import ChainCache
 from fthss.engine.sampling import SamplingConfig
 from fthss.layout.chain import ChainSample
 from fthss.layout.sequence import SegmentCodec, TokenChain, TokenStep
-from fthss.layout.visibility import Kind, TokenMeta, visibility
+from fthss.layout.visibility import Kind, TokenMeta
 from fthss.models.base import BaseModel
 from fthss.prompts.stage import LayerKV, Stage
 
