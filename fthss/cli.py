@@ -70,6 +70,10 @@ def cmd_run(args) -> int:
     base = _load_base(args)
     stages = [load_stage(path, base) for path in args.stage]
     requests = load_chains(args.input)
+    if not args.given_outputs:  # gold outputs in the file are for scoring, not for forcing
+        for request in requests:
+            for step in request.steps:
+                step.output = None
     engine = ChainEngine(base, stages, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
@@ -144,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input", required=True, help="requests: .jsonl (ours) or .json (authors')")
     run.add_argument("--output", required=True, help="results JSONL: texts and per-step stats")
     run.add_argument("--mode", choices=("shared", "text"), default="shared")
+    run.add_argument("--given-outputs", action="store_true",
+                     help="use outputs present in the input as given (teacher-forced) instead "
+                     "of generating them")
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--max-new-tokens", type=int, default=64,
                      help="per-step limit unless the request sets max_new_tokens")

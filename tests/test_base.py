@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig
+from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig, Qwen2Config
 
 from fthss.models.base import BaseModel, UnsupportedModelError
 from fthss.models.presets import ARCHITECTURES, byte_tokenizer, tiny_base
@@ -18,15 +18,22 @@ def test_a_model_without_rotary_positions_is_refused():
 
 def test_attention_that_cannot_take_a_4d_mask_is_refused():
     model = tiny_base("tiny-llama").model
-    # flash-attn is not installed here; what is checked is the implementation the config names
-    model.config._attn_implementation_internal = "flash_attention_2"
+    # flash-attn is not installed here, so transformers refuses to build a model with
+    # attn_implementation="flash_attention_2" (ImportError). What fthss checks is the
+    # implementation the config names, so build with sdpa and then name flash-attention in the
+    # config (its setter does not validate), as a model loaded with flash-attn would have it.
+    model.config._attn_implementation = "flash_attention_2"
     assert model.config._attn_implementation == "flash_attention_2"
     with pytest.raises(UnsupportedModelError, match="attention 'flash_attention_2'"):
         BaseModel(model, byte_tokenizer())
 
 
-def test_eager_attention_is_exact_too():
-    report = verify(tiny_base("tiny-qwen2", attn_implementation="eager"), chains=4, seed=2)
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
+def test_eager_attention_is_exact_too(arch):
+    base = tiny_base(arch, attn_implementation="eager")
+    assert base.config._attn_implementation == "eager"
+    assert base.attention_mask(torch.tensor([[True, False]])).dtype == base.dtype  # additive bias
+    report = verify(base, chains=4, seed=2)
     assert max(report.shared_vs_one_pass, report.text_vs_plain, report.batch_vs_alone) < 1e-4
     assert report.greedy_outputs_match
 
@@ -37,6 +44,12 @@ def test_load_from_a_folder(tmp_path):
     base.tokenizer.save_pretrained(tmp_path)
     loaded = BaseModel.load(tmp_path)
     assert loaded.fingerprint == base.fingerprint
+    assert loaded.config._attn_implementation == "sdpa" and loaded.dtype == torch.float32
+    ids = torch.tensor([base.tokenizer.encode("same weights, same logits")])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, base.model(ids).logits)
+    in_bf16 = BaseModel.load(tmp_path, dtype=torch.bfloat16)
+    assert in_bf16.dtype == torch.bfloat16 and in_bf16.fingerprint == base.fingerprint
     assert loaded.tokenizer.encode("héllo") == base.tokenizer.encode("héllo")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         BaseModel.load(tmp_path / "missing")
@@ -52,7 +65,8 @@ def test_fingerprint_ignores_dtype_but_not_weights():
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_position_limits(arch):
     base = tiny_base(arch)
-    assert base.attention_window is None and base.position_limit == 4096
+    assert base.attention_window is None
+    assert base.position_limit == base.config.max_position_embeddings == 4096
 
 
 def test_a_sliding_window_limits_positions():
@@ -62,3 +76,15 @@ def test_a_sliding_window_limits_positions():
     config._attn_implementation = "sdpa"
     base = BaseModel(AutoModelForCausalLM.from_config(config), byte_tokenizer())
     assert base.position_limit == 16
+
+
+def test_a_window_the_config_turns_off_does_not_limit_positions():
+    config = Qwen2Config(vocab_size=259, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=64, sliding_window=16, use_sliding_window=True,
+                         max_window_layers=0)
+    config._attn_implementation = "sdpa"
+    base = BaseModel(AutoModelForCausalLM.from_config(config), byte_tokenizer())
+    assert base.attention_window == 16 and base.position_limit == 16
+    config.layer_types = ["full_attention"] * 2
+    assert base.attention_window is None and base.position_limit == 64

@@ -1,6 +1,7 @@
 """Reading chains: the authors' keys, our JSONL, and errors that name file, line and field."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,14 @@ def test_authors_multi_round_order_is_numeric():
     outputs = [s.output for s in chain_from_authors(record, "x").steps]
     assert outputs.index("10A") == outputs.index("9B") + 1
     assert outputs[:3] == ["1A", "1B", "2A"]
+    assert outputs[-3:] == ["10B", "11A", "11B"]
+
+
+def test_authors_input_belongs_to_the_stages_first_step():
+    record = {"I_ALL": "q", "I_A": "docs", "O_1A": "a1", "O_1B": "b1", "O_2A": "a2"}
+    chain = chain_from_authors(record, "x")
+    assert [(s.stage, s.input, s.output) for s in chain.steps] == [
+        ("A", "docs", "a1"), ("B", None, "b1"), ("A", None, "a2")]
 
 
 @pytest.mark.skipif(not REFERENCE.is_dir(), reason="the shared reference data is not beside the repo")
@@ -36,6 +45,9 @@ def test_the_full_reference_files_load():
     rounds = load_chains(REFERENCE / "memory_reasoning_comqa_dev.json")
     assert len(rounds) == 301
     assert all(c.steps[0].stage == "A" and c.steps[-1].stage == "A" for c in rounds)
+    # the last A output ends with the answer letter, as the README says
+    assert all(re.search(r"\[The answer is\]: ?[A-E]\W*$", c.steps[-1].output) for c in rounds)
+    assert max(len(c.steps) for c in rounds) == 11
 
 
 def test_our_jsonl():
@@ -43,6 +55,15 @@ def test_our_jsonl():
     assert compress.id == "compress-1" and compress.steps[1].stop == ["\n"]
     assert [s.stage for s in rounds.steps] == ["A", "B", "A"]
     assert rounds.steps[1].max_new_tokens == 8 and rounds.steps[0].output is None
+    assert rounds.steps[0].max_new_tokens is None and rounds.steps[1].stop == ["."]
+    assert compress.steps[0].input.startswith("The film") and compress.steps[1].input is None
+
+
+def test_jsonl_round_trips_through_to_json(tmp_path):
+    chains = load_chains(DATA / "chains.jsonl") + load_chains(DATA / "memory_reasoning_sample.json")
+    path = tmp_path / "again.jsonl"
+    path.write_text("".join(json.dumps(c.to_json()) + "\n" for c in chains))
+    assert load_chains(path) == chains
 
 
 @pytest.mark.parametrize("line, message", [
@@ -55,6 +76,11 @@ def test_our_jsonl():
      r":2: steps\[0\].max_new_tokens: wrong type str"),
     ('{"shared": "q", "steps": [{"stage": "A", "stop": [""]}]}', r":2: steps\[0\].stop"),
     ('[1, 2]', r":2: expected a JSON object"),
+    ('{"shared": "q", "steps": [{"stage": "A", "outptu": "x"}]}',
+     r":2: steps\[0\]: unknown field 'outptu'"),
+    ('{"shared": "q", "steps": ["A"]}', r":2: steps\[0\]: expected an object"),
+    ('{"shared": "q", "steps": [{"stage": "A", "stop_token_ids": [-1]}]}',
+     r":2: steps\[0\].stop_token_ids"),
 ])
 def test_jsonl_errors_name_file_line_and_field(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
@@ -70,11 +96,20 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path, line, message):
     ([{"I_ALL": "q"}], r"record 0: no output field"),
     ([{"I_ALL": "q", "O_A": 5}], r"record 0: field 'O_A' must be a string"),
     ({"I_ALL": "q"}, r"expected a JSON list"),
+    ([{"I_ALL": 3, "O_A": "a"}], r"record 0: field 'I_ALL' must be a string"),
+    ([{"I_ALL": "q", "O_A": "a"}, "text"], r"record 1: expected a JSON object"),
 ])
 def test_authors_errors_name_file_record_and_field(tmp_path, records, message):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(records))
     with pytest.raises(ChainFormatError, match=r"bad\.json: " + message):
+        load_chains(path)
+
+
+def test_authors_malformed_json_names_the_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n {"I_ALL": "q", "O_A": "a"},\n {"I_ALL": "q" "O_A": "a"}\n]\n')
+    with pytest.raises(ChainFormatError, match=r"bad\.json:3: malformed JSON"):
         load_chains(path)
 
 

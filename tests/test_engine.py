@@ -2,6 +2,7 @@
 limits and stop strings, the between-steps callable, statistics and clear errors."""
 
 import pytest
+import torch
 
 from fthss.engine.cache import SequenceTooLongError
 from fthss.engine.engine import ChainEngine
@@ -114,3 +115,39 @@ def test_identical_requests_in_one_batch_and_stop_token_ids(llama, three_stages)
     stop_at = first[1]
     stopped = engine.run([ChainSample("same", [Step("A", input="x", stop_token_ids=[stop_at])])])
     assert stopped[0].steps[0].output_ids == first[: first.index(stop_at) + 1]
+
+
+def test_a_given_output_is_encoded_not_generated(llama, three_stages):
+    from fthss.verify import output_logits_one_pass
+
+    engine = ChainEngine(llama, three_stages, max_new_tokens=4)
+    gold = ChainSample("q", [Step("A", input="passages", output="gold summary"), Step("B")])
+    for mode in ("shared", "text"):
+        [result] = engine.run([gold], mode, output_scores=True)
+        first, second = result.steps
+        assert first.output == "gold summary" and first.stats.decoded_tokens == 0
+        assert first.stats.time_to_first_token_s is None and first.scores is None
+        assert second.stats.decoded_tokens == len(second.output_ids) > 0
+    # shared mode: B's logits are those of the one-pass forward over the gold chain
+    [result] = engine.run([gold], "shared", output_scores=True)
+    [reference] = output_logits_one_pass(engine, [result])
+    given = len(result.tokens.steps[0].output_ids)
+    torch.testing.assert_close(result.steps[1].scores, reference[given:], atol=1e-4, rtol=0)
+    # text mode: B re-encodes the given text
+    [text] = engine.run([gold], "text")
+    assert text.steps[1].stats.prefilled_tokens == len(
+        text.tokens.shared_ids + text.tokens.steps[0].output_ids + text.tokens.steps[1].input_ids)
+
+
+def test_the_between_steps_callable_can_end_a_chain(llama, three_stages):
+    from fthss.engine.engine import END
+
+    engine = ChainEngine(llama, three_stages, max_new_tokens=3)
+    long = ChainSample("q", [Step(s) for s in "ABCAB"], id="ends")
+    other = ChainSample("r", [Step(s) for s in "CBA"], id="runs")
+    stop_at_3 = lambda request, k, outputs: END if request.id == "ends" and k == 3 else None
+    ended, ran = engine.run([long, other], step_input=stop_at_3)
+    assert [s.stage for s in ended.steps] == ["A", "B", "C"]
+    assert len(ended.tokens.steps) == 3
+    [alone] = engine.run([other])
+    assert [s.output_ids for s in ran.steps] == [s.output_ids for s in alone.steps]

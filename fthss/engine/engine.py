@@ -4,6 +4,11 @@ shared: one `ChainCache` per batch (one cache per request row). Shared content i
   each step appends its input and decodes its output under its visibility row. A step's last
   generated token is encoded at the start of the next step (nothing is encoded twice, and a
   chain's very last token, which nobody reads, is never encoded).
+A step whose request carries an `output` is not generated: its text is used as given (teacher
+forcing at inference: the gold-intermediate ablation feeds a downstream stage the gold upstream
+output this way). The between-steps callable may return `END` to end a request's chain early
+(a multi-round chain that has reached its answer).
+
 text: the chain-of-models baseline. Each step starts a fresh cache holding only its stage's
   prompt and re-encodes, as plain causal text, what it would see in shared mode (shared content,
   earlier outputs, visible inputs: picked by the same visibility rule), then its input. The last
@@ -29,8 +34,17 @@ from fthss.prompts.stage import LayerKV, Stage
 
 MODES = ("shared", "text")
 
-# (request, step index, outputs of the earlier steps) -> the step's input, or None to keep it.
-StepInput = Callable[[ChainSample, int, list[str]], "str | None"]
+
+class _End:
+    def __repr__(self):
+        return "END"
+
+
+END = _End()  # returned by a StepInput: the request's chain ends before this step
+
+# (request, step index, outputs of the earlier steps) -> the step's input, None to keep the
+# request's own, or END.
+StepInput = Callable[[ChainSample, int, list[str]], "str | None | _End"]
 
 Meta = tuple[int, int, int, bool]  # (kind, step, stage id, visible), as in TokenMeta
 
@@ -38,8 +52,8 @@ Meta = tuple[int, int, int, bool]  # (kind, step, stage id, visible), as in Toke
 @dataclass
 class StepStats:
     prefilled_tokens: int  # tokens encoded before the first new token (re-encoded ones too)
-    decoded_tokens: int  # tokens generated
-    time_to_first_token_s: float
+    decoded_tokens: int  # tokens generated (0 for a step whose output was given)
+    time_to_first_token_s: float | None  # None when nothing was generated
     wall_s: float
     kv_bytes: int  # bytes of K/V the batch holds at the end of the step, all caches counted
     kv_tokens: int  # slots this request holds at the end of the step (prompt slots included)
@@ -82,6 +96,7 @@ class _Row:
     tokens: TokenChain
     pending: list[tuple[int, Meta]] = field(default_factory=list)  # generated, not yet encoded
     results: list[StepResult] = field(default_factory=list)
+    ended: bool = False  # the between-steps callable ended this chain
 
 
 class ChainEngine:
@@ -139,7 +154,10 @@ class ChainEngine:
             row.pending = [(t, (Kind.SHARED, -1, -1, False)) for t in row.tokens.shared_ids]
         for k in range(max(len(row.request.steps) for row in rows)):
             started = started if k == 0 else time.perf_counter()
-            active = [row for row in rows if k < len(row.request.steps)]
+            active = [row for row in rows if k < len(row.request.steps) and not row.ended
+                      and self._take_input(row, k, step_input)]
+            if not active:
+                break
             if mode == "shared":
                 cache, cache_ids = shared_cache, {name: i for i, name in enumerate(names)}
             else:  # a fresh cache with the prompts of this step's stages only
@@ -147,43 +165,56 @@ class ChainEngine:
                 cache = ChainCache(self.base, self.prompt_caches(step_names), len(rows))
                 cache_ids = {name: i for i, name in enumerate(step_names)}
                 held.update({name: cache for name in step_names})
-            chunks = {id(row): self._start_step(row, k, mode, cache_ids, step_input)
-                      for row in active}
+            chunks = {id(row): self._step_chunk(row, k, mode, cache_ids) for row in active}
             ids, meta = self._pad([chunks.get(id(row), []) for row in rows])
             logits = cache.append(ids, meta, last_only=True)
-            outputs = self._decode(cache, logits, rows, active, k, sampling, output_scores,
+            generating = [row for row in active if row.request.steps[k].output is None]
+            outputs = self._decode(cache, logits, rows, generating, k, sampling, output_scores,
                                    cache_ids)
             caches = [shared_cache] if mode == "shared" else list(dict.fromkeys(held.values()))
             kv_bytes = sum(c.kv_bytes for c in caches)
             for row in active:
-                scores, first_token_at = outputs[id(row)]
+                scores, first_token_at = outputs.get(id(row), (None, None))
                 step, out_ids = row.request.steps[k], row.tokens.steps[k].output_ids
                 stats = StepStats(
-                    prefilled_tokens=len(chunks[id(row)]), decoded_tokens=len(out_ids),
-                    time_to_first_token_s=first_token_at - started,
+                    prefilled_tokens=len(chunks[id(row)]),
+                    decoded_tokens=len(out_ids) if step.output is None else 0,
+                    time_to_first_token_s=None if first_token_at is None else first_token_at - started,
                     wall_s=time.perf_counter() - started, kv_bytes=kv_bytes,
                     kv_tokens=sum(int(c.tokens_held()[row.slot]) for c in caches))
                 row.results.append(StepResult(step.stage, row.tokens.steps[k].input_text,
                                               self._output_text(out_ids, step.stop), out_ids,
                                               stats, scores))
 
-    def _start_step(self, row, k, mode, cache_ids, step_input) -> list[tuple[int, Meta]]:
-        """Record step k's input in `row.tokens` and return the chunk to encode before its first
-        token: in shared mode the previous step's last token and the input segment; in text
-        mode what the step re-encodes (as its own input, under its prompt) and the segment."""
+    def _take_input(self, row, k, step_input) -> bool:
+        """Record step k's input (and given output) in `row.tokens`; False if the chain ends."""
         step = row.request.steps[k]
         text = step.input
         if step_input is not None:
             given = step_input(row.request, k, [r.output for r in row.results])
+            if given is END:
+                row.ended = True
+                return False
             text = text if given is None else given
-        row.tokens.steps.append(TokenStep(step.stage, self.codec.input(text), [],
+        output = [] if step.output is None else self.codec.output(step.output)
+        row.tokens.steps.append(TokenStep(step.stage, self.codec.input(text), output,
                                           step.input_visible, input_text=text))
+        return True
+
+    def _step_chunk(self, row, k, mode, cache_ids) -> list[tuple[int, Meta]]:
+        """What to encode before step k's first token. Shared mode: the previous step's last
+        token, the input segment, and a given output. Text mode: what the step re-encodes (as
+        its own input, under its prompt) and the input segment; nothing for a given output,
+        which no model has to produce."""
+        step, tokens = row.request.steps[k], row.tokens.steps[k]
         stage = cache_ids[step.stage]
-        segment = [(t, (Kind.INPUT, k, stage, step.input_visible))
-                   for t in row.tokens.steps[k].input_ids]
+        segment = [(t, (Kind.INPUT, k, stage, step.input_visible)) for t in tokens.input_ids]
+        given = [(t, (Kind.OUTPUT, k, stage, False)) for t in tokens.output_ids]
         if mode == "shared":
-            chunk, row.pending = row.pending + segment, []
+            chunk, row.pending = row.pending + segment + given, []
             return chunk
+        if given:
+            return []
         return [(t, (Kind.INPUT, k, stage, False)) for t in row.tokens.text_view(k)] + segment
 
     def _pad(self, chunks: list[list[tuple[int, Meta]]]):
