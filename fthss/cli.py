@@ -6,10 +6,33 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _load_stages(paths, base) -> list:
+    """Stage folders; two with one name would silently shadow each other, so refuse them."""
+    from fthss.prompts.io import load_stage
+
+    stages, seen = [], {}
+    for path in paths:
+        stage = load_stage(path, base)
+        if stage.name in seen:
+            raise ValueError(f"stages {seen[stage.name]} and {path} are both named "
+                             f"'{stage.name}'")
+        seen[stage.name] = path
+        stages.append(stage)
+    return stages
 
 
 def _add_base_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,10 +88,9 @@ def cmd_run(args) -> int:
     from fthss.engine.engine import ChainEngine
     from fthss.engine.sampling import SamplingConfig
     from fthss.layout.chain import load_chains
-    from fthss.prompts.io import load_stage
 
     base = _load_base(args)
-    stages = [load_stage(path, base) for path in args.stage]
+    stages = _load_stages(args.stage, base)
     requests = load_chains(args.input)
     if not args.given_outputs:  # gold outputs in the file are for scoring, not for forcing
         for request in requests:
@@ -86,7 +108,6 @@ def cmd_run(args) -> int:
 
 def cmd_train(args) -> int:
     from fthss.layout.chain import load_chains
-    from fthss.prompts.io import load_stage
     from fthss.prompts.stage import Stage, StageConfig
     from fthss.training.config import TrainConfig
     from fthss.training.methods import method_view
@@ -94,7 +115,7 @@ def cmd_train(args) -> int:
 
     base = _load_base(args)
     samples = [s for path in args.data for s in load_chains(path)]
-    stages = {s.name: s for s in (load_stage(path, base) for path in args.stage or [])}
+    stages = {s.name: s for s in _load_stages(args.stage or [], base)}
     used = dict.fromkeys(st.stage for s in samples[: args.max_samples]
                          for st in method_view(args.method, s).steps)
     for i, name in enumerate(n for n in used if n not in stages):
@@ -117,6 +138,37 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from fthss.evaluation.evaluate import RUNS, evaluate
+    from fthss.evaluation.report import write_report
+    from fthss.prompts.io import load_stage
+    from fthss.tasks import get_task
+
+    base = _load_base(args)
+    task = get_task(args.task)
+    records = task.records(args.data)[: args.max_records]
+    stage_sets = {}
+    for spec in args.stages:
+        method, _, folder = spec.partition("=")
+        if method not in {trained for trained, _ in RUNS.values()} or not folder:
+            raise ValueError(f"--stages {spec!r}: expected METHOD=DIR with METHOD one of "
+                             "single, distill, chain, fthss, adapt")
+        found = sorted(p for p in Path(folder).iterdir() if (p / "adapter_config.json").is_file())
+        if not found:
+            raise ValueError(f"{folder}: no stage folders (with adapter_config.json) inside")
+        stage_sets[method] = [load_stage(p, base) for p in found]
+    retriever = None
+    if args.corpus:
+        from fthss.retrieval.bm25 import BM25Retriever
+
+        retriever = BM25Retriever.from_file(args.corpus)
+    report = evaluate(base, task, records, stage_sets, retriever, not args.no_gold_upstream,
+                      args.batch_size, progress=True, max_new_tokens=args.max_new_tokens)
+    out = write_report([report], args.out)
+    print((out / "report.md").read_text())
+    return 0
+
+
 def cmd_stage_create(args) -> int:
     from fthss.prompts.io import save_stage
     from fthss.prompts.stage import Stage, StageConfig
@@ -134,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="check shared-KV inference is exact on a model")
     _add_base_arguments(verify)
-    verify.add_argument("--chains", type=int, default=16)
-    verify.add_argument("--batch-size", type=int, default=4)
+    verify.add_argument("--chains", type=_positive_int, default=16)
+    verify.add_argument("--batch-size", type=_positive_int, default=4)
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--tol", type=float, default=None,
                         help="largest logit difference allowed (default 1e-4 fp32, 5e-2 else)")
@@ -151,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--given-outputs", action="store_true",
                      help="use outputs present in the input as given (teacher-forced) instead "
                      "of generating them")
-    run.add_argument("--batch-size", type=int, default=8)
-    run.add_argument("--max-new-tokens", type=int, default=64,
+    run.add_argument("--batch-size", type=_positive_int, default=8)
+    run.add_argument("--max-new-tokens", type=_positive_int, default=64,
                      help="per-step limit unless the request sets max_new_tokens")
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     run.add_argument("--top-k", type=int, default=0)
@@ -194,6 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-samples", type=int, default=None)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate methods on a task and write a report")
+    _add_base_arguments(evaluate)
+    evaluate.add_argument("--task", required=True,
+                          choices=("compress_qa", "rewrite_qa", "memory_reasoning", "active_rag"))
+    evaluate.add_argument("--data", required=True, help="task records (authors' JSON or JSONL)")
+    evaluate.add_argument("--stages", action="append", required=True, metavar="METHOD=DIR",
+                          help="stages trained by METHOD (single, distill, chain, fthss, adapt), "
+                          "one folder per stage inside DIR; repeatable")
+    evaluate.add_argument("--corpus", help="retrieval corpus JSONL (rewrite_qa, active_rag)")
+    evaluate.add_argument("--out", default="runs/eval", help="report folder")
+    evaluate.add_argument("--max-records", type=int, default=None)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="cap every step's generation (the tasks' own limits otherwise)")
+    evaluate.add_argument("--no-gold-upstream", action="store_true",
+                          help="skip the gold-intermediate ablation")
+    evaluate.set_defaults(func=cmd_eval)
 
     stage = commands.add_parser("stage", help="stage tools")
     stage_commands = stage.add_subparsers(dest="stage_command", required=True)

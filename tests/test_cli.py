@@ -14,7 +14,9 @@ CHAINS = Path(__file__).with_name("data") / "chains.jsonl"
 def test_verify_passes_on_a_tiny_model(capsys):
     assert main(["verify", "--arch", "tiny-llama", "--chains", "4"]) == 0
     out = capsys.readouterr().out
-    assert "PASS" in out and json.loads(out.strip().splitlines()[-1])["pass"] is True
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert "PASS" in out and summary["pass"] is True and summary["chains"] == 4
+    assert max(summary["shared_vs_one_pass"], summary["text_vs_plain"]) < summary["tolerance"]
 
 
 def test_verify_fails_above_tolerance(capsys, monkeypatch):
@@ -22,7 +24,9 @@ def test_verify_fails_above_tolerance(capsys, monkeypatch):
 
     monkeypatch.setattr(fthss.verify, "verify", lambda *a, **k: VerifyReport(0.5, 0.0, 0.0, True, 1))
     assert main(["verify", "--arch", "tiny-qwen2"]) == 1
-    assert "FAIL: largest difference 0.5" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "FAIL: largest difference 0.5" in out
+    assert json.loads(out.strip().splitlines()[-1])["pass"] is False
 
 
 @pytest.fixture
@@ -41,11 +45,35 @@ def test_run_writes_results_with_statistics(stages, tmp_path, mode):
                  "--max-new-tokens", "4"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["compress-1", "rounds-1"]
-    assert [len(r["steps"]) for r in rows] == [2, 3]
-    stats = rows[1]["steps"][2]["stats"]
-    assert set(stats) == {"prefilled_tokens", "decoded_tokens", "time_to_first_token_s",
-                          "wall_s", "kv_bytes", "kv_tokens"}
-    assert rows[0]["mode"] == mode and rows[0]["output"] == rows[0]["steps"][-1]["output"]
+    assert [[s["stage"] for s in r["steps"]] for r in rows] == [["A", "B"], ["A", "B", "A"]]
+    # the request's own limit wins; --max-new-tokens 4 applies where it sets none
+    limits = [[12, 6], [4, 8, 8]]
+    for row, row_limits in zip(rows, limits):
+        assert row["mode"] == mode and row["output"] == row["steps"][-1]["output"]
+        for step, limit in zip(row["steps"], row_limits):
+            stats = step["stats"]
+            assert set(stats) == {"prefilled_tokens", "decoded_tokens", "time_to_first_token_s",
+                                  "wall_s", "kv_bytes", "kv_tokens"}
+            assert 1 <= stats["decoded_tokens"] <= limit
+            assert stats["prefilled_tokens"] >= 1 and stats["kv_tokens"] > 0
+            assert stats["kv_bytes"] > 0 and stats["wall_s"] >= stats["time_to_first_token_s"] > 0
+    assert rows[0]["steps"][0]["stats"]["decoded_tokens"] > 4  # not cut to the CLI default
+    assert "\n" not in rows[0]["steps"][1]["output"] and "." not in rows[1]["steps"][1]["output"]
+
+
+def test_shared_mode_encodes_upstream_outputs_once(stages, tmp_path):
+    prefilled = {}
+    for mode in ("shared", "text"):
+        out = tmp_path / f"{mode}.jsonl"
+        assert main(["run", "--arch", "tiny-llama", "--stage", stages[0], "--stage", stages[1],
+                     "--input", str(CHAINS), "--output", str(out), "--mode", mode,
+                     "--max-new-tokens", "4"]) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        prefilled[mode] = [[s["stats"]["prefilled_tokens"] for s in r["steps"]] for r in rows]
+    # first steps encode the same content; later steps re-encode earlier text only in text mode
+    assert [p[0] for p in prefilled["shared"]] == [p[0] for p in prefilled["text"]]
+    for shared, text in zip(prefilled["shared"], prefilled["text"]):
+        assert all(s < t for s, t in zip(shared[1:], text[1:]))
 
 
 def test_run_errors_exit_2(stages, tmp_path, capsys):
@@ -59,3 +87,22 @@ def test_run_errors_exit_2(stages, tmp_path, capsys):
                  "--output", out]) == 2
     assert f"{bad}:2: malformed JSON" in capsys.readouterr().err
     assert not Path(out).exists()  # nothing half-written
+
+
+def test_run_refuses_two_stages_of_one_name(tmp_path, capsys):
+    for folder, seed in (("A1", "0"), ("A2", "1")):
+        assert main(["stage", "create", "--arch", "tiny-llama", "--name", "A", "--tokens", "2",
+                     "--seed", seed, "--out", str(tmp_path / folder)]) == 0
+    out = tmp_path / "out.jsonl"
+    assert main(["run", "--arch", "tiny-llama", "--stage", str(tmp_path / "A1"),
+                 "--stage", str(tmp_path / "A2"), "--input", str(CHAINS),
+                 "--output", str(out)]) == 2
+    assert "A1 and " in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("option", ["--max-new-tokens", "--batch-size"])
+def test_run_refuses_non_positive_limits(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--arch", "tiny-llama", "--stage", str(tmp_path / "A"), "--input",
+              str(CHAINS), "--output", str(tmp_path / "out.jsonl"), option, "0"])
+    assert exit_.value.code == 2 and f"{option}: must be >= 1" in capsys.readouterr().err

@@ -104,6 +104,9 @@ class ChainEngine:
                  batch_size: int = 8, step_marker_id: int | None = None):
         self.base = base
         self.stages = {stage.name: stage for stage in stages}
+        if len(self.stages) != len(stages):
+            names = [s.name for s in stages]
+            raise ValueError(f"two stages share a name: {sorted({n for n in names if names.count(n) > 1})}")
         for stage in stages:
             stage.check_fits(base)
         self.codec = SegmentCodec(base.tokenizer, step_marker_id)

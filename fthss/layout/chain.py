@@ -73,11 +73,17 @@ def chain_from_json(record: dict, where: str) -> ChainSample:
         for name, value in step.items():
             if name not in _STEP_FIELDS:
                 raise ChainFormatError(f"{at}: unknown field '{name}'")
-            if not isinstance(value, _STEP_FIELDS[name]):
+            # bool is an int to isinstance; `true` is no token count or token id
+            if not isinstance(value, _STEP_FIELDS[name]) or (
+                    isinstance(value, bool) and _STEP_FIELDS[name] is not bool):
                 raise ChainFormatError(f"{at}.{name}: wrong type {type(value).__name__}")
+        if step.get("max_new_tokens") is not None and step["max_new_tokens"] < 1:
+            # the engine generates at least one token per step and reads 0 as "no limit set"
+            raise ChainFormatError(f"{at}.max_new_tokens: must be >= 1, got {step['max_new_tokens']}")
         if not all(isinstance(s, str) and s for s in step.get("stop", [])):
             raise ChainFormatError(f"{at}.stop: must be a list of non-empty strings")
-        if not all(isinstance(t, int) and t >= 0 for t in step.get("stop_token_ids", [])):
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                   for t in step.get("stop_token_ids", [])):
             raise ChainFormatError(f"{at}.stop_token_ids: must be a list of token ids")
         parsed.append(Step(**step))
     chain_id = record.get("id")

@@ -1,0 +1,113 @@
+"""Evaluate methods on a task: the paper's comparison, on any base and data.
+
+Each method is a set of trained stages and a way to run them:
+    single         the `single` stage, one step            (shared mode; one stage, plain causal)
+    distill        the `distill` stage runs every step      (shared mode; one prompt)
+    chain          stages trained as `chain`, passing text  (text mode)
+    fthss          FTHSS-tuned stages, sharing one cache    (shared mode)
+    fthss-untuned  stages trained as `chain`, run in shared mode without FTHSS tuning
+    adapt          `adapt`-tuned stages                     (shared mode)
+With `gold_upstream`, every method with an upstream stage is also run with the gold upstream
+outputs given: it separates "can the stage read shared K/V" from "is the upstream stage good".
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from fthss.engine.engine import ChainEngine
+from fthss.evaluation.metrics import paired_bootstrap
+from fthss.models.base import BaseModel
+from fthss.prompts.stage import Stage
+from fthss.tasks.base import Task, TaskRecord
+from fthss.training.methods import method_view
+
+# evaluated method -> (the training method whose stages it runs, engine mode)
+RUNS = {
+    "single": ("single", "shared"),
+    "distill": ("distill", "shared"),
+    "chain": ("chain", "text"),
+    "fthss-untuned": ("chain", "shared"),
+    "fthss": ("fthss", "shared"),
+    "adapt": ("adapt", "shared"),
+}
+GOLD_UPSTREAM = ("chain", "fthss", "fthss-untuned", "adapt")
+
+
+@dataclass
+class MethodResult:
+    method: str
+    gold_upstream: bool
+    scores: dict[str, list[float]]  # metric -> per-record score (0..1)
+    stages: dict[str, dict[str, float]]  # stage -> mean latency, prefill, decode, KV bytes
+    predictions: list[str]
+
+    def summary(self) -> dict:
+        return {"method": self.method, "gold_upstream": self.gold_upstream,
+                **{m: 100 * float(np.mean(v)) for m, v in self.scores.items()},
+                "stages": self.stages}
+
+
+def run_method(base: BaseModel, task: Task, records: list[TaskRecord], method: str,
+               stages: list[Stage], retriever=None, gold_upstream: bool = False,
+               batch_size: int = 16, progress: bool = False,
+               max_new_tokens: int | None = None) -> MethodResult:
+    trained_as, mode = RUNS[method]
+    requests = [method_view(trained_as, task.request(r, gold_upstream)) for r in records]
+    for step in (s for r in requests for s in r.steps if max_new_tokens):
+        step.max_new_tokens = min(step.max_new_tokens or max_new_tokens, max_new_tokens)
+    step_input = (task.single_step_input(retriever) if trained_as == "single"
+                  else task.step_input(retriever))
+    engine = ChainEngine(base, stages, batch_size=batch_size)
+    results = engine.run(requests, mode, step_input=step_input, progress=progress)
+    predictions = [task.prediction(r) for r in results]
+    scores = defaultdict(list)
+    for prediction, record in zip(predictions, records):
+        for name, value in task.score(prediction, record).items():
+            scores[name].append(value)
+    per_stage = defaultdict(lambda: defaultdict(list))
+    for result in results:
+        for step in result.steps:
+            if step.stats.decoded_tokens == 0:  # a given output: nothing was run
+                continue
+            row = per_stage[step.stage]
+            row["latency_s"].append(step.stats.wall_s)
+            row["ttft_s"].append(step.stats.time_to_first_token_s)
+            row["prefilled_tokens"].append(step.stats.prefilled_tokens)
+            row["decoded_tokens"].append(step.stats.decoded_tokens)
+            row["kv_bytes"].append(step.stats.kv_bytes)
+    stage_means = {stage: {k: float(np.mean(v)) for k, v in row.items()}
+                   for stage, row in per_stage.items()}
+    return MethodResult(method, gold_upstream, dict(scores), stage_means, predictions)
+
+
+def evaluate(base: BaseModel, task: Task, records: list[TaskRecord],
+             stage_sets: dict[str, list[Stage]], retriever=None, gold_upstream: bool = True,
+             batch_size: int = 16, progress: bool = False,
+             max_new_tokens: int | None = None) -> dict:
+    """Run every method whose stages are given (`stage_sets` keyed by training method) and
+    return the task's report section: per method its metrics and per-stage statistics, the
+    gold-upstream runs, and FTHSS − chain with a paired-bootstrap 95% interval."""
+    runs = []
+    for method, (trained_as, _) in RUNS.items():
+        if trained_as not in stage_sets:
+            continue
+        options = [False, True] if gold_upstream and method in GOLD_UPSTREAM else [False]
+        for gold in options:
+            runs.append(run_method(base, task, records, method, stage_sets[trained_as],
+                                   retriever, gold, batch_size, progress, max_new_tokens))
+    report = {"task": task.name, "metric": task.metric, "records": len(records),
+              "methods": [r.summary() for r in runs], "comparisons": []}
+    by_key = {(r.method, r.gold_upstream): r for r in runs}
+    main = task.metric_names[0]
+    for gold in (False, True):
+        pair = by_key.get(("fthss", gold)), by_key.get(("chain", gold))
+        if all(pair):
+            diff, low, high = paired_bootstrap(pair[0].scores[main], pair[1].scores[main])
+            report["comparisons"].append({"a": "fthss", "b": "chain", "gold_upstream": gold,
+                                          "metric": main, "diff": 100 * diff,
+                                          "ci95": [100 * low, 100 * high]})
+    return report

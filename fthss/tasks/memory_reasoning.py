@@ -1,0 +1,64 @@
+"""Memory ⇄ reasoning (multi-round, multiple choice). Shared: the question with its options.
+Stage A reasons, stage B recalls knowledge, alternating, until A writes `[The answer is]: X`
+(the authors' CommonsenseQA format). Reads the authors' training format (`I_ALL`, `O_1A`,
+`O_1B`, ...) and their test format (`question`, `answer`: the gold letter)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fthss.engine.engine import END
+from fthss.evaluation.metrics import choice_letter
+from fthss.layout.chain import ChainFormatError, ChainSample, Step, load_chains
+from fthss.tasks.base import Task, TaskRecord
+
+ANSWER_MARKER = "[The answer is]"
+
+
+class MemoryReasoning(Task):
+    name, metric, stages = "memory_reasoning", "choice", ("A", "B")
+
+    def __init__(self, max_rounds: int = 4, step_tokens: int = 96):
+        self.max_rounds, self.step_tokens = max_rounds, step_tokens
+
+    def records(self, path) -> list[TaskRecord]:
+        path = Path(path)
+        raw = json.loads(path.read_text()) if path.suffix == ".json" else None
+        if isinstance(raw, list) and raw and isinstance(raw[0], dict) and "question" in raw[0]:
+            return [self._test_record(r, f"{path}: record {i}", i) for i, r in enumerate(raw)]
+        records = []
+        for i, sample in enumerate(load_chains(path)):
+            letter = choice_letter(sample.steps[-1].output or "")
+            if letter is None:
+                raise ValueError(f"{path}: record {i}: the last output has no "
+                                 f"'{ANSWER_MARKER}: X'")
+            records.append(TaskRecord(sample.id or str(i), sample, letter))
+        return records
+
+    @staticmethod
+    def _test_record(record: dict, where: str, i: int) -> TaskRecord:
+        if not isinstance(record.get("question"), str) or not isinstance(record.get("answer"), str):
+            raise ChainFormatError(f"{where}: test records need string fields 'question' and "
+                                   "'answer'")
+        sample = ChainSample(record["question"], [], str(record.get("id", i)))
+        return TaskRecord(sample.id, sample, record["answer"].strip())
+
+    def request(self, record: TaskRecord, gold_upstream: bool = False) -> ChainSample:
+        steps = [Step(stage, max_new_tokens=self.step_tokens)
+                 for _ in range(self.max_rounds) for stage in "AB"][:-1]  # ends with A
+        if gold_upstream and record.sample.steps:
+            gold = record.sample.steps[:-1]
+            steps = [Step(s.stage, output=s.output) for s in gold] + [
+                Step("A", max_new_tokens=self.step_tokens)]
+        return ChainSample(record.sample.shared, steps, record.id)
+
+    def step_input(self, retriever=None):
+        def stop_once_answered(request, k, outputs):
+            # steps alternate A, B: an odd step follows an A step (whatever the stages' names)
+            return END if k % 2 == 1 and ANSWER_MARKER in outputs[-1] else None
+        return stop_once_answered
+
+    def prediction(self, result) -> str:
+        return result.output  # the chain ends on an A step
+

@@ -1,0 +1,140 @@
+"""Tasks map records to chains, retrieval runs between steps, and `fthss eval` reports every
+method on the authors' reference formats (with a tiny random model: scores near zero, but the
+pipeline runs and reports)."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fthss.engine.engine import END, ChainEngine
+from fthss.evaluation.evaluate import evaluate
+from fthss.layout.chain import ChainSample, Step
+from fthss.prompts.stage import Stage, StageConfig
+from fthss.tasks import get_task
+from fthss.tasks.base import TaskRecord
+
+DATA = Path(__file__).with_name("data")
+
+
+def test_compress_qa_requests():
+    task = get_task("compress_qa")
+    [record, *_] = task.records(DATA / "compress_qa_sample.json")
+    raw = json.loads((DATA / "compress_qa_sample.json").read_text())[0]
+    assert record.answer == raw["O_B"]
+    request = task.request(record)
+    assert [(s.stage, s.input, s.output) for s in request.steps] == [
+        ("A", raw["I_A"], None), ("B", None, None)]
+    gold = task.request(record, gold_upstream=True)
+    assert gold.steps[0].output == raw["O_A"] and gold.steps[1].output is None
+    assert task.score("the " + raw["O_B"].upper() + "!", record) == {"em": 1.0, "f1": 1.0}
+
+
+def test_memory_reasoning_reads_both_formats_and_stops_once_answered(tmp_path):
+    task = get_task("memory_reasoning", max_rounds=3)
+    records = task.records(DATA / "memory_reasoning_sample.json")
+    assert all(r.answer in "ABCDE" for r in records)
+    assert [s.stage for s in task.request(records[0]).steps] == ["A", "B", "A", "B", "A"]
+    longest = max(records, key=lambda r: len(r.sample.steps))
+    gold = task.request(longest, gold_upstream=True)
+    assert [s.output is None for s in gold.steps] == [False] * (len(gold.steps) - 1) + [True]
+    test_file = tmp_path / "test.json"
+    test_file.write_text(json.dumps([{"question": "Q? A.x B.y", "answer": "B", "split": "test",
+                                      "cot_steps": []}]))
+    [test] = task.records(test_file)
+    assert (test.answer, test.sample.shared) == ("B", "Q? A.x B.y")
+    stop = task.step_input()
+    assert stop(task.request(test), 1, ["so [The answer is]: B"]) is END
+    assert stop(task.request(test), 1, ["let me think"]) is None
+    assert task.score("... [The answer is]: b", test) == {"acc": 1.0}
+
+
+@dataclass
+class Hit:
+    id: str
+    text: str
+    score: float = 1.0
+
+
+class KeywordRetriever:
+    """A stand-in retriever: passages that share a word with the query."""
+
+    def __init__(self, passages):
+        self.passages = passages
+
+    def search(self, queries, k):
+        return [[Hit(str(i), p) for i, p in enumerate(self.passages)
+                 if set(q.lower().split()) & set(p.lower().split())][:k] for q in queries]
+
+
+def test_retrieval_runs_between_steps(llama):
+    retriever = KeywordRetriever(["ada was born in oslo", "bob works at acme", "oslo is cold"])
+    stages = [Stage.create(StageConfig(n, "prompt", 2), llama, seed=i) for i, n in enumerate("AB")]
+    engine = ChainEngine(llama, stages, max_new_tokens=3)
+    for name in ("rewrite_qa", "active_rag"):
+        task = get_task(name)
+        record = TaskRecord("r", ChainSample("where was ada born?", [
+            Step("A", output="ada born"), Step("B", input="ada was born in oslo",
+                                               output="answer: oslo")]), "oslo")
+        # the upstream query is given, so the retrieved passages are known
+        [result] = engine.run([task.request(record, gold_upstream=False)],
+                              step_input=lambda req, k, outs: task.step_input(retriever)(
+                                  req, k, ["ada born"] if k == 1 else outs))
+        assert result.steps[1].input == "ada was born in oslo"
+    assert get_task("active_rag").prediction(type("R", (), {"output": "so far x. answer: Oslo"})()) == "Oslo"
+
+
+@pytest.fixture(scope="module")
+def method_stages(tmp_path_factory):
+    from conftest import get_base
+
+    base = get_base("tiny-llama")
+    root = tmp_path_factory.mktemp("methods")
+    sets = {}
+    for method, names in (("chain", "AB"), ("fthss", "AB"), ("single", ["single"]),
+                          ("distill", ["distill"])):
+        sets[method] = [Stage.create(StageConfig(n, "prompt", 2), base, seed=len(sets))
+                        for n in names]
+        for stage in sets[method]:
+            stage.save_pretrained(root / method / stage.name, base)
+    return base, sets, root
+
+
+@pytest.mark.parametrize("task_name, data", [("compress_qa", "compress_qa_sample.json"),
+                                             ("memory_reasoning", "memory_reasoning_sample.json")])
+def test_evaluate_every_method_on_reference_formats(method_stages, task_name, data):
+    base, sets, _ = method_stages
+    task = get_task(task_name)
+    records = task.records(DATA / data)
+    report = evaluate(base, task, records, sets, max_new_tokens=3)
+    labels = [(m["method"], m["gold_upstream"]) for m in report["methods"]]
+    assert labels == [("single", False), ("distill", False), ("chain", False), ("chain", True),
+                      ("fthss-untuned", False), ("fthss-untuned", True), ("fthss", False),
+                      ("fthss", True)]
+    for row in report["methods"]:
+        assert all(0 <= row[m] <= 100 for m in task.metric_names)
+        assert row["stages"]  # per-stage latency / prefill / KV statistics
+    assert [c["gold_upstream"] for c in report["comparisons"]] == [False, True]
+    chain, fthss = (next(m for m in report["methods"] if m["method"] == k and not m["gold_upstream"])
+                    for k in ("chain", "fthss"))
+    if task_name == "compress_qa":  # the QA stage re-reads the compression only in text mode
+        assert chain["stages"]["B"]["prefilled_tokens"] > fthss["stages"]["B"]["prefilled_tokens"]
+
+
+def test_cli_eval_writes_the_report(method_stages, tmp_path):
+    from fthss.cli import main
+
+    _, _, root = method_stages
+    out = tmp_path / "report"
+    assert main(["eval", "--arch", "tiny-llama", "--task", "compress_qa", "--data",
+                 str(DATA / "compress_qa_sample.json"), "--stages", f"chain={root / 'chain'}",
+                 "--stages", f"fthss={root / 'fthss'}", "--max-new-tokens", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["tasks"][0]["task"] == "compress_qa"
+    assert "| fthss (gold upstream) |" in (out / "report.md").read_text()
+    assert (out / "accuracy.png").stat().st_size > 0
+    assert main(["eval", "--arch", "tiny-llama", "--task", "compress_qa", "--data",
+                 str(DATA / "compress_qa_sample.json"), "--stages", "magic=x", "--out",
+                 str(out)]) == 2
