@@ -169,6 +169,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_world_build(args) -> int:
+    from fthss.world.build import build
+
+    manifest = build(args.out, seed=args.seed, renderings=args.renderings,
+                     test_size=args.test_size, dev_size=args.dev_size, vocab_size=args.vocab_size)
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
 def cmd_stage_create(args) -> int:
     from fthss.prompts.io import save_stage
     from fthss.prompts.stage import Stage, StageConfig
@@ -264,6 +273,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-gold-upstream", action="store_true",
                           help="skip the gold-intermediate ablation")
     evaluate.set_defaults(func=cmd_eval)
+
+    world = commands.add_parser("world", help="the synthetic world (offline data for the demo)")
+    world_commands = world.add_subparsers(dest="world_command", required=True)
+    build = world_commands.add_parser("build", help="generate world, corpus, tasks, tokenizer")
+    build.add_argument("--out", default="runs/world")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--renderings", type=int, default=8,
+                       help="pretraining renderings of each entity's facts")
+    build.add_argument("--test-size", type=int, default=1000)
+    build.add_argument("--dev-size", type=int, default=200)
+    build.add_argument("--vocab-size", type=int, default=2048)
+    build.set_defaults(func=cmd_world_build)
 
     stage = commands.add_parser("stage", help="stage tools")
     stage_commands = stage.add_subparsers(dest="stage_command", required=True)

@@ -1,0 +1,84 @@
+"""The synthetic world: big enough, varied, seeded, split without leaks, and readable by the
+tasks and the tokenizer it ships with."""
+
+import json
+import random
+
+import pytest
+
+from fthss.cli import main
+from fthss.tasks import get_task
+from fthss.world.datasets import BUILDERS
+from fthss.world.entities import RELATIONS, build_world
+from fthss.world.render import TEMPLATES, document
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    assert main(["world", "build", "--out", str(out), "--seed", "3", "--renderings", "2",
+                 "--test-size", "100", "--dev-size", "20", "--vocab-size", "600"]) == 0
+    return out
+
+
+def test_world_size_relations_and_phrasings():
+    world = build_world(0)
+    assert len(world.entities) >= 1000 and len(RELATIONS) >= 8
+    assert {e.type for e in world.entities.values()} == {"person", "city", "country", "company",
+                                                         "university"}
+    assert all(len(set(t)) >= 3 for t in TEMPLATES.values())
+    person = world.of_type("person")[0]
+    renderings = {document(world, person, random.Random(i)) for i in range(5)}
+    assert len(renderings) == 5  # phrasing and order vary
+    for relation in person.facts:
+        assert world.value(person, relation) in document(world, person)
+
+
+def test_the_seed_decides_the_world():
+    assert build_world(1).entities == build_world(1).entities
+    assert build_world(1).entities != build_world(2).entities
+
+
+def test_compress_qa_distractors_share_names():
+    world = build_world(0)
+    samples = BUILDERS["compress_qa"](world, random.Random(0))
+    person_questions = [s for s in samples if s.id.startswith("person-")]
+    sharing = 0
+    for sample in person_questions[:200]:
+        name = world.entities[sample.id.split(":")[0]].name
+        passages = sample.steps[0].input.split("\n")
+        assert sum(p.startswith(name) or f" {name} " in p for p in passages) >= 1
+        first, last = name.split()
+        sharing += any((first in p or last in p) and name not in p for p in passages)
+    assert sharing > 150  # most questions come with a passage about a namesake
+
+
+def test_splits_do_not_leak_and_tasks_read_them(built):
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert manifest["entities"] >= 1000
+    for task in BUILDERS:
+        ids = {}
+        for split in ("train", "dev", "test"):
+            rows = [json.loads(x) for x in (built / "tasks" / task / f"{split}.jsonl").open()]
+            ids[split] = {r["id"] for r in rows}
+            assert len(ids[split]) == len(rows) == manifest["tasks"][task][split]
+            records = get_task(task).records(built / "tasks" / task / f"{split}.jsonl")
+            assert all(r.answer for r in records)
+        assert not (ids["train"] & ids["test"]) and not (ids["train"] & ids["dev"])
+    questions = {json.loads(x)["shared"] for x in (built / "tasks" / "rewrite_qa" / "test.jsonl").open()}
+    comparisons = [q for q in questions if " or " in q]
+    flipped = {q.split(", ", 1)[0] + ", " + " or ".join(reversed(q.split(", ", 1)[1][:-1].split(" or "))) + "?"
+               for q in comparisons}
+    train = {json.loads(x)["shared"] for x in (built / "tasks" / "rewrite_qa" / "train.jsonl").open()}
+    assert not (flipped & train)  # a pair asked one way in test is not asked the other in train
+
+
+def test_the_tokenizer_round_trips_the_corpus(built):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(built / "tokenizer")
+    for line in (built / "corpus.jsonl").read_text().splitlines()[:50]:
+        text = json.loads(line)["text"]
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert tokenizer.decode(ids) == text and len(ids) <= len(text) / 2  # merges learned
+    assert tokenizer.bos_token == "<s>" and tokenizer.eos_token == "</s>"
