@@ -178,6 +178,20 @@ def cmd_world_build(args) -> int:
     return 0
 
 
+def cmd_base_pretrain(args) -> int:
+    from fthss.world.pretrain import PretrainConfig, pretrain
+
+    config = PretrainConfig(hidden_size=args.hidden_size, layers=args.layers, heads=args.heads,
+                            kv_heads=args.kv_heads, intermediate_size=args.intermediate_size,
+                            sequence_length=args.sequence_length, batch_size=args.batch_size,
+                            learning_rate=args.lr, steps=args.steps, seed=args.seed)
+    recipe = pretrain(args.world, args.out, config, device=args.device)
+    print(f"base -> {args.out}: {recipe['parameters']:,} parameters, "
+          f"{recipe['tokens_seen']:,} tokens, final loss {recipe['final_loss']:.3f}, "
+          f"{recipe['tokens_seen'] / recipe['wall_s']:.0f} tokens/s on {recipe['device']}")
+    return 0
+
+
 def cmd_stage_create(args) -> int:
     from fthss.prompts.io import save_stage
     from fthss.prompts.stage import Stage, StageConfig
@@ -285,6 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--dev-size", type=int, default=200)
     build.add_argument("--vocab-size", type=int, default=2048)
     build.set_defaults(func=cmd_world_build)
+
+    base_parser = commands.add_parser("base", help="the demo's small base model")
+    base_commands = base_parser.add_subparsers(dest="base_command", required=True)
+    pre = base_commands.add_parser("pretrain", help="pretrain a small Llama on a built world")
+    pre.add_argument("--world", default="runs/world", help="folder from `fthss world build`")
+    pre.add_argument("--out", default="runs/base")
+    pre.add_argument("--device", default=None)
+    for name, default in (("hidden-size", 256), ("layers", 4), ("heads", 4), ("kv-heads", 4),
+                          ("intermediate-size", 688), ("sequence-length", 256),
+                          ("batch-size", 32), ("steps", 2000), ("seed", 0)):
+        pre.add_argument(f"--{name}", type=int, default=default)
+    pre.add_argument("--lr", type=float, default=3e-3)
+    pre.set_defaults(func=cmd_base_pretrain)
 
     stage = commands.add_parser("stage", help="stage tools")
     stage_commands = stage.add_subparsers(dest="stage_command", required=True)
