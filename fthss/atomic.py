@@ -8,6 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
+# The umask can only be read by setting it: read it once, at import, and put it back.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -26,6 +27,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable: it lives in the directory's entry list (POSIX only)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -76,33 +76,61 @@ def _read_json(path: Path) -> dict:
 
 def load_stage(directory: str | Path, base: BaseModel | None = None,
                name: str | None = None) -> Stage:
+    """The stage saved in `directory` (by fthss or by PEFT). With `base`, also check that it
+    was made for that base: its width always, its fingerprint when fthss_stage.json is there."""
     directory = Path(directory)
     if not directory.is_dir():
         raise StageLoadError(f"{directory}: no such stage folder")
     config = _read_json(directory / CONFIG)
-    kind = {v: k for k, v in PEFT_TYPES.items()}.get(config.get("peft_type"))
-    if kind is None:
-        raise StageLoadError(f"{directory / CONFIG}: peft_type {config.get('peft_type')!r} is "
-                             "not a stage (expected PROMPT_TUNING or PREFIX_TUNING)")
-    if kind == "prefix" and config.get("prefix_projection"):
-        raise StageLoadError(f"{directory / CONFIG}: prefix_projection is true; fthss reads "
-                             "projection-free prefixes (fold the projection into the prefix)")
-    ours = _read_json(directory / FTHSS_FILE) if (directory / FTHSS_FILE).is_file() else None
-    weight = _read_weight(directory, config)
+    kind = _kind(directory / CONFIG, config)
+    ours = _read_ours(directory / FTHSS_FILE) if (directory / FTHSS_FILE).is_file() else None
+    weight = _read_weight(directory, config, kind)
     n = weight.shape[0]
-    stage = Stage(StageConfig(name or (ours or {}).get("name") or directory.name, kind, n,
-                              (ours or {}).get("init", "random"), (ours or {}).get("init_text")),
-                  weight)
     if ours is not None and (ours.get("kind"), ours.get("num_virtual_tokens")) != (kind, n):
         raise StageLoadError(f"{directory / FTHSS_FILE}: says kind {ours.get('kind')} with "
                              f"{ours.get('num_virtual_tokens')} tokens, but {CONFIG} and "
                              f"{WEIGHTS} hold a {kind} stage of {n}")
+    ours = ours or {}
+    try:  # a folder name or a hand-edited file can break StageConfig's rules
+        stage_config = StageConfig(name or ours.get("name") or directory.name, kind, n,
+                                   ours.get("init", "random"), ours.get("init_text"))
+    except ValueError as err:
+        source = "the name given" if name else FTHSS_FILE if ours.get("name") else "folder name"
+        raise StageLoadError(f"{directory}: {err} (from {source})") from err
+    stage = Stage(stage_config, weight)
     if base is not None:
-        _check_base(directory, stage, base, ours)
+        _check_base(directory, stage, base, ours or None)
     return stage
 
 
-def _read_weight(directory: Path, config: dict) -> torch.Tensor:
+def _kind(path: Path, config: dict) -> str:
+    kind = {v: k for k, v in PEFT_TYPES.items()}.get(config.get("peft_type"))
+    if kind is None:
+        raise StageLoadError(f"{path}: peft_type {config.get('peft_type')!r} is not a stage "
+                             "(expected PROMPT_TUNING or PREFIX_TUNING)")
+    if kind == "prefix" and config.get("prefix_projection"):
+        raise StageLoadError(f"{path}: prefix_projection is true; fthss reads projection-free "
+                             "prefixes (fold the projection's output into the prefix first)")
+    # Encoder-decoder adapters hold one prompt per submodule (2N rows): not a decoder's stage.
+    if config.get("num_transformer_submodules", 1) not in (None, 1):
+        raise StageLoadError(f"{path}: num_transformer_submodules is "
+                             f"{config['num_transformer_submodules']}; fthss needs 1 (decoder-only)")
+    n = config.get("num_virtual_tokens")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise StageLoadError(f"{path}: num_virtual_tokens must be a positive integer, not {n!r}")
+    return kind
+
+
+def _read_ours(path: Path) -> dict:
+    ours = _read_json(path)
+    if ours.get("format") != "fthss-stage":
+        raise StageLoadError(f"{path}: format is {ours.get('format')!r}, not 'fthss-stage'")
+    if ours.get("version") != 1:
+        raise StageLoadError(f"{path}: version {ours.get('version')!r}; this fthss reads version 1")
+    return ours
+
+
+def _read_weight(directory: Path, config: dict, kind: str) -> torch.Tensor:
     path = directory / WEIGHTS
     if not path.is_file():
         pickled = directory / "adapter_model.bin"
@@ -116,10 +144,18 @@ def _read_weight(directory: Path, config: dict) -> torch.Tensor:
     if "prompt_embeddings" not in tensors:
         raise StageLoadError(f"{path}: no 'prompt_embeddings' tensor (found {sorted(tensors)})")
     weight = tensors["prompt_embeddings"]
-    n = config.get("num_virtual_tokens")
+    n = config["num_virtual_tokens"]
     if weight.ndim != 2 or weight.shape[0] != n:
         raise StageLoadError(f"{path}: prompt_embeddings has shape {tuple(weight.shape)}, but "
                              f"{CONFIG} says num_virtual_tokens={n}")
+    # PEFT's layout: token_dim per virtual token, times layers*2 for a prefix (K and V).
+    token_dim, layers = config.get("token_dim"), config.get("num_layers")
+    if token_dim is not None and (kind == "prompt" or layers is not None):
+        width = token_dim if kind == "prompt" else layers * 2 * token_dim
+        if weight.shape[1] != width:
+            how = "token_dim" if kind == "prompt" else "num_layers*2*token_dim"
+            raise StageLoadError(f"{path}: prompt_embeddings has width {weight.shape[1]}, but "
+                                 f"{CONFIG} says {how}={width}")
     if not torch.isfinite(weight).all():
         raise StageLoadError(f"{path}: prompt_embeddings holds NaN or inf values")
     return weight

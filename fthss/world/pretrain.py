@@ -91,11 +91,13 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
         tokens_per_s = (step + 1) * config.batch_size * length / (time.perf_counter() - started)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_s:.0f}")
     model.eval()
+    tail = max(1, len(losses) // 10)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     recipe = {"config": asdict(config), "world": json.loads((world_dir / "manifest.json").read_text()),
-              "stream_tokens": len(stream), "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+              "stream_tokens": len(stream), "first_loss": losses[0],
+              "final_loss": sum(losses[-tail:]) / tail,  # mean over the last 10% of steps
               "tokens_seen": config.steps * config.batch_size * length,
               "parameters": sum(p.numel() for p in model.parameters()),
               "device": str(device), "wall_s": time.perf_counter() - started,
