@@ -2,12 +2,16 @@
 PEFT's logits, and bad folders are refused with the file and field named."""
 
 import json
+import os
 import warnings
 
 import pytest
 import torch
-from peft import (PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model)
+from conftest import get_base
+from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 
+from fthss.atomic import atomic_save_safetensors, atomic_write_bytes, atomic_write_text
 from fthss.engine.engine import ChainEngine
 from fthss.layout.chain import ChainSample, Step
 from fthss.models.presets import tiny_base
@@ -15,7 +19,10 @@ from fthss.prompts.io import StageLoadError, load_stage, save_stage
 from fthss.prompts.stage import Stage, StageConfig
 from fthss.verify import text_view
 
-from conftest import get_base
+# The logits checks use a larger init scale: at 0.02 the tiny model's logits are nearly uniform
+# and a prefix placed one position off moves them by only ~1e-3; at 0.5 by several units.
+SHARP = 0.5
+FILES = ["adapter_config.json", "adapter_model.safetensors", "fthss_stage.json"]
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
@@ -24,47 +31,99 @@ def test_round_trip(arch, kind, tmp_path):
     base = get_base(arch)
     stage = Stage.create(StageConfig("compress", kind, 5, "text", init_text="summarise"), base)
     stage.save_pretrained(tmp_path / "s", base)
+    assert sorted(os.listdir(tmp_path / "s")) == FILES  # no temp files left behind
+    ours = json.loads((tmp_path / "s" / "fthss_stage.json").read_text())
+    assert (ours["format"], ours["version"], ours["base"]) == ("fthss-stage", 1, base.fingerprint)
     loaded = Stage.from_pretrained(tmp_path / "s", base)
     assert torch.equal(loaded.weight, stage.weight)
+    assert loaded.weight.dtype == torch.float32
     assert loaded.config == stage.config
+
+
+def test_a_reparameterised_stage_is_saved_folded(tmp_path):
+    base = get_base("tiny-llama")
+    stage = Stage.create(StageConfig("p", "prefix", 3), base)
+    stage.reparameterize(hidden=8)
+    with torch.no_grad():
+        stage.reparam.mlp[2].bias.fill_(0.5)  # the MLP now moves the prefix
+    save_stage(stage, tmp_path / "p", base)
+    assert torch.equal(load_stage(tmp_path / "p", base).weight, stage.current_weight.detach())
 
 
 def _peft_weight(peft_model):
     return peft_model.prompt_encoder["default"].embedding.weight.detach()
 
 
+def _assert_text_mode_matches_peft(base, stage, peft_model, shared="", text="hello"):
+    """Text mode over one step against PEFT's forward of the same ids: equal logits for every
+    generated token, and the prompt really changes them (so the check can fail)."""
+    [result] = ChainEngine(base, [stage]).run(
+        [ChainSample(shared, [Step(stage.name, input=text, max_new_tokens=4)])],
+        mode="text", output_scores=True)
+    view, output = text_view(result.tokens, 0), result.tokens.steps[0].output_ids
+    ids = torch.tensor([view + output[:-1]])
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids).logits[0]
+        bare = base.model(input_ids=ids).logits[0, len(view) - 1:]
+    if stage.config.kind == "prompt":  # PEFT returns the virtual tokens' logits too
+        logits = logits[stage.num_virtual_tokens:]
+    expected = logits[len(view) - 1:]
+    assert result.steps[0].scores.shape == expected.shape
+    torch.testing.assert_close(result.steps[0].scores, expected, atol=1e-4, rtol=0)
+    assert float((bare - expected).abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
-def test_peft_loads_a_stage_and_computes_what_text_mode_computes(kind, tmp_path):
-    base = tiny_base("tiny-llama")  # PEFT wraps the model: keep it away from other tests
+def test_peft_loads_a_stage_and_computes_what_text_mode_computes(arch, kind, tmp_path):
+    base = tiny_base(arch, init_std=SHARP)  # PEFT wraps its model: a fresh one per test
     stage = Stage.create(StageConfig("qa", kind, 4), base, seed=7)
     save_stage(stage, tmp_path / "qa", base)
-    peft_model = PeftModel.from_pretrained(tiny_base("tiny-llama").model, tmp_path / "qa")
+    peft_model = PeftModel.from_pretrained(tiny_base(arch, init_std=SHARP).model, tmp_path / "qa")
     assert torch.equal(_peft_weight(peft_model), stage.weight.detach())
-    [result] = ChainEngine(base, [stage], max_new_tokens=5).run(
-        [ChainSample("who?", [Step("qa", input="hello world")])], mode="text", output_scores=True)
-    view, output = text_view(result.tokens, 0), result.tokens.steps[0].output_ids
-    with torch.no_grad():
-        logits = peft_model(input_ids=torch.tensor([view + output[:-1]])).logits[0]
-    if kind == "prompt":  # PEFT returns the prompt positions' logits too
-        logits = logits[stage.num_virtual_tokens:]
-    torch.testing.assert_close(result.steps[0].scores, logits[len(view) - 1:], atol=1e-4, rtol=0)
+    _assert_text_mode_matches_peft(base, stage, peft_model)
+    _assert_text_mode_matches_peft(base, stage, peft_model, shared="who?", text="hello world")
 
 
-@pytest.mark.parametrize("kind", ["prompt", "prefix"])
-def test_an_adapter_trained_with_peft_loads_as_a_stage(kind, tmp_path):
-    base = tiny_base("tiny-llama")
-    config = (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6) if kind == "prompt"
-              else PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6))
-    peft_model = get_peft_model(base.model, config)
-    with torch.no_grad():
-        _peft_weight(peft_model).normal_()
+PEFT_CONFIGS = {
+    "prompt": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6),
+    "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6),
+    # P-Tuning v2: PEFT saves the MLP's output, so the folder holds a plain prefix.
+    "prefix-projection": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6,
+                                                    prefix_projection=True,
+                                                    encoder_hidden_size=16),
+}
+
+
+@pytest.mark.parametrize("which", list(PEFT_CONFIGS))
+def test_an_adapter_trained_with_peft_loads_as_a_stage(which, tmp_path):
+    base = tiny_base("tiny-llama", init_std=SHARP)
+    assert (base.config.num_attention_heads, base.num_kv_heads) == (4, 2)  # GQA
+    peft_model = get_peft_model(base.model, PEFT_CONFIGS[which]())
+    with torch.no_grad():  # as if trained
+        for parameter in peft_model.prompt_encoder["default"].parameters():
+            parameter.normal_(generator=torch.Generator().manual_seed(3))
+    peft_model.eval()
     peft_model.save_pretrained(tmp_path / "peft_A")
+    assert not (tmp_path / "peft_A" / "fthss_stage.json").exists()
+    reference = tiny_base("tiny-llama", init_std=SHARP)
     with pytest.warns(UserWarning, match="only its shapes"):
-        stage = load_stage(tmp_path / "peft_A", get_base("tiny-llama"))
+        stage = load_stage(tmp_path / "peft_A", reference)
+    kind = "prompt" if which == "prompt" else "prefix"
     assert (stage.name, stage.config.kind, stage.num_virtual_tokens) == ("peft_A", kind, 6)
-    assert torch.equal(stage.weight.detach(), _peft_weight(peft_model).float())
-    ChainEngine(get_base("tiny-llama"), [stage], max_new_tokens=2).run(
-        [ChainSample("q", [Step("peft_A")])])
+    saved = load_file(tmp_path / "peft_A" / "adapter_model.safetensors")["prompt_embeddings"]
+    assert torch.equal(stage.weight.detach(), saved)
+    if which != "prefix-projection":  # with projection, the live weight is the MLP's input
+        assert torch.equal(stage.weight.detach(), _peft_weight(peft_model))
+    _assert_text_mode_matches_peft(reference, stage, peft_model)
+
+
+def test_a_peft_adapter_takes_the_name_given(tmp_path):
+    base = tiny_base("tiny-llama")
+    get_peft_model(base.model, PEFT_CONFIGS["prompt"]()).save_pretrained(tmp_path / "not.a.name")
+    with pytest.raises(StageLoadError, match=r"not\.a\.name.*folder name"):
+        load_stage(tmp_path / "not.a.name")
+    assert load_stage(tmp_path / "not.a.name", name="reader").name == "reader"
 
 
 @pytest.fixture
@@ -74,60 +133,127 @@ def saved(tmp_path):
     return tmp_path / "A"
 
 
-def test_stage_made_for_another_base_is_refused(saved):
-    other = tiny_base("tiny-llama", seed=1)  # same shapes, other weights
-    with pytest.raises(StageLoadError, match=r"fthss_stage.json.*another base.*embedding_sha256"):
-        load_stage(saved, other)
-    wider = tiny_base("tiny-qwen2")
-    wider.model.config.hidden_size = 96  # stands for a base with another hidden size
-    with pytest.raises(StageLoadError, match=r"adapter_model.safetensors: width 64 does not fit"):
-        load_stage(saved, wider)
-
-
-def _rewrite(path, **changes):
-    config = json.loads(path.read_text())
-    path.write_text(json.dumps({**config, **changes}))
-
-
-def test_bad_folders_are_refused_naming_file_and_field(saved, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    with pytest.raises(StageLoadError, match="no such stage folder"):
-        load_stage(tmp_path / "nothing")
-    weights = saved / "adapter_model.safetensors"
-    good = weights.read_bytes()
-    weights.write_bytes(good[: len(good) // 2])
-    with pytest.raises(StageLoadError, match=r"adapter_model.safetensors: unreadable or truncated"):
-        load_stage(saved)
-    weights.write_bytes(good)
-    tensor = load_file(weights)["prompt_embeddings"]
-    save_file({"prompt_embeddings": tensor.clone().fill_(float("nan"))}, weights)
-    with pytest.raises(StageLoadError, match="NaN or inf"):
-        load_stage(saved)
-    save_file({"embeddings": tensor}, weights)
-    with pytest.raises(StageLoadError, match="no 'prompt_embeddings' tensor"):
-        load_stage(saved)
-    save_file({"prompt_embeddings": tensor}, weights)
-    _rewrite(saved / "adapter_config.json", num_virtual_tokens=5)
-    with pytest.raises(StageLoadError, match=r"shape \(3, 64\).*num_virtual_tokens=5"):
-        load_stage(saved)
-    _rewrite(saved / "adapter_config.json", num_virtual_tokens=3, peft_type="LORA")
-    with pytest.raises(StageLoadError, match=r"adapter_config.json: peft_type 'LORA'"):
-        load_stage(saved)
-    _rewrite(saved / "adapter_config.json", peft_type="PREFIX_TUNING", prefix_projection=True)
-    with pytest.raises(StageLoadError, match="prefix_projection is true"):
-        load_stage(saved)
-    (saved / "adapter_config.json").write_text("{not json")
-    with pytest.raises(StageLoadError, match=r"adapter_config.json: malformed JSON at line 1"):
-        load_stage(saved)
-    weights.rename(saved / "adapter_model.bin")
-    (saved / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3}))
-    with pytest.raises(StageLoadError, match="pickle files are not loaded"):
-        load_stage(saved)
-
-
 def test_a_stage_loads_without_warnings_when_it_carries_a_fingerprint(saved):
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("error")
         load_stage(saved, get_base("tiny-llama"))
+
+
+def test_stage_made_for_another_base_lists_each_differing_field(saved):
+    with pytest.raises(StageLoadError) as err:
+        load_stage(saved, get_base("tiny-qwen2"))  # same shapes, another architecture
+    message = str(err.value)
+    assert "fthss_stage.json" in message
+    assert "architecture: stage made for 'LlamaForCausalLM', base has 'Qwen2ForCausalLM'" in message
+    assert "embedding_sha256" in message
+    assert "hidden_size" not in message  # only what differs
+    with pytest.raises(StageLoadError, match=r"fthss_stage.json.*another base.*embedding_sha256"):
+        load_stage(saved, tiny_base("tiny-llama", seed=1))  # same architecture, other weights
+
+
+def _edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _weights(folder):
+    return load_file(folder / "adapter_model.safetensors")["prompt_embeddings"]
+
+
+def _narrow(folder):  # a prompt 32 wide, consistent in itself, on a 64-wide base
+    save_file({"prompt_embeddings": _weights(folder)[:, :32].contiguous()},
+              folder / "adapter_model.safetensors")
+    _edit_json(folder / "adapter_config.json", token_dim=32)
+
+
+def _truncate(folder):
+    path = folder / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+def _pickle_only(folder):
+    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+
+
+def _unprojected(folder):  # projection on, but the raw embedding stored: needs the MLP
+    _edit_json(folder / "adapter_config.json", peft_type="PREFIX_TUNING", prefix_projection=True,
+               token_dim=64, num_layers=2)
+
+
+# (how to break a saved prompt stage, what the error must say)
+BROKEN = {
+    "no adapter_config.json": (lambda f: (f / "adapter_config.json").unlink(),
+                               r"adapter_config.json: missing"),
+    "no weights": (lambda f: (f / "adapter_model.safetensors").unlink(),
+                   r"adapter_model.safetensors: missing$"),
+    "pickle only": (_pickle_only, (r"adapter_model.safetensors: missing; adapter_model.bin "
+                                   r"exists but pickle files are not loaded")),
+    "malformed json": (lambda f: (f / "adapter_config.json").write_text("{not json"),
+                       r"adapter_config.json: malformed JSON at line 1"),
+    "malformed fthss json": (lambda f: (f / "fthss_stage.json").write_text("[1, 2"),
+                             r"fthss_stage.json: malformed JSON"),
+    "truncated": (_truncate, r"adapter_model.safetensors: unreadable or truncated"),
+    "nan": (lambda f: save_file({"prompt_embeddings": _weights(f).fill_(float("nan"))},
+                                f / "adapter_model.safetensors"),
+            r"adapter_model.safetensors: prompt_embeddings holds NaN or inf"),
+    "inf": (lambda f: save_file({"prompt_embeddings": _weights(f).index_fill_(0, torch.tensor([1]),
+                                                                          float("inf"))},
+                                f / "adapter_model.safetensors"),
+            r"adapter_model.safetensors: prompt_embeddings holds NaN or inf"),
+    "no prompt_embeddings": (lambda f: save_file({"embeddings": _weights(f)},
+                                                 f / "adapter_model.safetensors"),
+                             r"adapter_model.safetensors: no 'prompt_embeddings' tensor"),
+    "too few tokens": (lambda f: _edit_json(f / "adapter_config.json", num_virtual_tokens=5),
+                       (r"adapter_model.safetensors: prompt_embeddings has shape \(3, 64\), "
+                        r"but adapter_config.json says num_virtual_tokens=5")),
+    "width vs config": (lambda f: _edit_json(f / "adapter_config.json", token_dim=32),
+                        (r"adapter_model.safetensors: prompt_embeddings has width 64, but "
+                         r"adapter_config.json says token_dim=32")),
+    "width vs base": (_narrow, (r"adapter_model.safetensors: width 32 does not fit this base "
+                                r"\(a prompt stage needs its hidden_size = 64\)")),
+    "lora": (lambda f: _edit_json(f / "adapter_config.json", peft_type="LORA"),
+             r"adapter_config.json: peft_type 'LORA' is not a stage"),
+    "projection": (_unprojected, (r"adapter_model.safetensors: adapter_config.json has "
+                                  r"prefix_projection true and prompt_embeddings has width 64")),
+    "seq2seq": (lambda f: _edit_json(f / "adapter_config.json", num_transformer_submodules=2),
+                r"adapter_config.json: num_transformer_submodules is 2"),
+    "format": (lambda f: _edit_json(f / "fthss_stage.json", format="other"),
+               r"fthss_stage.json: format is 'other'"),
+    "version": (lambda f: _edit_json(f / "fthss_stage.json", version=2),
+                r"fthss_stage.json: version 2; this fthss reads version 1"),
+    "kind differs": (lambda f: _edit_json(f / "fthss_stage.json", kind="prefix"),
+                     r"fthss_stage.json: says kind prefix with 3 tokens"),
+    "bad init": (lambda f: _edit_json(f / "fthss_stage.json", init="zeros"),
+                 r"init must be one of .* \(from fthss_stage.json\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_broken_folder_is_refused_naming_file_and_field(case, saved):
+    breaks, message = BROKEN[case]
+    breaks(saved)
+    with pytest.raises(StageLoadError, match=message) as err:
+        load_stage(saved, get_base("tiny-llama"))
+    assert str(saved) in str(err.value)
+
+
+def test_no_folder(tmp_path):
+    with pytest.raises(StageLoadError, match=r"nothing: no such stage folder"):
+        load_stage(tmp_path / "nothing")
+
+
+def test_atomic_writes_replace_whole_files_or_nothing(tmp_path):
+    path = tmp_path / "deep" / "file.txt"
+    atomic_write_text(path, "old")
+    atomic_write_bytes(path, b"new")
+    assert path.read_text() == "new"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as a plain open() would make it
+    with pytest.raises(TypeError):
+        atomic_write_bytes(path, "not bytes")  # fails mid-write
+    assert path.read_text() == "new"
+    atomic_save_safetensors({"x": torch.arange(6.0).view(2, 3).t()}, tmp_path / "t.safetensors",
+                            {"note": "kept"})
+    assert torch.equal(load_file(tmp_path / "t.safetensors")["x"], torch.arange(6.0).view(2, 3).t())
+    assert sorted(os.listdir(tmp_path)) == ["deep", "t.safetensors"]
+    assert os.listdir(tmp_path / "deep") == ["file.txt"]

@@ -1,12 +1,14 @@
 """Stages on disk, in PEFT's adapter format plus one file of fthss's own.
 
     adapter_config.json         PEFT's config: PROMPT_TUNING (a `prompt` stage) or PREFIX_TUNING
-                                without projection (a `prefix` stage)
+                                with prefix_projection false (a `prefix` stage)
     adapter_model.safetensors   `prompt_embeddings`: [N, hidden] or [N, layers*2*kv_heads*head_dim]
     fthss_stage.json            name, kind, init, and the base model's fingerprint
 
 PEFT loads such a folder unchanged, and a PEFT prompt-learning adapter loads as a stage (its
-base cannot then be checked beyond shapes). Only safetensors are read: no pickle runs.
+base cannot then be checked beyond shapes). That includes PREFIX_TUNING with
+prefix_projection true: PEFT saves such a prefix already projected, so it loads as a plain
+prefix. Only safetensors are read: no pickle runs.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class StageLoadError(ValueError):
 
 
 def save_stage(stage: Stage, directory: str | Path, base: BaseModel) -> Path:
+    """Write `stage` (made for `base`) to `directory`, creating it; each file atomically."""
     stage.check_fits(base)
     directory = Path(directory)
     kind, n = stage.config.kind, stage.num_virtual_tokens
@@ -90,16 +93,18 @@ def load_stage(directory: str | Path, base: BaseModel | None = None,
         raise StageLoadError(f"{directory / FTHSS_FILE}: says kind {ours.get('kind')} with "
                              f"{ours.get('num_virtual_tokens')} tokens, but {CONFIG} and "
                              f"{WEIGHTS} hold a {kind} stage of {n}")
-    ours = ours or {}
+    meta = ours or {}  # a plain PEFT adapter: named after its folder, random init
     try:  # a folder name or a hand-edited file can break StageConfig's rules
-        stage_config = StageConfig(name or ours.get("name") or directory.name, kind, n,
-                                   ours.get("init", "random"), ours.get("init_text"))
+        stage_config = StageConfig(name or meta.get("name") or directory.name, kind, n,
+                                   meta.get("init", "random"), meta.get("init_text"))
     except ValueError as err:
-        source = "the name given" if name else FTHSS_FILE if ours.get("name") else "folder name"
+        source = ("the name given" if name else FTHSS_FILE if meta.get("name") else "folder name")
+        if not str(err).startswith("stage name"):  # init or init_text: only ours sets those
+            source = FTHSS_FILE
         raise StageLoadError(f"{directory}: {err} (from {source})") from err
     stage = Stage(stage_config, weight)
     if base is not None:
-        _check_base(directory, stage, base, ours or None)
+        _check_base(directory, stage, base, ours)
     return stage
 
 
@@ -108,13 +113,11 @@ def _kind(path: Path, config: dict) -> str:
     if kind is None:
         raise StageLoadError(f"{path}: peft_type {config.get('peft_type')!r} is not a stage "
                              "(expected PROMPT_TUNING or PREFIX_TUNING)")
-    if kind == "prefix" and config.get("prefix_projection"):
-        raise StageLoadError(f"{path}: prefix_projection is true; fthss reads projection-free "
-                             "prefixes (fold the projection's output into the prefix first)")
     # Encoder-decoder adapters hold one prompt per submodule (2N rows): not a decoder's stage.
     if config.get("num_transformer_submodules", 1) not in (None, 1):
         raise StageLoadError(f"{path}: num_transformer_submodules is "
-                             f"{config['num_transformer_submodules']}; fthss needs 1 (decoder-only)")
+                             f"{config['num_transformer_submodules']}; fthss needs 1 "
+                             "(decoder-only)")
     n = config.get("num_virtual_tokens")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise StageLoadError(f"{path}: num_virtual_tokens must be a positive integer, not {n!r}")
@@ -152,6 +155,14 @@ def _read_weight(directory: Path, config: dict, kind: str) -> torch.Tensor:
     token_dim, layers = config.get("token_dim"), config.get("num_layers")
     if token_dim is not None and (kind == "prompt" or layers is not None):
         width = token_dim if kind == "prompt" else layers * 2 * token_dim
+        if weight.shape[1] != width and kind == "prefix" and config.get("prefix_projection"):
+            # PEFT saves a P-Tuning v2 prefix already projected (the MLP's output, the width
+            # checked here), and that loads fine. Anything else would need the MLP, which
+            # PEFT does not save.
+            raise StageLoadError(f"{path}: {CONFIG} has prefix_projection true and "
+                                 f"prompt_embeddings has width {weight.shape[1]}, not the "
+                                 f"projected num_layers*2*token_dim={width}: it needs a "
+                                 "projection this folder does not hold")
         if weight.shape[1] != width:
             how = "token_dim" if kind == "prompt" else "num_layers*2*token_dim"
             raise StageLoadError(f"{path}: prompt_embeddings has width {weight.shape[1]}, but "
@@ -164,8 +175,10 @@ def _read_weight(directory: Path, config: dict, kind: str) -> torch.Tensor:
 def _check_base(directory: Path, stage: Stage, base: BaseModel, ours: dict | None) -> None:
     expected = base.hidden_size if stage.config.kind == "prompt" else prefix_width(base)
     if stage.weight.shape[1] != expected:
+        what = "hidden_size" if stage.config.kind == "prompt" else "layers*2*kv_heads*head_dim"
         raise StageLoadError(f"{directory / WEIGHTS}: width {stage.weight.shape[1]} does not fit "
-                             f"this base (a {stage.config.kind} stage needs {expected})")
+                             f"this base (a {stage.config.kind} stage needs its {what} = "
+                             f"{expected})")
     if ours is None:
         warnings.warn(f"{directory}: a PEFT adapter without {FTHSS_FILE}; only its shapes can "
                       "be checked against the base", stacklevel=3)
