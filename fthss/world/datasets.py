@@ -72,32 +72,23 @@ def _multi_hop(world: World, rnd: random.Random, comparisons: int = 2500):
                        (f"{employer.name} head office", employer,
                         sentence(world, employer, "headquartered_in", 0))],
                       world.value(employer, "headquartered_in"), f"{person.id}:employer-hq"))
-    people, companies = world.of_type("person"), world.of_type("company")
     pairs = set()  # one question per unordered pair: no pair in two splits
-
-    def new_pair(a, b, year):
-        key = tuple(sorted((a.id, b.id)))
-        if a.facts[year] == b.facts[year] or key in pairs:
-            return False
-        pairs.add(key)
-        return True
-
-    for i in range(comparisons * 4 // 5):
-        a, b = rnd.sample(people, 2)
-        if not new_pair(a, b, "birth_year"):
-            continue
-        earlier = a if a.facts["birth_year"] < b.facts["birth_year"] else b
-        items.append((f"Who was born earlier, {a.name} or {b.name}?",
-                      [(f"{p.name} year of birth", p, sentence(world, p, "birth_year", 0)) for p in (a, b)],
-                      earlier.name, f"{a.id}:{b.id}:born-earlier"))
-    for i in range(comparisons // 5):
-        a, b = rnd.sample(companies, 2)
-        if not new_pair(a, b, "founded_year"):
-            continue
-        earlier = a if a.facts["founded_year"] < b.facts["founded_year"] else b
-        items.append((f"Which company was founded earlier, {a.name} or {b.name}?",
-                      [(f"{c.name} founded", c, sentence(world, c, "founded_year", 0)) for c in (a, b)],
-                      earlier.name, f"{a.id}:{b.id}:founded-earlier"))
+    comparisons_of = [  # (entities, fact, question, query, tag, share of the comparisons)
+        (world.of_type("person"), "birth_year", "Who was born earlier, {a} or {b}?",
+         "{x} year of birth", "born-earlier", 4 / 5),
+        (world.of_type("company"), "founded_year", "Which company was founded earlier, {a} or {b}?",
+         "{x} founded", "founded-earlier", 1 / 5)]
+    for entities, fact, question, query, tag, share in comparisons_of:
+        for _ in range(int(comparisons * share)):
+            a, b = rnd.sample(entities, 2)
+            key = tuple(sorted((a.id, b.id)))
+            if a.facts[fact] == b.facts[fact] or key in pairs:
+                continue
+            pairs.add(key)
+            earlier = a if a.facts[fact] < b.facts[fact] else b
+            items.append((question.format(a=a.name, b=b.name),
+                          [(query.format(x=e.name), e, sentence(world, e, fact, 0)) for e in (a, b)],
+                          earlier.name, f"{a.id}:{b.id}:{tag}"))
     return items
 
 
