@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random-init bases (built once per session) and hypothesis settings."""
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 from fthss.models.presets import ARCHITECTURES, tiny_base
@@ -11,6 +12,16 @@ settings.register_profile("fthss", derandomize=True, deadline=None,
 settings.load_profile("fthss")
 
 _BASES = {}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two OpenMP
+    threads contending with another process make tests ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def get_base(arch: str):

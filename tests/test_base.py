@@ -88,3 +88,11 @@ def test_a_window_the_config_turns_off_does_not_limit_positions():
     assert base.attention_window == 16 and base.position_limit == 16
     config.layer_types = ["full_attention"] * 2
     assert base.attention_window is None and base.position_limit == 64
+    # A config without per-layer types that keeps the window's size but switches it off (as
+    # Qwen2 configs did before transformers added layer_types; today's Qwen2Config nulls the
+    # size itself, so set the fields by hand): no limit. Switched on: the window limits.
+    config.layer_types = None
+    config.sliding_window, config.use_sliding_window = 16, False
+    assert base.attention_window is None and base.position_limit == 64
+    config.use_sliding_window = True
+    assert base.attention_window == 16 and base.position_limit == 16
