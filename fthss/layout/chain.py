@@ -123,6 +123,18 @@ def chain_from_authors(record: dict, where: str) -> ChainSample:
     return ChainSample(shared=shared, steps=steps)
 
 
+def jsonl_records(path: Path, text: str, error: type[ValueError]):
+    """`(where, record)` for every non-blank line of a JSONL text; `where` is `path:line`.
+    A malformed line raises `error` naming it."""
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{line_no}", json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{line_no}: malformed JSON: {err.msg}") from err
+
+
 def load_chains(path: str | Path) -> list[ChainSample]:
     """Read a `.jsonl` file in our format, or a `.json` list in the authors' format."""
     path = Path(path)
@@ -131,16 +143,8 @@ def load_chains(path: str | Path) -> list[ChainSample]:
     except OSError as err:
         raise ChainFormatError(f"{path}: cannot read: {err.strerror}") from err
     if path.suffix == ".jsonl":
-        samples = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ChainFormatError(f"{path}:{line_no}: malformed JSON: {err.msg}") from err
-            samples.append(chain_from_json(record, f"{path}:{line_no}"))
-        return samples
+        return [chain_from_json(record, where)
+                for where, record in jsonl_records(path, text, ChainFormatError)]
     try:
         records = json.loads(text)
     except json.JSONDecodeError as err:

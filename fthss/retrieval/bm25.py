@@ -6,7 +6,6 @@ method (a dense retriever, a web search tool) can be plugged into the tasks inst
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -49,17 +48,12 @@ class BM25Retriever:
     @classmethod
     def from_file(cls, path: str | Path) -> BM25Retriever:
         """A JSONL corpus: `{"id": ..., "text": ...}` per line, an optional `"title"` first."""
+        from fthss.layout.chain import jsonl_records
+
         path, passages = Path(path), []
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusFormatError(f"{path}:{line_no}: malformed JSON: {err.msg}") from err
+        for where, row in jsonl_records(path, path.read_text(encoding="utf-8"), CorpusFormatError):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str) or "id" not in row:
-                raise CorpusFormatError(f"{path}:{line_no}: need an object with 'id' and a "
-                                        "string 'text'")
+                raise CorpusFormatError(f"{where}: need an object with 'id' and a string 'text'")
             title = row.get("title")
             passages.append((str(row["id"]), f"{title}: {row['text']}" if title else row["text"]))
         return cls(passages)
