@@ -1,9 +1,11 @@
-"""The `fthss` command line: `train` stages, `run` chains over a JSONL file, `verify` a model
-family, `stage` tools."""
+"""The `fthss` command line: the `demo`, `train` stages, `run` chains over a JSONL file, `eval`
+methods on a task, `verify` a model family, build the `world`, pretrain its `base`, `stage`
+tools."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -181,14 +183,22 @@ def cmd_world_build(args) -> int:
 def cmd_base_pretrain(args) -> int:
     from fthss.world.pretrain import PretrainConfig, pretrain
 
-    config = PretrainConfig(hidden_size=args.hidden_size, layers=args.layers, heads=args.heads,
-                            kv_heads=args.kv_heads, intermediate_size=args.intermediate_size,
-                            sequence_length=args.sequence_length, batch_size=args.batch_size,
-                            learning_rate=args.lr, steps=args.steps, seed=args.seed)
+    config = PretrainConfig(**{f.name: getattr(args, f.name)
+                               for f in dataclasses.fields(PretrainConfig)})
     recipe = pretrain(args.world, args.out, config, device=args.device)
     print(f"base -> {args.out}: {recipe['parameters']:,} parameters, "
           f"{recipe['tokens_seen']:,} tokens, final loss {recipe['final_loss']:.3f}, "
           f"{recipe['tokens_seen'] / recipe['wall_s']:.0f} tokens/s on {recipe['device']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from fthss.demo import DemoConfig, run_demo
+
+    config = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
+    summary = run_demo(config, args.out, device=args.device)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"[demo] done in {summary['wall_s'] / 60:.1f} min: {args.out}/report.md")
     return 0
 
 
@@ -206,6 +216,14 @@ def cmd_stage_create(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fthss", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="the whole method on the embedded default: world, "
+                               "base, every method on the four tasks, evaluation, report")
+    demo.add_argument("--quick", action="store_true", help="a smoke run (a few minutes)")
+    demo.add_argument("--seed", type=int, default=0, help="the world's seed")
+    demo.add_argument("--out", default="runs/demo", help="folder for the world, stages, report")
+    demo.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    demo.set_defaults(func=cmd_demo)
 
     verify = commands.add_parser("verify", help="check shared-KV inference is exact on a model")
     _add_base_arguments(verify)
@@ -306,11 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--world", default="runs/world", help="folder from `fthss world build`")
     pre.add_argument("--out", default="runs/base")
     pre.add_argument("--device", default=None)
-    for name, default in (("hidden-size", 256), ("layers", 4), ("heads", 4), ("kv-heads", 4),
-                          ("intermediate-size", 688), ("sequence-length", 256),
-                          ("batch-size", 32), ("steps", 2000), ("seed", 0)):
-        pre.add_argument(f"--{name}", type=int, default=default)
-    pre.add_argument("--lr", type=float, default=3e-3)
+    from fthss.world.pretrain import PretrainConfig
+
+    for field in dataclasses.fields(PretrainConfig):  # one option per recipe field
+        pre.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default),
+                         default=field.default)
     pre.set_defaults(func=cmd_base_pretrain)
 
     stage = commands.add_parser("stage", help="stage tools")

@@ -69,6 +69,16 @@ def test_generation_limits_and_stop_strings(llama, three_stages):
     assert short.output_ids == free.output_ids[:2]
 
 
+def test_min_new_tokens_holds_back_eos_and_stop_tokens(llama, three_stages):
+    engine = ChainEngine(llama, three_stages, max_new_tokens=8)
+    first = engine.run([ChainSample("x", [Step("A", input="y")])])[0].steps[0].output_ids[0]
+    stop_at_once = Step("A", input="y", stop_token_ids=[first, llama.tokenizer.eos_token_id])
+    assert engine.run([ChainSample("x", [stop_at_once])])[0].steps[0].output_ids == [first]
+    stop_at_once.min_new_tokens = 4
+    held = engine.run([ChainSample("x", [stop_at_once])])[0].steps[0].output_ids
+    assert len(held) >= 4 and first not in held[:4]
+
+
 def test_between_steps_callable_supplies_inputs(llama, three_stages):
     seen = []
 

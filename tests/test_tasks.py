@@ -138,3 +138,17 @@ def test_cli_eval_writes_the_report(method_stages, tmp_path):
     assert main(["eval", "--arch", "tiny-llama", "--task", "compress_qa", "--data",
                  str(DATA / "compress_qa_sample.json"), "--stages", "magic=x", "--out",
                  str(out)]) == 2
+
+
+def test_the_chosen_option_is_the_one_the_answer_names_else_the_letter():
+    from fthss.tasks.memory_reasoning import chosen_option
+
+    question = "Question: Where? Options: A.Tipeia B.Malaland C.food processing D.x E.y"
+    assert chosen_option("So the answer is Malaland, option A. [The answer is]: A", question) == "B"
+    assert chosen_option("the answer is food processing. [The answer is]: A", question) == "C"
+    assert chosen_option("So the answer is Paris. [The answer is]: D", question) == "D"
+    assert chosen_option("Hence, the correct answer is B. [The answer is]: E", question) == "E"
+    assert chosen_option("no answer here", question) is None
+    record = TaskRecord("r", ChainSample(question, []), "B")
+    assert get_task("memory_reasoning").score("the answer is Malaland. [The answer is]: A",
+                                              record) == {"acc": 1.0}

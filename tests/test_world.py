@@ -71,6 +71,28 @@ def test_splits_do_not_leak_and_tasks_read_them(built):
                for q in comparisons}
     train = {json.loads(x)["shared"] for x in (built / "tasks" / "rewrite_qa" / "train.jsonl").open()}
     assert not (flipped & train)  # a pair asked one way in test is not asked the other in train
+    # rewrite_qa and active_rag ask the same questions: split alike, none crosses over
+    def ids(task, split):
+        return {json.loads(x)["id"] for x in (built / "tasks" / task / f"{split}.jsonl").open()}
+    for split in ("train", "dev", "test"):
+        assert ids("rewrite_qa", split) == ids("active_rag", split)
+
+
+def test_pretraining_instructions_come_from_train_splits_only(built):
+    from transformers import AutoTokenizer
+
+    from fthss.world.pretrain import instruction_stream
+
+    tokenizer = AutoTokenizer.from_pretrained(built / "tokenizer")
+    ids, starts = instruction_stream(tokenizer, built / "tasks")
+    text = tokenizer.decode(ids.tolist())
+    for task in BUILDERS:
+        for split in ("train", "test"):
+            questions = [json.loads(x)["shared"] for x in
+                         (built / "tasks" / task / f"{split}.jsonl").open()][:30]
+            found = sum(q in text for q in questions)
+            assert found == (len(questions) if split == "train" else 0), (task, split)
+    assert len(starts) > 0 and int(starts[-1]) < len(ids)
 
 
 def test_the_tokenizer_round_trips_the_corpus(built):
@@ -81,7 +103,7 @@ def test_the_tokenizer_round_trips_the_corpus(built):
     for line in (built / "corpus.jsonl").read_text().splitlines()[:50]:
         text = json.loads(line)["text"]
         ids = tokenizer.encode(text, add_special_tokens=False)
-        assert tokenizer.decode(ids) == text
+        assert tokenizer.decode(ids) == " " + text  # encoded as if it followed a space
         tokens, chars = tokens + len(ids), chars + len(text)
     assert tokens < chars / 2  # merges were learned
     assert tokenizer.bos_token == "<s>" and tokenizer.eos_token == "</s>"
@@ -94,7 +116,7 @@ def test_pretraining_a_small_base_lowers_its_loss_and_records_the_recipe(built, 
     assert main(["base", "pretrain", "--world", str(built), "--out", str(out), "--steps", "60",
                  "--hidden-size", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
                  "--intermediate-size", "64", "--sequence-length", "64", "--batch-size", "8",
-                 "--lr", "1e-2", "--device", "cpu"]) == 0
+                 "--learning-rate", "1e-2", "--device", "cpu"]) == 0
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["config"]["steps"] == 60 and recipe["world"]["seed"] == 3
     assert recipe["final_loss"] < 0.8 * recipe["first_loss"]

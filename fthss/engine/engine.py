@@ -242,10 +242,14 @@ class ChainEngine:
             still = []
             for row in live:
                 step, out = row.request.steps[k], row.tokens.steps[k].output_ids
-                out.append(sampling.choose(logits[row.slot], row.generator))
+                row_logits = logits[row.slot]
+                if len(out) < step.min_new_tokens:  # as transformers' min_new_tokens does
+                    row_logits = row_logits.clone()
+                    row_logits[[self.codec.eos_id, *step.stop_token_ids]] = float("-inf")
+                out.append(sampling.choose(row_logits, row.generator))
                 first_token_at.setdefault(id(row), time.perf_counter())
                 if output_scores:
-                    scores[id(row)].append(logits[row.slot].float().cpu())
+                    scores[id(row)].append(row_logits.float().cpu())
                 if self._finished(out, step):
                     row.pending = [(out[-1], meta_of[id(row)])]  # encoded by the next step
                 else:
@@ -264,7 +268,7 @@ class ChainEngine:
             return True
         if len(ids) >= (step.max_new_tokens or self.max_new_tokens):
             return True
-        return bool(step.stop) and any(s in self.codec.decode(ids) for s in step.stop)
+        return len(ids) >= step.min_new_tokens and bool(step.stop) and any(s in self.codec.decode(ids) for s in step.stop)
 
     def _output_text(self, ids: list[int], stop: list[str]) -> str:
         text = self.codec.decode(ids)

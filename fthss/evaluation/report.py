@@ -1,11 +1,14 @@
 """The evaluation report: `report.json` (per task, per method, each metric), `report.md` (the
-paper's table layout: methods × tasks) and `accuracy.png`."""
+paper's table layout: methods × tasks), `accuracy.png`, `tuning.png` (no tuning / adapt / full
+FTHSS, the paper's Fig. 4) and, when latency and memory were measured (`fthss demo`), their
+tables and `latency_memory.png`."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from fthss import plots
 from fthss.atomic import atomic_write_text
 
 
@@ -18,7 +21,8 @@ def markdown(reports: list[dict]) -> str:
     labels = list(dict.fromkeys(_label(m) for r in reports for m in r["methods"]))
     header = "| method | " + " | ".join(
         f"{r['task']} {m.upper()}" for r in reports for m in _metrics(r)) + " |"
-    lines = ["# fthss evaluation", "", f"Tasks: {', '.join(tasks)}. Scores in %.", "", header,
+    lines = ["# fthss evaluation", "", f"Tasks: {', '.join(tasks)}. Scores in %.", "",
+             "![accuracy](accuracy.png)", "", header,
              "|" + "---|" * (1 + sum(len(_metrics(r)) for r in reports))]
     for label in labels:
         cells = []
@@ -51,12 +55,7 @@ def _metrics(report: dict) -> tuple[str, ...]:
 
 
 def plot(reports: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(reports), figsize=(4.5 * len(reports), 3.6), squeeze=False)
+    fig, axes = plots.subplots(1, len(reports), figsize=(4.5 * len(reports), 3.6), squeeze=False)
     for ax, r in zip(axes[0], reports):
         main = _metrics(r)[0]
         rows = r["methods"]
@@ -65,17 +64,70 @@ def plot(reports: list[dict], path: Path) -> None:
         ax.set_xticks(range(len(rows)), [_label(m).replace(" (gold upstream)", "\n(gold)")
                                          for m in rows], rotation=45, ha="right", fontsize=8)
         ax.set(title=r["task"], ylabel=f"{main.upper()} %", ylim=(0, 100))
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    plots.save(fig, path)
 
 
-def write_report(reports: list[dict], out: str | Path) -> Path:
-    out = Path(out)
+TUNING = ("fthss-untuned", "adapt", "fthss")
+
+
+def plot_tuning(reports: list[dict], path: Path) -> bool:
+    """Shared mode without FTHSS tuning, with `adapt`, with full FTHSS tuning, per task."""
+    fig, ax = plots.subplots(figsize=(1.8 + 1.6 * len(reports), 3.6))
+    drawn = False
+    for i, method in enumerate(TUNING):
+        rows = [next((m for m in r["methods"] if m["method"] == method and not m["gold_upstream"]),
+                     None) for r in reports]
+        if any(rows):
+            drawn = True
+            ax.bar([t + 0.27 * (i - 1) for t in range(len(reports))],
+                   [m[_metrics(r)[0]] if m else 0 for m, r in zip(rows, reports)], width=0.27,
+                   label=method)
+    ax.set_xticks(range(len(reports)), [r["task"] for r in reports], fontsize=8)
+    ax.set(ylabel="EM / Acc %", ylim=(0, 100), title="Shared mode: no tuning, adapt, FTHSS")
+    ax.legend(fontsize=8)
+    plots.save(fig, path)
+    return drawn
+
+
+def benchmark_markdown(latency: list[dict], memory: list[dict]) -> str:
+    lines = ["", "## Stage-B latency against intermediate length (batch 1, median)", "",
+             "| intermediate tokens | text ms | shared ms | text/shared | text TTFT ms | "
+             "shared TTFT ms | TTFT ratio |", "|---|---|---|---|---|---|---|"]
+    for length in dict.fromkeys(r["intermediate_tokens"] for r in latency):
+        text, shared = (next(r for r in latency if r["intermediate_tokens"] == length and
+                             r["mode"] == mode) for mode in ("text", "shared"))
+        lines.append(f"| {length} | {1000 * text['latency_s']:.1f} | "
+                     f"{1000 * shared['latency_s']:.1f} | "
+                     f"{text['latency_s'] / shared['latency_s']:.2f}× | {1000 * text['ttft_s']:.1f} | "
+                     f"{1000 * shared['ttft_s']:.1f} | {text['ttft_s'] / shared['ttft_s']:.2f}× |")
+    lines += ["", "## KV memory held by a two-round chain, against the number of stages", "",
+              "| stages | chain tokens | text KV MiB | shared KV MiB | text/shared |",
+              "|---|---|---|---|---|"]
+    for count in dict.fromkeys(r["stages"] for r in memory):
+        text, shared = (next(r for r in memory if r["stages"] == count and r["mode"] == mode)
+                        for mode in ("text", "shared"))
+        lines.append(f"| {count} | {shared['chain_tokens']} | {text['kv_bytes'] / 2**20:.2f} | "
+                     f"{shared['kv_bytes'] / 2**20:.2f} | {text['kv_bytes'] / shared['kv_bytes']:.2f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(reports: list[dict], out: str | Path, extra: dict | None = None) -> Path:
+    """`extra` (run settings, timings, and `latency`/`memory` rows from
+    `fthss.benchmarks.chains`) is stored in report.json and tabled in report.md."""
+    from fthss.benchmarks.chains import plot as plot_benchmarks
+
+    out, extra = Path(out), extra or {}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "report.json", json.dumps({"tasks": reports}, indent=2))
-    atomic_write_text(out / "report.md", markdown(reports))
+    text = markdown(reports)
     plot(reports, out / "accuracy.png")
+    if plot_tuning(reports, out / "tuning.png"):
+        text += "\n![no tuning / adapt / FTHSS](tuning.png)\n"
+    if extra.get("latency") and extra.get("memory"):
+        text += benchmark_markdown(extra["latency"], extra["memory"])
+        plot_benchmarks(extra["latency"], extra["memory"], out / "latency_memory.png")
+        text += "\n![latency and memory](latency_memory.png)\n"
+    if "wall_s" in extra:
+        text += f"\nWall time: {extra['wall_s'] / 60:.1f} min on {extra.get('device', '?')}.\n"
+    atomic_write_text(out / "report.json", json.dumps({"tasks": reports, **extra}, indent=2))
+    atomic_write_text(out / "report.md", text)
     return out

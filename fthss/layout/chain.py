@@ -27,6 +27,7 @@ class Step:
     max_new_tokens: int | None = None  # generation limit (engine default when None)
     stop: list[str] = field(default_factory=list)  # stop strings for generation
     stop_token_ids: list[int] = field(default_factory=list)  # stop tokens besides EOS
+    min_new_tokens: int = 0  # EOS and stop tokens are not chosen before this many (benchmarks)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class ChainSample:
 
 _STEP_FIELDS = {"stage": str, "input": (str, type(None)), "output": (str, type(None)),
                 "input_visible": bool, "max_new_tokens": (int, type(None)), "stop": list,
-                "stop_token_ids": list}
+                "stop_token_ids": list, "min_new_tokens": int}
 _OUTPUT_KEY = re.compile(r"^O_(\d*)([A-Za-z]\w*)$")
 _INPUT_KEY = re.compile(r"^I_([A-Za-z]\w*)$")
 
@@ -80,6 +81,8 @@ def chain_from_json(record: dict, where: str) -> ChainSample:
         if step.get("max_new_tokens") is not None and step["max_new_tokens"] < 1:
             # the engine generates at least one token per step and reads 0 as "no limit set"
             raise ChainFormatError(f"{at}.max_new_tokens: must be >= 1, got {step['max_new_tokens']}")
+        if step.get("min_new_tokens", 0) < 0:
+            raise ChainFormatError(f"{at}.min_new_tokens: must be >= 0, got {step['min_new_tokens']}")
         if not all(isinstance(s, str) and s for s in step.get("stop", [])):
             raise ChainFormatError(f"{at}.stop: must be a list of non-empty strings")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0

@@ -69,6 +69,9 @@ class SegmentCodec:
         self.step_marker_id = (step_marker_id if step_marker_id is not None
                                else (self.bos or [self.eos_id])[0])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        # tokenizers that encode every text as if it followed a space (SentencePiece's Llama,
+        # byte-level BPE with add_prefix_space) decode it back with that space: drop it
+        self.prefix_space = self.tokenizer.decode(self.text("a")) == " a"
 
     def text(self, text: str | None) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
@@ -83,7 +86,8 @@ class SegmentCodec:
         return self.text(text) + [self.eos_id]
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return text[1:] if self.prefix_space and text.startswith(" ") else text
 
     def encode(self, sample: ChainSample) -> TokenChain:
         """A chain with gold outputs (training, teacher forcing)."""

@@ -21,6 +21,7 @@ class Task:
     name: str
     metric: str  # "qa": EM and F1; "choice": accuracy
     stages: tuple[str, ...]
+    rounds = "single"  # "multi": stages take turns (FTHSS trains them jointly)
 
     def records(self, path) -> list[TaskRecord]:
         raise NotImplementedError

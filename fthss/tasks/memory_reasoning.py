@@ -1,23 +1,41 @@
 """Memory ⇄ reasoning (multi-round, multiple choice). Shared: the question with its options.
 Stage A reasons, stage B recalls knowledge, alternating, until A writes `[The answer is]: X`
 (the authors' CommonsenseQA format). Reads the authors' training format (`I_ALL`, `O_1A`,
-`O_1B`, ...) and their test format (`question`, `answer`: the gold letter)."""
+`O_1B`, ...) and their test format (`question`, `answer`: the gold letter).
+
+The chosen option is the one the answer names ("the answer is Malaland, option B"), when it
+names exactly one of the question's options; otherwise the letter after the marker. A small
+base reasons its way to the right option but copies the wrong letter next to it about as often
+as chance (docs/experiments.md, exp3): the letter alone would score the lookup, not the chain."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from fthss.engine.engine import END
-from fthss.evaluation.metrics import choice_letter
+from fthss.evaluation.metrics import accuracy, choice_letter, normalize_answer
 from fthss.layout.chain import ChainFormatError, ChainSample, Step, load_chains
 from fthss.tasks.base import Task, TaskRecord
 
 ANSWER_MARKER = "[The answer is]"
+_OPTION = re.compile(r"\b([A-E])\.\s*(.+?)(?=\s+[A-E]\.|$)")
+_NAMED = re.compile(r"answer is\s+([^,.\n\[]+)", re.IGNORECASE)
+
+
+def chosen_option(prediction: str, question: str) -> str | None:
+    """The option letter the prediction chose (see the module docstring)."""
+    options = {normalize_answer(text): letter
+               for letter, text in _OPTION.findall(question.split("Options:")[-1])}
+    named = {options[n] for n in (normalize_answer(m) for m in _NAMED.findall(prediction))
+             if n in options}
+    return named.pop() if len(named) == 1 else choice_letter(prediction)
 
 
 class MemoryReasoning(Task):
     name, metric, stages = "memory_reasoning", "choice", ("A", "B")
+    rounds = "multi"
 
     def __init__(self, max_rounds: int = 4, step_tokens: int = 96):
         self.max_rounds, self.step_tokens = max_rounds, step_tokens
@@ -61,4 +79,7 @@ class MemoryReasoning(Task):
 
     def prediction(self, result) -> str:
         return result.output  # the chain ends on an A step
+
+    def score(self, prediction: str, record: TaskRecord) -> dict[str, float]:
+        return {"acc": accuracy(chosen_option(prediction, record.sample.shared), record.answer)}
 

@@ -37,7 +37,9 @@ def _queries(text: str) -> list[str]:
 class _RetrievalTask(Task):
     metric = "qa"
 
-    def __init__(self, passages_per_query: int = 2, query_tokens: int = 32,
+    # one passage per query by default: the world's training chains hold one gold passage
+    # per query, so the stages are trained on what inference gives them when retrieval is right
+    def __init__(self, passages_per_query: int = 1, query_tokens: int = 32,
                  answer_tokens: int = 24):
         self.k, self.query_tokens, self.answer_tokens = passages_per_query, query_tokens, answer_tokens
 
@@ -67,8 +69,9 @@ class _RetrievalTask(Task):
 
 
     def single_step_input(self, retriever):
-        """The one-prompt baseline reads passages retrieved for the question (standard RAG)."""
-        return lambda request, k, outputs: passages_text(retriever, [request.shared], self.k)
+        """The one-prompt baseline reads passages retrieved for the question (standard RAG):
+        as many as the chain retrieves for its two hops, as its training chains hold two."""
+        return lambda request, k, outputs: passages_text(retriever, [request.shared], 2 * self.k)
 
 
 # Steps alternate A, B, so a B step has an odd index; the check does not use stage names,
@@ -86,6 +89,7 @@ class RewriteQA(_RetrievalTask):
 
 class ActiveRAG(_RetrievalTask):
     name, stages = "active_rag", ("A", "B")
+    rounds = "multi"
 
     def gold(self, sample: ChainSample) -> str:
         return _after_final(sample.steps[-1].output or "")

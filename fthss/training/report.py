@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fthss import plots
 from fthss.atomic import atomic_write_text
 
 
@@ -32,17 +33,8 @@ class MetricsLog:
         return [r["loss"] for r in self.rows]
 
     def plot(self, path: Path, title: str) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = plots.subplots(figsize=(6, 3.5))
         ax.plot([r["step"] for r in self.rows], self.losses(), lw=1.5)
         ax.set(xlabel="optimizer step", ylabel="loss (outputs of trained stages)", title=title)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        tmp = Path(path).with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        tmp.replace(path)
+        plots.save(fig, path)

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fthss.atomic import atomic_write_text
-from fthss.world.datasets import BUILDERS, split
+from fthss.world.datasets import BUILDERS, SAME_QUESTIONS, split
 from fthss.world.entities import RELATIONS, build_world
 from fthss.world.render import TEMPLATES, corpus, pretraining_documents
 
@@ -25,12 +25,17 @@ SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE (every string encodes; nothing is unknown), trained with `tokenizers`."""
+    """Byte-level BPE (every string encodes; nothing is unknown), trained with `tokenizers`.
+
+    Every text is encoded as if it followed a space (`add_prefix_space`, as SentencePiece does
+    for Llama): an entity is then the same token at the start of an output segment as inside a
+    passage, so copying it is copying, not translating ("Lamiford" and " Lamiford" were two
+    unrelated tokens before; see docs/experiments.md, exp3)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -54,8 +59,11 @@ def build(out: str | Path, seed: int = 0, renderings: int = 8, test_size: int = 
     documents = pretraining_documents(world, renderings, seed)
     atomic_write_text(out / "pretrain.txt", "\n".join(documents) + "\n")
     counts, train_texts = {}, []
-    for offset, (task, builder) in enumerate(BUILDERS.items()):
-        rnd = random.Random(seed * 1000 + offset)
+    tasks = list(BUILDERS)
+    for task, builder in BUILDERS.items():
+        # tasks that ask the same questions draw and split them alike: a question tested in
+        # one is never trained on (or pretrained on) in the other
+        rnd = random.Random(seed * 1000 + tasks.index(SAME_QUESTIONS.get(task, task)))
         splits = split(builder(world, rnd), rnd, test_size, dev_size)
         for name, samples in splits.items():
             atomic_write_text(out / "tasks" / task / f"{name}.jsonl",

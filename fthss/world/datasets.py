@@ -150,6 +150,7 @@ def memory_reasoning(world: World, rnd: random.Random) -> list[ChainSample]:
 
 BUILDERS = {"compress_qa": compress_qa, "rewrite_qa": rewrite_qa,
             "memory_reasoning": memory_reasoning, "active_rag": active_rag}
+SAME_QUESTIONS = {"active_rag": "rewrite_qa"}  # task -> the task whose questions (and split) it reuses
 
 
 def split(samples: list[ChainSample], rnd: random.Random, test: int, dev: int

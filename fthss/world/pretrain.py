@@ -1,5 +1,12 @@
 """Pretraining the demo's small base: a Llama-architecture model trained from scratch on the
-world's documents, so that it knows the world's facts and reads its phrasing.
+world's documents, so that it knows the world's facts and reads its phrasing, and on
+instruction-style sequences built from the tasks' *train* splits (never a dev or test
+question), so that, like the instruction-tuned bases the paper starts from, it can already read
+a passage and answer from it when stages pass text. A base trained on documents alone could
+not (docs/experiments.md, exp2).
+
+Instruction sequences are the text each step of a training chain is given and writes (the text
+mode of the engine, without prompts) and the one-step `single` view of the chain.
 
 `fthss base pretrain` runs it; the recipe (architecture, data, steps, seed) is written beside
 the weights in `recipe.json`, so the same command rebuilds the same base anywhere (bit-for-bit
@@ -31,8 +38,9 @@ class PretrainConfig:
     batch_size: int = 32
     learning_rate: float = 3e-3
     warmup_steps: int = 100
-    steps: int = 2000
+    steps: int = 800
     weight_decay: float = 0.1
+    instruction_share: float = 0.5  # share of batch rows drawn from the instruction sequences
     seed: int = 0
 
 
@@ -45,6 +53,23 @@ def token_stream(tokenizer, documents: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def instruction_stream(tokenizer, tasks_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every train chain's step sequences (text view + input + output) and its `single` view,
+    as one stream, with the offset where each sequence starts."""
+    from fthss.layout.chain import load_chains
+    from fthss.layout.sequence import SegmentCodec
+    from fthss.training.methods import as_single
+
+    codec, ids, starts = SegmentCodec(tokenizer), [], []
+    for path in sorted(tasks_dir.glob("*/train.jsonl")):
+        for sample in load_chains(path):
+            for view in (codec.encode(sample), codec.encode(as_single(sample))):
+                for k, step in enumerate(view.steps):
+                    starts.append(len(ids))
+                    ids += view.text_view(k) + step.input_ids + step.output_ids
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(starts, dtype=torch.long)
+
+
 def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
              device: str | None = None, progress: bool = True) -> dict:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -54,6 +79,7 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
     tokenizer = AutoTokenizer.from_pretrained(world_dir / "tokenizer")
     documents = (world_dir / "pretrain.txt").read_text().splitlines()
     stream = token_stream(tokenizer, [d for d in documents if d.strip()])
+    instructions, instruction_starts = instruction_stream(tokenizer, world_dir / "tasks")
     torch.manual_seed(config.seed)
     model_config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=config.hidden_size,
@@ -75,12 +101,21 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     generator = torch.Generator().manual_seed(config.seed)
     length = config.sequence_length
+    def window() -> torch.Tensor:
+        """A document window (anywhere in the stream) or an instruction window (starting at a
+        sequence start, so the first tokens are a whole question)."""
+        if torch.rand((), generator=generator).item() < config.instruction_share:
+            pick = torch.randint(0, len(instruction_starts), (), generator=generator).item()
+            start = min(instruction_starts[pick].item(), len(instructions) - length)
+            return instructions[start:start + length]
+        start = torch.randint(0, len(stream) - length - 1, (), generator=generator).item()
+        return stream[start:start + length]
+
     bar = tqdm(range(config.steps), desc="pretrain", disable=not progress)
     started, losses = time.perf_counter(), []
     model.train()
     for step in bar:
-        starts = torch.randint(0, len(stream) - length - 1, (config.batch_size,), generator=generator)
-        batch = torch.stack([stream[s:s + length] for s in starts.tolist()]).to(device)
+        batch = torch.stack([window() for _ in range(config.batch_size)]).to(device)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -96,7 +131,8 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     recipe = {"config": asdict(config), "world": json.loads((world_dir / "manifest.json").read_text()),
-              "stream_tokens": len(stream), "first_loss": losses[0],
+              "stream_tokens": len(stream), "instruction_tokens": len(instructions),
+              "instruction_sequences": len(instruction_starts), "first_loss": losses[0],
               "final_loss": sum(losses[-tail:]) / tail,  # mean over the last 10% of steps
               "tokens_seen": config.steps * config.batch_size * length,
               "parameters": sum(p.numel() for p in model.parameters()),

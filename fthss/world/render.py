@@ -40,8 +40,9 @@ def document(world: World, entity: Entity, rnd: random.Random | None = None) -> 
 
 
 def corpus(world: World) -> list[dict]:
-    """The retrieval corpus: one canonical passage per entity."""
-    return [{"id": e.id, "title": e.name, "text": document(world, e)}
+    """The retrieval corpus: one canonical passage per entity, exactly the text the tasks'
+    training chains hold (no title: each passage already starts with its entity's name)."""
+    return [{"id": e.id, "text": document(world, e)}
             for e in world.entities.values()]
 
 
