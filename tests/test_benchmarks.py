@@ -1,7 +1,12 @@
 """Latency and memory measurements: the right rows, exact generation lengths, and cache bytes
 that match the per-token formula (one cache in shared mode, one per stage in text mode)."""
 
-from fthss.benchmarks.chains import bytes_per_token, filler_text, kv_memory, stage_b_latency
+from fthss.benchmarks.chains import (
+    bytes_per_token,
+    filler_text,
+    kv_memory,
+    stage_b_latency,
+)
 
 
 def test_filler_text_has_about_the_asked_length(llama):

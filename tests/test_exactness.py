@@ -6,16 +6,20 @@ import random
 
 import pytest
 import torch
+from conftest import get_base
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fthss.engine.engine import ChainEngine
 from fthss.engine.sampling import SamplingConfig
 from fthss.models.presets import ARCHITECTURES
-from fthss.verify import (output_logits_one_pass, plain_forward, random_chains, random_stages,
-                          text_view)
-
-from conftest import get_base
+from fthss.verify import (
+    output_logits_one_pass,
+    plain_forward,
+    random_chains,
+    random_stages,
+    text_view,
+)
 
 TOLERANCE = 1e-4  # fp32 on CPU: differences seen are ~3e-7
 

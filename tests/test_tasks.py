@@ -79,8 +79,8 @@ def test_retrieval_runs_between_steps(llama):
                                                output="answer: oslo")]), "oslo")
         # the upstream query is given, so the retrieved passages are known
         [result] = engine.run([task.request(record, gold_upstream=False)],
-                              step_input=lambda req, k, outs: task.step_input(retriever)(
-                                  req, k, ["ada born"] if k == 1 else outs))
+                              step_input=lambda req, k, outs, task=task: task.step_input(
+                                  retriever)(req, k, ["ada born"] if k == 1 else outs))
         assert result.steps[1].input == "ada was born in oslo"
     assert get_task("active_rag").prediction(type("R", (), {"output": "so far x. answer: Oslo"})()) == "Oslo"
 

@@ -20,7 +20,6 @@ import statistics
 import torch
 
 from fthss import plots
-
 from fthss.engine.engine import ChainEngine
 from fthss.layout.chain import ChainSample, Step
 from fthss.models.base import BaseModel

@@ -91,8 +91,8 @@ def plot_tuning(reports: list[dict], path: Path) -> bool:
 
 def benchmark_markdown(latency: list[dict], memory: list[dict]) -> str:
     lines = ["", "## Stage-B latency against intermediate length (batch 1, median)", "",
-             "| intermediate tokens | text ms | shared ms | text/shared | text TTFT ms | "
-             "shared TTFT ms | TTFT ratio |", "|---|---|---|---|---|---|---|"]
+             ("| intermediate tokens | text ms | shared ms | text/shared | text TTFT ms | "
+              "shared TTFT ms | TTFT ratio |"), "|---|---|---|---|---|---|---|"]
     for length in dict.fromkeys(r["intermediate_tokens"] for r in latency):
         text, shared = (next(r for r in latency if r["intermediate_tokens"] == length and
                              r["mode"] == mode) for mode in ("text", "shared"))
