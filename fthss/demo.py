@@ -20,7 +20,6 @@ import torch
 
 from fthss.atomic import atomic_write_text
 
-TASK_ORDER = ("compress_qa", "rewrite_qa", "memory_reasoning", "active_rag")
 ASSETS = Path(__file__).parent / "assets"
 
 
@@ -136,6 +135,7 @@ def run_task(base, task_name: str, world: Path, config: DemoConfig, out: Path) -
 def run_demo(config: DemoConfig, out: str | Path, device: str | None = None) -> dict:
     from fthss.benchmarks.chains import kv_memory, stage_b_latency
     from fthss.evaluation.report import write_report
+    from fthss.tasks import TASKS
 
     out, started = Path(out), time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,7 +143,7 @@ def run_demo(config: DemoConfig, out: str | Path, device: str | None = None) -> 
     _check_same_config(config, out / "demo_config.json")
     world, base = prepare(config, out, device)
     reports, timings = [], {}
-    for task_name in TASK_ORDER:
+    for task_name in TASKS:
         task_started = time.perf_counter()
         reports.append(run_task(base, task_name, world, config, out))
         timings[task_name] = time.perf_counter() - task_started
@@ -162,7 +162,11 @@ def _check_same_config(config: DemoConfig, path: Path) -> None:
     """Stages in a folder are reused on a rerun: they must come from the same configuration."""
     current = json.loads(json.dumps(asdict(config)))
     if path.is_file():
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error}); delete it or choose another "
+                             "--out") from None
         differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if differing:
             raise ValueError(f"{path.parent} holds a demo run with other settings "

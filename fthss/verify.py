@@ -24,7 +24,7 @@ from fthss.layout.visibility import Kind
 from fthss.models.base import BaseModel
 from fthss.prompts.stage import Stage, StageConfig
 
-_WORDS = ["the", "a", "of", "city", "river", "who", "where", "born", "works", "capital", "company", "lake", "1987", "north", "Ada"]
+_WORDS = "the a of city river who where born works capital company lake 1987 north Ada".split()
 
 
 def random_text(rnd: random.Random, max_words: int) -> str:

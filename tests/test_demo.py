@@ -54,6 +54,12 @@ def test_a_rerun_reuses_the_stages_and_refuses_other_settings(demo, monkeypatch)
         run_demo(other, demo, device="cpu")
 
 
+def test_a_damaged_settings_file_is_named(tmp_path):
+    (tmp_path / "demo_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="demo_config.json: not valid JSON"):
+        run_demo(TINY, tmp_path, device="cpu")
+
+
 def test_adapt_trains_copies_of_the_stages_it_starts_from(demo, tmp_path):
     import torch
 

@@ -268,7 +268,9 @@ class ChainEngine:
             return True
         if len(ids) >= (step.max_new_tokens or self.max_new_tokens):
             return True
-        return len(ids) >= step.min_new_tokens and bool(step.stop) and any(s in self.codec.decode(ids) for s in step.stop)
+        if len(ids) < step.min_new_tokens or not step.stop:
+            return False
+        return any(s in self.codec.decode(ids) for s in step.stop)
 
     def _output_text(self, ids: list[int], stop: list[str]) -> str:
         text = self.codec.decode(ids)

@@ -82,4 +82,3 @@ class MemoryReasoning(Task):
 
     def score(self, prediction: str, record: TaskRecord) -> dict[str, float]:
         return {"acc": accuracy(chosen_option(prediction, record.sample.shared), record.answer)}
-

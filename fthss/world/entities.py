@@ -11,10 +11,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-_SYLLABLES = ["ka", "la", "mo", "ri", "su", "te", "vo", "na", "pe", "li", "do", "ra", "mi", "ze", "to", "bu", "ha", "ne", "so", "ki", "va", "lo", "de", "fi", "ma", "ro", "ti", "nu", "sa", "ge"]
-FIRST_NAMES = ["Ada", "Bela", "Cyrus", "Dara", "Emil", "Fina", "Gus", "Hana", "Ivo", "Jana", "Kian", "Lena", "Milo", "Nora", "Omar", "Pia", "Quin", "Rosa", "Sami", "Tara", "Uma", "Vito", "Wren", "Xena", "Yuri", "Zora", "Arlo", "Bree", "Cato", "Dina"]
-INDUSTRIES = ["shipping", "software", "textiles", "mining", "banking", "aviation", "publishing", "robotics", "brewing", "pharmacy"]
-FIELDS = ["physics", "history", "botany", "music", "law", "medicine", "chemistry", "poetry"]
+_SYLLABLES = ("ka la mo ri su te vo na pe li do ra mi ze to bu ha ne so ki va lo de fi "
+              "ma ro ti nu sa ge").split()
+FIRST_NAMES = ("Ada Bela Cyrus Dara Emil Fina Gus Hana Ivo Jana Kian Lena Milo Nora Omar Pia "
+               "Quin Rosa Sami Tara Uma Vito Wren Xena Yuri Zora Arlo Bree Cato Dina").split()
+INDUSTRIES = ("shipping software textiles mining banking aviation publishing robotics "
+              "brewing pharmacy").split()
+FIELDS = "physics history botany music law medicine chemistry poetry".split()
 
 RELATIONS = {  # relation: (subject type, object type or "year"/"text")
     "born_in": ("person", "city"),

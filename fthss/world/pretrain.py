@@ -38,7 +38,7 @@ class PretrainConfig:
     batch_size: int = 32
     learning_rate: float = 3e-3
     warmup_steps: int = 100
-    steps: int = 800
+    steps: int = 1000
     weight_decay: float = 0.1
     instruction_share: float = 0.5  # share of batch rows drawn from the instruction sequences
     seed: int = 0
@@ -58,15 +58,17 @@ def instruction_stream(tokenizer, tasks_dir: Path) -> tuple[torch.Tensor, torch.
     as one stream, with the offset where each sequence starts."""
     from fthss.layout.chain import load_chains
     from fthss.layout.sequence import SegmentCodec
-    from fthss.training.methods import as_single
+    from fthss.training.methods import as_single, training_chains
 
     codec, ids, starts = SegmentCodec(tokenizer), [], []
     for path in sorted(tasks_dir.glob("*/train.jsonl")):
         for sample in load_chains(path):
             for view in (codec.encode(sample), codec.encode(as_single(sample))):
-                for k, step in enumerate(view.steps):
+                # each step as the `chain` method trains it, minus the prompt
+                for sequence in training_chains("chain", view, {s.stage for s in view.steps}):
+                    [step] = sequence.steps
                     starts.append(len(ids))
-                    ids += view.text_view(k) + step.input_ids + step.output_ids
+                    ids += step.input_ids + step.output_ids
     return torch.tensor(ids, dtype=torch.long), torch.tensor(starts, dtype=torch.long)
 
 
