@@ -195,7 +195,8 @@ def cmd_base_pretrain(args) -> int:
 def cmd_demo(args) -> int:
     from fthss.demo import DemoConfig, run_demo
 
-    config = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
+    config = (DemoConfig.quick(args.seed, args.base) if args.quick
+              else DemoConfig(seed=args.seed, base=args.base))
     summary = run_demo(config, args.out, device=args.device)
     print((Path(args.out) / "report.md").read_text())
     print(f"[demo] done in {summary['wall_s'] / 60:.1f} min: {args.out}/report.md")
@@ -222,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smoke run (a few minutes)")
     demo.add_argument("--seed", type=int, default=0, help="the world's seed")
     demo.add_argument("--out", default="runs/demo", help="folder for the world, stages, report")
+    demo.add_argument("--base", default=None, help="a base pretrained on this seed's world "
+                      "(`fthss base pretrain`), instead of the embedded one")
     demo.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     demo.set_defaults(func=cmd_demo)
 

@@ -38,10 +38,11 @@ class DemoConfig:
     latency_lengths: tuple[int, ...] = (250, 500, 1000, 1500)
     memory_total_tokens: int = 1000
     pretrain_steps: int = 1000  # only when no embedded base matches the world
+    base: str | None = None  # a base pretrained on this world, instead of the embedded one
 
     @classmethod
-    def quick(cls, seed: int = 0) -> DemoConfig:
-        return cls(seed=seed, test_records=48, train_samples=64, max_new_tokens=32,
+    def quick(cls, seed: int = 0, base: str | None = None) -> DemoConfig:
+        return cls(seed=seed, base=base, test_records=48, train_samples=64, max_new_tokens=32,
                    latency_lengths=(100, 400), memory_total_tokens=120, pretrain_steps=40)
 
 
@@ -67,7 +68,7 @@ def prepare(config: DemoConfig, out: Path, device: str):
         print(f"[demo] building the world (seed {config.seed}) in {world}")
         build(world, seed=config.seed)
     manifest = json.loads(manifest_path.read_text())
-    base_dir = embedded_base(manifest)
+    base_dir = Path(config.base) if config.base else embedded_base(manifest)
     if base_dir is None:
         base_dir = out / "base"
         if not (base_dir / "recipe.json").is_file():

@@ -84,7 +84,7 @@ def test_pretraining_instructions_come_from_train_splits_only(built):
     from fthss.world.pretrain import instruction_stream
 
     tokenizer = AutoTokenizer.from_pretrained(built / "tokenizer")
-    ids, starts = instruction_stream(tokenizer, built / "tasks")
+    ids, starts, _ = instruction_stream(tokenizer, built / "tasks")
     text = tokenizer.decode(ids.tolist())
     for task in BUILDERS:
         for split in ("train", "test"):
@@ -122,3 +122,31 @@ def test_pretraining_a_small_base_lowers_its_loss_and_records_the_recipe(built, 
     assert recipe["final_loss"] < 0.8 * recipe["first_loss"]
     base = BaseModel.load(out)  # a base fthss accepts, with the world's tokenizer
     assert base.tokenizer.bos_token == "<s>" and base.config.vocab_size == len(base.tokenizer)
+
+
+def test_instruction_positions_keep_the_shared_mode_holes(built, tmp_path):
+    """A compress -> QA reader reads the question, then (in shared mode) jumps over the
+    passages only stage A sees, then reads the compression: the stream says so."""
+    from transformers import AutoTokenizer
+
+    from fthss.layout.chain import load_chains
+    from fthss.layout.sequence import SegmentCodec
+    from fthss.world.pretrain import instruction_stream
+
+    line = (built / "tasks" / "compress_qa" / "train.jsonl").open().readline()
+    (tmp_path / "compress_qa").mkdir()
+    (tmp_path / "compress_qa" / "train.jsonl").write_text(line)
+    tokenizer = AutoTokenizer.from_pretrained(built / "tokenizer")
+    _, starts, steps = instruction_stream(tokenizer, tmp_path)
+    chain = SegmentCodec(tokenizer).encode(load_chains(tmp_path / "compress_qa" / "train.jsonl")[0])
+    shared, [a, b] = len(chain.shared_ids), chain.steps
+    assert starts.tolist() == [0, shared + len(a.input_ids) + len(a.output_ids),
+                               starts[1] + shared + len(a.output_ids) + len(b.input_ids) + len(b.output_ids)]
+    assert steps[starts].tolist() == [1, 1, 1]
+    a_steps, b_steps, single_steps = steps[: starts[1]], steps[starts[1]: starts[2]], steps[starts[2]:]
+    assert (a_steps == 1).all() and (single_steps == 1).all()  # nothing hidden from them
+    jumps = (b_steps > 1).nonzero().flatten().tolist()
+    assert jumps == [shared]  # the first compression token, after the hidden passages
+    assert b_steps[shared] == len(a.input_ids) + 1
+    # B's own tokens come right after A's output, at the positions the one-pass layout gives
+    assert int(b_steps.sum()) == shared + len(a.input_ids) + len(a.output_ids) + len(b.input_ids) + len(b.output_ids)

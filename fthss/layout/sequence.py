@@ -44,13 +44,20 @@ class TokenChain:
         """What step k re-encodes as text when stages pass text: the content its first output
         token would see in shared mode (by the visibility rule) before step k itself: shared
         content, earlier outputs, earlier inputs marked visible."""
+        rows = self.rows({step.stage: 0 for step in self.steps})
+        return [rows[i][0] for i in self.text_view_slots(k)]
+
+    def text_view_slots(self, k: int) -> list[int]:
+        """Where `text_view(k)`'s tokens sit among the content (0 = the first content token):
+        in shared mode step k reads them at these positions, with holes where hidden segments
+        lie."""
         before = TokenChain(self.shared_ids, self.steps[:k])
         rows = before.rows({step.stage: 0 for step in self.steps})
         if not rows:
             return []
         query = (Kind.OUTPUT, k, 0, False)
         seen = visibility(TokenMeta.from_rows([[m for _, m in rows] + [query]]), 1)[0, 0, 0, :-1]
-        return [t for (t, _), keep in zip(rows, seen.tolist()) if keep]
+        return [i for i, keep in enumerate(seen.tolist()) if keep]
 
 
 class SegmentCodec:

@@ -6,7 +6,11 @@ a passage and answer from it when stages pass text. A base trained on documents 
 not (docs/experiments.md, exp2).
 
 Instruction sequences are the text each step of a training chain is given and writes (the text
-mode of the engine, without prompts) and the one-step `single` view of the chain.
+mode of the engine, without prompts) and the one-step `single` view of the chain. With
+`hole_share` > 0 that share of instruction windows keeps the positions the step reads them at in
+shared mode, holes included (a compress -> QA reader sees the question, then a jump over the
+passages it may not see, then the compression): the base meets, in pretraining, the position
+gaps a shared-mode reader meets (docs/experiments.md, exp5).
 
 `fthss base pretrain` runs it; the recipe (architecture, data, steps, seed) is written beside
 the weights in `recipe.json`, so the same command rebuilds the same base anywhere (bit-for-bit
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +46,7 @@ class PretrainConfig:
     steps: int = 1000
     weight_decay: float = 0.1
     instruction_share: float = 0.5  # share of batch rows drawn from the instruction sequences
+    hole_share: float = 0.0  # share of instruction windows at their shared-mode positions
     seed: int = 0
 
 
@@ -53,23 +59,32 @@ def token_stream(tokenizer, documents: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def instruction_stream(tokenizer, tasks_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def instruction_stream(tokenizer, tasks_dir: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every train chain's step sequences (text view + input + output) and its `single` view,
-    as one stream, with the offset where each sequence starts."""
+    as one stream, with the offset where each sequence starts and, per token, how far its
+    shared-mode position lies after the previous token's (1, or more after a hole; 1 at a
+    sequence start)."""
     from fthss.layout.chain import load_chains
     from fthss.layout.sequence import SegmentCodec
     from fthss.training.methods import as_single, training_chains
 
-    codec, ids, starts = SegmentCodec(tokenizer), [], []
+    codec, ids, starts, steps = SegmentCodec(tokenizer), [], [], []
     for path in sorted(tasks_dir.glob("*/train.jsonl")):
         for sample in load_chains(path):
             for view in (codec.encode(sample), codec.encode(as_single(sample))):
                 # each step as the `chain` method trains it, minus the prompt
-                for sequence in training_chains("chain", view, {s.stage for s in view.steps}):
+                sequences = training_chains("chain", view, {s.stage for s in view.steps})
+                content_before = len(view.shared_ids)
+                for k, sequence in enumerate(sequences):
                     [step] = sequence.steps
+                    own = len(view.steps[k].input_ids) + len(view.steps[k].output_ids)
+                    where = view.text_view_slots(k) + list(range(content_before, content_before + own))
                     starts.append(len(ids))
                     ids += step.input_ids + step.output_ids
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(starts, dtype=torch.long)
+                    steps += [1] + [b - a for a, b in pairwise(where)]
+                    content_before += own
+    return (torch.tensor(ids, dtype=torch.long), torch.tensor(starts, dtype=torch.long),
+            torch.tensor(steps, dtype=torch.long))
 
 
 def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
@@ -81,7 +96,8 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
     tokenizer = AutoTokenizer.from_pretrained(world_dir / "tokenizer")
     documents = (world_dir / "pretrain.txt").read_text().splitlines()
     stream = token_stream(tokenizer, [d for d in documents if d.strip()])
-    instructions, instruction_starts = instruction_stream(tokenizer, world_dir / "tasks")
+    instructions, instruction_starts, position_steps = instruction_stream(
+        tokenizer, world_dir / "tasks")
     torch.manual_seed(config.seed)
     model_config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=config.hidden_size,
@@ -103,22 +119,27 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     generator = torch.Generator().manual_seed(config.seed)
     length = config.sequence_length
-    def window() -> torch.Tensor:
+    def window() -> tuple[torch.Tensor, torch.Tensor]:
         """A document window (anywhere in the stream) or an instruction window (starting at a
-        sequence start, so the first tokens are a whole question)."""
+        sequence start, so the first tokens are a whole question), and its positions."""
+        contiguous = torch.arange(length)
         if torch.rand((), generator=generator).item() < config.instruction_share:
             pick = torch.randint(0, len(instruction_starts), (), generator=generator).item()
             start = min(instruction_starts[pick].item(), len(instructions) - length)
-            return instructions[start:start + length]
+            if torch.rand((), generator=generator).item() < config.hole_share:
+                steps_ = position_steps[start:start + length]
+                return instructions[start:start + length], steps_.cumsum(0) - steps_[0]
+            return instructions[start:start + length], contiguous
         start = torch.randint(0, len(stream) - length - 1, (), generator=generator).item()
-        return stream[start:start + length]
+        return stream[start:start + length], contiguous
 
     bar = tqdm(range(config.steps), desc="pretrain", disable=not progress)
     started, losses = time.perf_counter(), []
     model.train()
     for step in bar:
-        batch = torch.stack([window() for _ in range(config.batch_size)]).to(device)
-        loss = model(input_ids=batch, labels=batch).loss
+        batch, positions = (torch.stack(t).to(device)
+                            for t in zip(*(window() for _ in range(config.batch_size))))
+        loss = model(input_ids=batch, position_ids=positions, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
