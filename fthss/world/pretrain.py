@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 import math
-from itertools import pairwise
 import time
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import torch
