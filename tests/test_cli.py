@@ -68,7 +68,7 @@ def test_run_writes_results_with_statistics(stages, tmp_path, mode):
         for step, limit in zip(row["steps"], row_limits):
             stats = step["stats"]
             assert set(stats) == {"prefilled_tokens", "decoded_tokens", "time_to_first_token_s",
-                                  "wall_s", "kv_bytes", "kv_tokens"}
+                                  "wall_s", "kv_bytes", "kv_bytes_allocated", "kv_tokens"}
             assert 1 <= stats["decoded_tokens"] <= limit
             assert stats["prefilled_tokens"] >= 1 and stats["kv_tokens"] > 0
             assert stats["kv_bytes"] > 0 and stats["wall_s"] >= stats["time_to_first_token_s"] > 0

@@ -30,14 +30,34 @@ def slot_bytes(base):  # K and V of one token in every layer, fp32
 def test_shared_mode_holds_one_cache_of_the_request_size(llama, three_stages):
     result = ChainEngine(llama, three_stages).run([multi_round()], "shared")[0]
     tokens = result.tokens
-    content = len(tokens.shared_ids) + sum(len(s.input_ids) + len(s.output_ids) for s in tokens.steps)
     prompts = 3 + 4 + 2
-    last = result.steps[-1].stats
-    # the chain's very last token is never encoded: nobody reads it
-    assert last.kv_tokens == prompts + content - 1
-    assert last.kv_bytes == (prompts + content - 1) * slot_bytes(llama)
-    grown = [s.stats.kv_tokens for s in result.steps]
-    assert grown == sorted(grown) and len(set(grown)) == len(grown)
+    for k, step in enumerate(result.steps):
+        # held after step k: prompts, shared content, every earlier output, step k's input and
+        # its output but the last token (the next step encodes it). Earlier steps' inputs are
+        # private (A's documents, every step marker): no later step can see them, so they are
+        # freed.
+        own = tokens.steps[k]
+        held = (prompts + len(tokens.shared_ids) + sum(len(s.output_ids) for s in tokens.steps[:k])
+                + len(own.input_ids) + len(own.output_ids) - 1)
+        assert step.stats.kv_tokens == held, k
+        assert step.stats.kv_bytes == held * slot_bytes(llama)
+        assert step.stats.kv_bytes_allocated >= step.stats.kv_bytes
+
+
+def test_shared_mode_frees_what_no_later_step_sees(llama, three_stages):
+    """Compress -> QA: once stage A is done, its passages leave the cache; B's answer is the
+    same as with them kept (they were masked anyway)."""
+    passages = " ".join(["lorem ipsum dolor sit amet"] * 20)
+    chain = ChainSample("q?", [Step("A", input=passages, max_new_tokens=4),
+                               Step("B", max_new_tokens=4)])
+    a, b = ChainEngine(llama, three_stages).run([chain], "shared")[0].steps
+    passage_tokens = len(llama.tokenizer.encode(passages, add_special_tokens=False))
+    assert b.stats.kv_tokens < a.stats.kv_tokens - passage_tokens + len(b.output_ids) + 2
+    visible = ChainSample("q?", [Step("A", input=passages, max_new_tokens=4, input_visible=True),
+                                 Step("B", max_new_tokens=4)])
+    a_kept, b_kept = ChainEngine(llama, three_stages).run([visible], "shared")[0].steps
+    assert b_kept.stats.kv_tokens > a_kept.stats.kv_tokens  # visible input: nothing freed
+    assert a_kept.output_ids == a.output_ids
 
 
 def test_text_mode_holds_one_cache_per_stage(llama, three_stages):
@@ -161,3 +181,56 @@ def test_the_between_steps_callable_can_end_a_chain(llama, three_stages):
     assert len(ended.tokens.steps) == 3
     [alone] = engine.run([other])
     assert [s.output_ids for s in ran.steps] == [s.output_ids for s in alone.steps]
+
+
+def test_outputs_do_not_depend_on_how_often_the_host_looks(llama, three_stages):
+    """The batch decodes on the device and the host checks stop strings every `check_every`
+    tokens; a row found past its stop string takes the extra tokens back, so outputs, logits
+    and what the cache holds are those of checking after every token."""
+    free = ChainEngine(llama, three_stages, max_new_tokens=10).run(
+        [ChainSample("x", [Step("A", input="y")])])[0].steps[0]
+    stop = free.output[1:3]
+    requests = [ChainSample("x", [Step("A", input="y", stop=[stop]), Step("B"), Step("C", stop=[stop])]),
+                ChainSample("zz", [Step("A", input="w"), Step("B", stop=[stop], max_new_tokens=6)]),
+                multi_round()]
+    runs = [ChainEngine(llama, three_stages, max_new_tokens=10, batch_size=3, check_every=n)
+            .run(requests, "shared", output_scores=True) for n in (1, 4, 64)]
+    for run in runs[1:]:
+        for result, reference in zip(run, runs[0]):
+            assert [s.output_ids for s in result.steps] == [s.output_ids for s in reference.steps]
+            assert [s.stats.kv_tokens for s in result.steps] == \
+                   [s.stats.kv_tokens for s in reference.steps]
+            for step, ref in zip(result.steps, reference.steps):
+                torch.testing.assert_close(step.scores, ref.scores, atol=1e-5, rtol=0)
+    assert runs[0][0].steps[0].output.endswith(stop)
+
+
+def test_compiled_decode_step_has_no_graph_break_and_same_outputs(llama, three_stages):
+    """The decode step compiles as one graph (fullgraph: a graph break or a host sync inside
+    it raises), and gives the eager outputs. The eager backend checks tracing on a CPU; a GPU
+    runs the same step through inductor with CUDA graphs."""
+    from fthss.engine.cache import compiled_decode_step
+
+    requests = [multi_round(), ChainSample("q", [Step("A", input="d", max_new_tokens=5),
+                                                 Step("C", max_new_tokens=4)])]
+    eager = ChainEngine(llama, three_stages, batch_size=2).run(requests, "shared")
+    engine = ChainEngine(llama, three_stages, batch_size=2)
+    engine.decode_step = compiled_decode_step(llama, backend="eager", fullgraph=True)
+    compiled = engine.run(requests, "shared")
+    assert [[s.output_ids for s in r.steps] for r in compiled] == \
+           [[s.output_ids for s in r.steps] for r in eager]
+
+
+def test_a_long_prefill_in_pieces_gives_the_same_logits(llama, three_stages, monkeypatch):
+    from fthss.engine import cache
+
+    requests = [ChainSample("a longer question " * 6, [Step("A", input="doc " * 30, max_new_tokens=3),
+                                                      Step("B", max_new_tokens=3)]),
+                ChainSample("q", [Step("A", input="d", max_new_tokens=4), Step("C", max_new_tokens=2)])]
+    whole = ChainEngine(llama, three_stages, batch_size=2).run(requests, "shared", output_scores=True)
+    monkeypatch.setattr(cache, "PREFILL_TOKENS", 14)  # pieces of 7 columns for a batch of 2
+    pieces = ChainEngine(llama, three_stages, batch_size=2).run(requests, "shared", output_scores=True)
+    for a, b in zip(whole, pieces):
+        assert [s.output_ids for s in a.steps] == [s.output_ids for s in b.steps]
+        for x, y in zip(a.steps, b.steps):
+            torch.testing.assert_close(x.scores, y.scores, atol=1e-5, rtol=0)

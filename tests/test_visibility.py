@@ -72,9 +72,8 @@ def _with_noise(base, stages, chain, split, noisy_slots):
         cache = ChainCache(base, prompts, 1)
         if split:
             cache.append(layout.input_ids[:, :split], _cut(layout.meta, 0, split))
-        for layer in cache.cache.layers:
-            for t in (layer.keys, layer.values):
-                t[:, :, noisy_slots] = torch.randn_like(t[:, :, noisy_slots]) * 3
+        for t in cache.store.keys + cache.store.values:
+            t[:, :, noisy_slots] = torch.randn_like(t[:, :, noisy_slots]) * 3
         return cache.append(layout.input_ids[:, split:], _cut(layout.meta, split, None))[0]
 
 

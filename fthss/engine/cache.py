@@ -1,10 +1,18 @@
-"""`ChainCache`: one KV cache for a batch of chains, and the forward that appends to it.
+"""`ChainCache`: one KV cache for a batch of chains, and the forwards that append to it.
 
-The cache starts with the prompt caches of the stages in use (one block per stage, shared by
-every row), then grows by chunks of content. Each chunk's mask comes from the visibility rule
-over all keys so far, its positions from each row's count of real tokens. The one-pass training
-forward is a single `append` of a whole `Layout`; the engine appends shared content, inputs and
-decoded tokens one chunk at a time. Same code, so the two agree by construction, up to float.
+Inference keeps K/V in preallocated slot tensors (`SlotCache`, `[batch, kv_heads, capacity,
+head_dim]` per layer) that start with the prompt caches of the stages in use and grow by blocks
+of columns. Every slot carries its `TokenMeta`. A chunk (shared content, a step's input, a
+batch of decoded tokens) gets its mask from the visibility rule over the slots written so far
+and its positions from each row's count of real tokens. Decoding keeps one mask row per request
+over the whole capacity and updates it in place (`start_decoding`, `decode`): a decode step is
+then a fixed-shape forward with no host synchronisation, which can be compiled and replayed
+with CUDA graphs. `free_hidden` drops the segments no later step can see (the compressor's
+passages once stage A is done), which the paper leaves on the table.
+
+Training's one-pass forward (`forward_layout`) appends a whole `Layout` to the prompt caches in
+one chunk under the same visibility rule, so engine and training agree by construction, up to
+float.
 """
 
 from __future__ import annotations
@@ -13,9 +21,12 @@ import torch
 from transformers import DynamicCache
 
 from fthss.layout.sequence import Layout, positions, prompt_slots
-from fthss.layout.visibility import TokenMeta, visibility
+from fthss.layout.visibility import Kind, TokenMeta, visibility
 from fthss.models.base import BaseModel
 from fthss.prompts.stage import LayerKV
+
+BLOCK = 256  # columns the cache grows by: few distinct shapes, so few compiled graphs
+PREFILL_TOKENS = 16384  # tokens (batch x columns) per prefill forward
 
 
 class SequenceTooLongError(ValueError):
@@ -33,23 +44,95 @@ class PrefixOnlyCache(DynamicCache):
                 torch.cat([layer.values, value_states], dim=-2))
 
 
+class SlotCache(DynamicCache):
+    """K/V in preallocated tensors, one pair per layer. A chunk is written at the columns
+    `start, start + 1, ...` (`start` is a tensor, so a captured graph replays with a new value)
+    and attention reads every column: the mask hides those not written or not visible."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.start = torch.zeros((), dtype=torch.long, device=keys[0].device)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        columns = self.start + torch.arange(key_states.shape[2], device=key_states.device)
+        self.keys[layer_idx].index_copy_(2, columns, key_states)
+        self.values[layer_idx].index_copy_(2, columns, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+def _static(tensor: torch.Tensor) -> torch.Tensor:
+    """Allocated eagerly and marked static, so a CUDA graph may write into it in place (a
+    tensor first allocated inside a graph would be overwritten by the next replay)."""
+    if tensor.is_cuda:
+        torch._dynamo.mark_static_address(tensor)
+    return tensor
+
+
+def compiled_decode_step(base: BaseModel, backend: str = "inductor", fullgraph: bool = False):
+    """`BaseModel.forward` for one decoded token per row, compiled once per cache shape
+    (capacity grows by BLOCK, so few shapes): with CUDA graphs ("reduce-overhead") on a GPU,
+    as gpt-fast does. A replay overwrites the previous one's outputs, so logits are cloned, and
+    each replay is marked as a new step."""
+    cuda = base.device.type == "cuda"
+    forward = torch.compile(base.forward, backend=backend, fullgraph=fullgraph, dynamic=False,
+                            mode="reduce-overhead" if cuda and backend == "inductor" else None)
+
+    def step(cache, position_ids, *, input_ids, attention_mask):
+        if cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        return forward(cache, position_ids, input_ids=input_ids,
+                       attention_mask=attention_mask).clone()
+    return step
+
+
+def _check_positions(base: BaseModel, pos: torch.Tensor) -> None:
+    limit = base.position_limit
+    if pos.numel() and int(pos.max()) >= limit:
+        raise SequenceTooLongError(
+            f"a request needs position {int(pos.max())} but the base supports positions "
+            f"< {limit} (prompt length + content tokens)")
+
+
+def _meta_like(meta: TokenMeta, batch: int, columns: int) -> TokenMeta:
+    """`columns` PAD slots per row, on `meta`'s device."""
+    return TokenMeta.fill(batch, columns, Kind.PAD).to(meta.kind.device)
+
+
+def _fields(meta: TokenMeta) -> tuple[torch.Tensor, ...]:
+    return meta.kind, meta.step, meta.stage, meta.visible
+
+
 class ChainCache:
     def __init__(self, base: BaseModel, prompts: list[list[LayerKV]], batch_size: int,
-                 grow: bool = True):
+                 decode_step=None):
         """`prompts[s]` is stage s's prompt cache (stage id = index), all made for the same C.
-        With `grow=False` appended chunks are not kept (training's one pass)."""
-        self.base = base
-        lengths = [layers[0][0].shape[2] for layers in prompts]
-        self.keys, self.first_position = prompt_slots(lengths)
-        self.keys = self.keys.to(base.device)
-        self.cache = DynamicCache() if grow else PrefixOnlyCache()
-        for i in range(base.num_layers if prompts else 0):
-            k = torch.cat([layers[i][0] for layers in prompts], dim=2)
-            v = torch.cat([layers[i][1] for layers in prompts], dim=2)
-            # stored as DynamicCache stores, whatever `update` does with later chunks
-            DynamicCache.update(self.cache, k.expand(batch_size, -1, -1, -1),
-                                v.expand(batch_size, -1, -1, -1), i)
+        `decode_step` replaces `BaseModel.forward` for decode steps (a compiled one)."""
+        self.base, self.batch_size, self._decode_step = base, batch_size, decode_step
+        prompt_meta, self.first_position = prompt_slots([layers[0][0].shape[2] for layers in prompts])
+        prompt_meta = prompt_meta.to(base.device)
+        self.length, self.capacity = 0, 0  # columns written, columns allocated
+        self.slots = _meta_like(prompt_meta, batch_size, 0)
+        shape = (batch_size, base.num_kv_heads, 0, base.head_dim)
+        empty = [torch.empty(shape, dtype=base.dtype, device=base.device)
+                 for _ in range(base.num_layers)]
+        self.store = SlotCache(empty, [t.clone() for t in empty])
+        self._resize(prompt_meta.length)
+        self.length = prompt_meta.length
+        for i, (k, v) in enumerate(self.slots_of(prompts)):
+            self.store.keys[i][:, :, : self.length] = k
+            self.store.values[i][:, :, : self.length] = v
+        for mine, theirs in zip(_fields(self.slots), _fields(prompt_meta)):
+            mine[:, : self.length] = theirs
         self.next_position = torch.full((batch_size,), self.first_position, device=base.device)
+        self.decode_mask: torch.Tensor | None = None
+
+    @staticmethod
+    def slots_of(prompts: list[list[LayerKV]]) -> list[LayerKV]:
+        """Per layer, the prompt caches side by side (one block per stage)."""
+        layers = len(prompts[0]) if prompts else 0
+        return [(torch.cat([p[i][0] for p in prompts], dim=2), torch.cat([p[i][1] for p in prompts], dim=2))
+                for i in range(layers)]
 
     @classmethod
     def forward_layout(cls, base: BaseModel, prompts: list[list[LayerKV]], layout: Layout
@@ -58,41 +141,180 @@ class ChainCache:
         `[B, T, vocab]`. Differentiable through the prompt caches."""
         if layout.first_position != max((p[0][0].shape[2] for p in prompts), default=0):
             raise ValueError("layout and prompt caches disagree on the first content position")
-        cache = cls(base, prompts, layout.input_ids.shape[0], grow=False)
-        return cache.append(layout.input_ids, layout.meta)
+        batch = layout.input_ids.shape[0]
+        cache = PrefixOnlyCache()
+        for i, (k, v) in enumerate(cls.slots_of(prompts)):
+            DynamicCache.update(cache, k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), i)
+        meta = layout.meta.to(base.device)
+        pos = positions(meta, torch.full((batch,), layout.first_position, device=base.device))
+        _check_positions(base, pos)
+        mask = visibility(layout.prompt.to(base.device).cat(meta), meta.length)
+        return base.forward(cache, pos, input_ids=layout.input_ids.to(base.device),
+                            attention_mask=base.attention_mask(mask))
+
+    def _resize(self, needed: int) -> None:
+        """Make the capacity the smallest multiple of BLOCK that holds `needed` columns,
+        keeping the first `self.length` (those in use)."""
+        capacity = -(-max(needed, 1) // BLOCK) * BLOCK
+        if capacity == self.capacity:
+            return
+        keep = min(self.length, capacity)
+        for tensors in (self.store.keys, self.store.values):
+            for i, old in enumerate(tensors):
+                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+                new[:, :, :keep] = old[:, :, :keep]
+                tensors[i] = _static(new)
+        slots = _meta_like(self.slots, self.batch_size, capacity)
+        for new, old in zip(_fields(slots), _fields(self.slots)):
+            new[:, :keep] = old[:, :keep]
+        self.slots, self.capacity = slots, capacity
+
+    def reserve(self, columns: int) -> None:
+        """Room for `columns` more slots (a step's decoding), so it does not reallocate midway."""
+        if self.length + columns > self.capacity:
+            self._resize(self.length + columns)
+
+    def _write(self, meta: TokenMeta) -> None:
+        end = self.length + meta.length
+        for mine, theirs in zip(_fields(self.slots), _fields(meta)):
+            mine[:, self.length:end] = theirs
+        self.store.start.fill_(self.length)
+        self.length = end
 
     def append(self, input_ids: torch.Tensor, meta: TokenMeta, last_only: bool = False
                ) -> torch.Tensor:
         """Run a `[batch, q]` chunk (padding marked in `meta`) and return its logits
         `[batch, q, vocab]`, or with `last_only` those of each row's last real token
-        `[batch, vocab]` (computing no others: a long prefill needs only one row of logits)."""
-        meta = meta.to(self.base.device)
+        `[batch, vocab]` (computing no others: a long prefill needs only one row of logits).
+        A long chunk runs in pieces of at most PREFILL_TOKENS tokens per forward, which bounds
+        the activations and the mask a prefill needs."""
+        meta, input_ids = meta.to(self.base.device), input_ids.to(self.base.device)
+        _check_positions(self.base, positions(meta, self.next_position))
+        self.reserve(meta.length)
+        width = max(1, PREFILL_TOKENS // self.batch_size)
+        index = torch.arange(meta.length, device=input_ids.device)
+        last = torch.where(meta.is_real, index, 0).max(dim=1).values  # per row, in the chunk
+        pieces = []
+        for start in range(0, meta.length, width):
+            end = min(start + width, meta.length)
+            piece = TokenMeta(*(t[:, start:end] for t in _fields(meta)))
+            at = (last - start).clamp(0, end - start - 1) if last_only else None
+            logits = self._forward_piece(input_ids[:, start:end], piece, at)
+            if not last_only:
+                pieces.append(logits)
+            elif start == 0:
+                pieces = [logits]
+            else:  # rows whose last real token lies in this piece
+                here = (last >= start)[:, None]
+                pieces = [torch.where(here, logits, pieces[0])]
+        return pieces[0] if last_only else torch.cat(pieces, dim=1)
+
+    def _forward_piece(self, input_ids, meta: TokenMeta, at: torch.Tensor | None) -> torch.Tensor:
+        """One forward over a piece of a chunk; logits of all its tokens, or per row of the
+        token at index `at` only."""
         pos = positions(meta, self.next_position)
-        limit = self.base.position_limit
-        if int(pos.max()) >= limit:
-            raise SequenceTooLongError(
-                f"a request needs position {int(pos.max())} but the base supports positions "
-                f"< {limit} (prompt length + content tokens)")
-        self.keys = self.keys.cat(meta)
-        mask = self.base.attention_mask(visibility(self.keys, meta.length))
-        last = None
-        if last_only:
-            index = torch.arange(meta.length, device=pos.device)
-            last = torch.where(meta.is_real, index, 0).max(dim=1).values
-            kept, where = torch.unique(last, return_inverse=True)
-        logits = self.base.forward(self.cache, pos, input_ids=input_ids.to(self.base.device),
-                                   attention_mask=mask, logits_at=None if last is None else kept)
+        self._write(meta)
+        written = TokenMeta(*(t[:, : self.length] for t in _fields(self.slots)))
+        mask = torch.zeros(self.batch_size, 1, meta.length, self.capacity, dtype=torch.bool,
+                           device=self.base.device)
+        mask[..., : self.length] = visibility(written, meta.length)
+        kept, where = torch.unique(at, return_inverse=True) if at is not None else (None, None)
+        logits = self.base.forward(self.store, pos, input_ids=input_ids,
+                                   attention_mask=self.base.attention_mask(mask), logits_at=kept)
         self.next_position = self.next_position + meta.is_real.sum(dim=1)
-        if last is None:
+        if at is None:
             return logits
         return logits[torch.arange(logits.shape[0], device=logits.device), where]
 
+    def start_decoding(self, query: TokenMeta) -> None:
+        """Before a step decodes: each row's mask over the slots so far, as the rule gives it
+        for the row's first output token (`query`, `[batch, 1]`: the step's OUTPUT metadata,
+        or PAD for a row that does not decode)."""
+        query = query.to(self.base.device)
+        written = TokenMeta(*(t[:, : self.length] for t in _fields(self.slots)))
+        seen = visibility(written.cat(query), 1)[:, :, :, : self.length]
+        self.decode_mask = torch.zeros(self.batch_size, 1, 1, self.capacity, dtype=torch.bool,
+                                       device=self.base.device)
+        self.decode_mask[..., : self.length] = seen
+        self._decode_query = query
+
+    def decode(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """Append one decoded token per row (`tokens`, `[batch]`; rows not `live` write
+        padding) and return the next logits `[batch, vocab]`. Only device work: no host sync."""
+        if self.length >= self.capacity:
+            self._resize(self.length + 1)
+        if self.decode_mask.shape[-1] != self.capacity:
+            grown = torch.zeros(self.batch_size, 1, 1, self.capacity, dtype=torch.bool,
+                                device=self.base.device)
+            grown[..., : self.decode_mask.shape[-1]] = self.decode_mask
+            self.decode_mask = grown
+        column = self.length
+        query = self._decode_query
+        kind = torch.where(live, query.kind[:, 0], torch.full_like(query.kind[:, 0], Kind.PAD))
+        self.slots.kind[:, column] = kind
+        self.slots.step[:, column] = query.step[:, 0]
+        self.slots.stage[:, column] = query.stage[:, 0]
+        self.slots.visible[:, column] = False
+        # every row sees its own new token: a live row as its own step, an idle one as padding
+        self.decode_mask[..., column] = True
+        self.store.start.fill_(column)
+        self.length += 1
+        pos = self.next_position[:, None]
+        step = self._decode_step or self.base.forward
+        logits = step(self.store, pos, input_ids=tokens[:, None],
+                      attention_mask=self.base.attention_mask(self.decode_mask))
+        self.next_position = self.next_position + live.long()
+        return logits[:, -1]
+
+    def retract(self, row: int, step: int, count: int) -> None:
+        """Undo the last `count` tokens `row` decoded for `step` (generated past a stop string
+        found later): their slots become padding and the row's positions step back."""
+        if count <= 0:
+            return
+        ours = (self.slots.kind[row, : self.length] == Kind.OUTPUT) & \
+               (self.slots.step[row, : self.length] == step)
+        columns = ours.nonzero().flatten()[-count:]
+        self.slots.kind[row, columns] = Kind.PAD
+        self.next_position[row] -= len(columns)
+
+    def free_hidden(self, next_step: int) -> None:
+        """Drop every slot no step from `next_step` on can see: padding, and inputs of earlier
+        steps not marked visible downstream. Each row keeps its other slots in order (K/V keep
+        their rotations: positions are not slots), and the capacity shrinks to fit."""
+        kind, step, visible = self.slots.kind, self.slots.step, self.slots.visible
+        used = torch.arange(self.capacity, device=kind.device) < self.length
+        dead = (kind == Kind.PAD) | ((kind == Kind.INPUT) & ~visible & (step < next_step))
+        keep = used & ~dead
+        counts = keep.sum(dim=1)
+        new_length = int(counts.max())
+        if new_length == self.length:
+            return
+        # per row, the kept columns first, in order (a stable sort on "dropped")
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :new_length]
+        filled = torch.arange(new_length, device=kind.device)[None] < counts[:, None]
+        for tensors in (self.store.keys, self.store.values):
+            for i, old in enumerate(tensors):
+                index = order[:, None, :, None].expand(-1, old.shape[1], -1, old.shape[3])
+                tensors[i] = _static(old.gather(2, index))
+        gathered = [t.gather(1, order) for t in _fields(self.slots)]
+        gathered[0] = torch.where(filled, gathered[0], torch.full_like(gathered[0], Kind.PAD))
+        self.slots = TokenMeta(*gathered)
+        self.length, self.capacity = new_length, new_length
+        self._resize(new_length)
+
     def tokens_held(self) -> torch.Tensor:
         """Per row: the slots that hold a real token (prompt slots included, padding not)."""
-        return self.keys.is_real.expand(self.next_position.shape[0], -1).sum(dim=1)
+        return (self.slots.kind[:, : self.length] != Kind.PAD).sum(dim=1)
 
     @property
     def kv_bytes(self) -> int:
+        """Bytes of the K/V columns in use, every row (what a cache grown token by token
+        would hold)."""
+        return sum(t[:, :, : self.length].numel() * t.element_size()
+                   for tensors in (self.store.keys, self.store.values) for t in tensors)
+
+    @property
+    def kv_bytes_allocated(self) -> int:
+        """Bytes of the preallocated K/V tensors (in use or reserved)."""
         return sum(t.numel() * t.element_size()
-                   for layer in self.cache.layers for t in (layer.keys, layer.values)
-                   if t is not None)
+                   for tensors in (self.store.keys, self.store.values) for t in tensors)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from fthss.engine.cache import ChainCache
+from fthss.engine.cache import ChainCache, compiled_decode_step
 from fthss.engine.sampling import SamplingConfig
 from fthss.layout.chain import ChainSample
 from fthss.layout.sequence import SegmentCodec, TokenChain, TokenStep
@@ -56,6 +56,7 @@ class StepStats:
     time_to_first_token_s: float | None  # None when nothing was generated
     wall_s: float
     kv_bytes: int  # bytes of K/V the batch holds at the end of the step, all caches counted
+    kv_bytes_allocated: int  # the same, counting the columns reserved ahead (preallocation)
     kv_tokens: int  # slots this request holds at the end of the step (prompt slots included)
 
 
@@ -101,7 +102,11 @@ class _Row:
 
 class ChainEngine:
     def __init__(self, base: BaseModel, stages: list[Stage], max_new_tokens: int = 64,
-                 batch_size: int = 8, step_marker_id: int | None = None):
+                 batch_size: int = 8, step_marker_id: int | None = None, check_every: int = 8,
+                 compile: bool = False):
+        """`check_every`: decoded tokens between the host's looks at a batch (for stop strings
+        and the end of the step); outputs do not depend on it. `compile`: compile the decode
+        step (with CUDA graphs on a GPU), see `compiled_decode_step`."""
         self.base = base
         self.stages = {stage.name: stage for stage in stages}
         if len(self.stages) != len(stages):
@@ -112,6 +117,10 @@ class ChainEngine:
         self.codec = SegmentCodec(base.tokenizer, step_marker_id)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
+        self.check_every = check_every
+        self.decode_step = compiled_decode_step(base) if compile else None
         self._prompt_caches: dict[tuple[str, int], list[LayerKV]] = {}
 
     def prompt_caches(self, names: list[str]) -> list[list[LayerKV]]:
@@ -149,7 +158,8 @@ class ChainEngine:
         names = list(dict.fromkeys(s for row in rows for s in row.request.stages))
         shared_cache = None
         if mode == "shared":
-            shared_cache = ChainCache(self.base, self.prompt_caches(names), len(rows))
+            shared_cache = ChainCache(self.base, self.prompt_caches(names), len(rows),
+                                      self.decode_step)
         held: dict[str, ChainCache] = {}  # text mode: each stage's latest cache
         started = time.perf_counter()  # step 0's clock includes encoding the shared content
         for row in rows:
@@ -165,17 +175,21 @@ class ChainEngine:
                 cache, cache_ids = shared_cache, {name: i for i, name in enumerate(names)}
             else:  # a fresh cache with the prompts of this step's stages only
                 step_names = list(dict.fromkeys(row.request.steps[k].stage for row in active))
-                cache = ChainCache(self.base, self.prompt_caches(step_names), len(rows))
+                cache = ChainCache(self.base, self.prompt_caches(step_names), len(rows),
+                                   self.decode_step)
                 cache_ids = {name: i for i, name in enumerate(step_names)}
                 held.update({name: cache for name in step_names})
             chunks = {id(row): self._step_chunk(row, k, mode, cache_ids) for row in active}
             ids, meta = self._pad([chunks.get(id(row), []) for row in rows])
             logits = cache.append(ids, meta, last_only=True)
+            if mode == "shared":  # the last token of step k-1 is in: free what no step from k sees
+                cache.free_hidden(k)
             generating = [row for row in active if row.request.steps[k].output is None]
             outputs = self._decode(cache, logits, rows, generating, k, sampling, output_scores,
                                    cache_ids)
             caches = [shared_cache] if mode == "shared" else list(dict.fromkeys(held.values()))
             kv_bytes = sum(c.kv_bytes for c in caches)
+            allocated = sum(c.kv_bytes_allocated for c in caches)
             for row in active:
                 scores, first_token_at = outputs.get(id(row), (None, None))
                 step, out_ids = row.request.steps[k], row.tokens.steps[k].output_ids
@@ -184,6 +198,7 @@ class ChainEngine:
                     decoded_tokens=len(out_ids) if step.output is None else 0,
                     time_to_first_token_s=None if first_token_at is None else first_token_at - started,
                     wall_s=time.perf_counter() - started, kv_bytes=kv_bytes,
+                    kv_bytes_allocated=allocated,
                     kv_tokens=sum(int(c.tokens_held()[row.slot]) for c in caches))
                 row.results.append(StepResult(step.stage, row.tokens.steps[k].input_text,
                                               self._output_text(out_ids, step.stop), out_ids,
@@ -230,47 +245,86 @@ class ChainEngine:
         return ids, meta
 
     def _decode(self, cache, logits, rows, active, k, sampling, output_scores, cache_ids):
-        """Generate step k's outputs for the active rows into `row.tokens`; rows that finished
-        pad until all are done. Returns per row (scores or None, time of its first token).
-        `cache_ids` number the stages as the cache does."""
-        scores = {id(row): [] for row in active}
-        first_token_at = {}
-        meta_of = {id(row): (Kind.OUTPUT, k, cache_ids[row.request.steps[k].stage], False)
-                   for row in active}
-        live = list(active)
-        while live:
-            still = []
-            for row in live:
-                step, out = row.request.steps[k], row.tokens.steps[k].output_ids
-                row_logits = logits[row.slot]
-                if len(out) < step.min_new_tokens:  # as transformers' min_new_tokens does
-                    row_logits = row_logits.clone()
-                    row_logits[[self.codec.eos_id, *step.stop_token_ids]] = float("-inf")
-                out.append(sampling.choose(row_logits, row.generator))
-                first_token_at.setdefault(id(row), time.perf_counter())
-                if output_scores:
-                    scores[id(row)].append(row_logits.float().cpu())
-                if self._finished(out, step):
-                    row.pending = [(out[-1], meta_of[id(row)])]  # encoded by the next step
-                else:
-                    still.append(row)
-            live = still
-            if live:
-                chunk = [[(row.tokens.steps[k].output_ids[-1], meta_of[id(row)])]
-                         if row in live else [] for row in rows]
-                ids, meta = self._pad(chunk)
-                logits = cache.append(ids, meta, last_only=True)
-        return {key: (torch.stack(s) if output_scores else None, first_token_at[key])
-                for key, s in scores.items()}
+        """Generate step k's outputs for the active rows into `row.tokens`. The whole batch
+        decodes on the device: tokens, per-row limits and stop tokens stay there, and the host
+        looks only after the first token and every `check_every` tokens (for stop strings and
+        to end the loop); a row found past its stop string takes its extra tokens back. A
+        row's last token is not encoded here: the next step does it. Returns per row (scores
+        or None, time of its first token). `cache_ids` number the stages as the cache does."""
+        if not active:
+            return {}
+        device, batch = logits.device, len(rows)
+        steps = {row.slot: row.request.steps[k] for row in active}
+        live = torch.zeros(batch, dtype=torch.bool, device=device)
+        live[list(steps)] = True
+        def per_row(value):
+            return torch.tensor([value(steps[i]) if i in steps else 0 for i in range(batch)],
+                                device=device)
+        limit = per_row(lambda s: s.max_new_tokens or self.max_new_tokens)
+        least = per_row(lambda s: s.min_new_tokens)
+        stops = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=device)
+        for i, step in steps.items():
+            stops[i, [self.codec.eos_id, *step.stop_token_ids]] = True
+        query = TokenMeta.fill(batch, 1, Kind.PAD)
+        for i, step in steps.items():
+            query.kind[i], query.step[i], query.stage[i] = Kind.OUTPUT, k, cache_ids[step.stage]
+        longest = int(limit.max())
+        cache.reserve(longest)  # before the mask is made: no reallocation while decoding
+        cache.start_decoding(query)
+        chosen = torch.zeros(batch, longest, dtype=torch.long, device=device)
+        counts = torch.zeros(batch, dtype=torch.long, device=device)
+        scores, first_token_at = [], None
+        unchecked = live.clone()  # rows that may have met a stop string since the last look
+        for t in range(longest):
+            # as transformers' min_new_tokens does: no EOS or stop token before the minimum
+            logits = logits.masked_fill(stops & (counts < least)[:, None], float("-inf"))
+            if sampling.greedy:
+                token = logits.argmax(dim=-1)
+            else:  # each live row draws from its own generator, so batch-mates don't matter
+                flags = live.tolist()
+                token = torch.tensor([sampling.choose(logits[r.slot], r.generator)
+                                      if flags[r.slot] else 0 for r in rows], device=device)
+            if output_scores:
+                scores.append(logits.float().cpu())
+            chosen[:, t] = token
+            counts += live.long()
+            done = live & (stops.gather(1, token[:, None])[:, 0] | (counts >= limit))
+            live = live & ~done
+            if t == 0 or not sampling.greedy or (t + 1) % self.check_every == 0 or t + 1 == longest:
+                first_token_at = first_token_at or time.perf_counter()
+                live = self._stop_strings(cache, chosen, counts, live, unchecked, steps, k)
+                unchecked = live.clone()
+                if not bool(live.any()):
+                    break
+            logits = cache.decode(token, live)
+        counts = counts.tolist()
+        out = {}
+        for row in active:
+            ids = chosen[row.slot, : counts[row.slot]].tolist()
+            row.tokens.steps[k].output_ids[:] = ids
+            row.pending = [(ids[-1], (Kind.OUTPUT, k, cache_ids[steps[row.slot].stage], False))]
+            kept = torch.stack([s[row.slot] for s in scores[: len(ids)]]) if output_scores else None
+            out[id(row)] = (kept, first_token_at)
+        return out
 
-    def _finished(self, ids: list[int], step) -> bool:
-        if ids[-1] == self.codec.eos_id or ids[-1] in step.stop_token_ids:
-            return True
-        if len(ids) >= (step.max_new_tokens or self.max_new_tokens):
-            return True
-        if len(ids) < step.min_new_tokens or not step.stop:
-            return False
-        return any(s in self.codec.decode(ids) for s in step.stop)
+    def _stop_strings(self, cache, chosen, counts, live, unchecked, steps, k) -> torch.Tensor:
+        """End the rows whose text now holds a stop string at the token that completed it
+        (rows live at the last look: some may have ended since by a stop token or their
+        limit). What they decoded after that token is taken back from the cache."""
+        flags, lengths = unchecked.tolist(), counts.tolist()
+        for i, step in steps.items():
+            if not flags[i] or not step.stop:
+                continue
+            ids = chosen[i, : lengths[i]].tolist()
+            for n in range(max(1, step.min_new_tokens), len(ids) + 1):
+                if any(s in self.codec.decode(ids[:n]) for s in step.stop):
+                    # token n-1 ends the output. It and the later ones were encoded here, but
+                    # the newest: take them back (the next step encodes n-1, as usual)
+                    cache.retract(i, k, len(ids) - n)
+                    counts[i] = n
+                    live[i] = False
+                    break
+        return live
 
     def _output_text(self, ids: list[int], stop: list[str]) -> str:
         text = self.codec.decode(ids)
