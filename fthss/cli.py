@@ -1,6 +1,6 @@
 """The `fthss` command line: the `demo`, `train` stages, `run` chains over a JSONL file, `eval`
 methods on a task, `verify` a model family, build the `world`, pretrain its `base`, `stage`
-tools."""
+tools, `bench` speed and memory."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +20,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
 
 
@@ -38,11 +46,11 @@ def _load_stages(paths, base) -> list:
 
 
 def _add_base_arguments(parser: argparse.ArgumentParser) -> None:
-    from fthss.models.presets import ARCHITECTURES
+    from fthss.models.presets import PRESETS
 
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--base", help="local Hugging Face model directory")
-    source.add_argument("--arch", choices=ARCHITECTURES, help="tiny random-init architecture")
+    source.add_argument("--arch", choices=PRESETS, help="random-init architecture preset")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="weights dtype (default: the checkpoint's; float32 for --arch)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda "
@@ -58,9 +66,7 @@ def _load_base(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.arch:
-        base = tiny_base(args.arch, dtype=dtype or torch.float32)
-        base.model.to(device)
-        return base
+        return tiny_base(args.arch, dtype=dtype or torch.float32, device=device)
     return BaseModel.load(args.base, dtype=dtype, device=device,
                           trust_remote_code=args.trust_remote_code)
 
@@ -104,7 +110,11 @@ def cmd_run(args) -> int:
     results = engine.run(requests, args.mode, sampling, progress=True)
     atomic_write_text(args.output, "".join(json.dumps(r.to_json()) + "\n" for r in results))
     decoded = sum(s.stats.decoded_tokens for r in results for s in r.steps)
-    print(f"{len(results)} chains ({args.mode} mode), {decoded} tokens decoded -> {args.output}")
+    failed = [r for r in results if r.error]
+    for result in failed:
+        print(f"request {result.id}: {result.error}", file=sys.stderr)
+    print(f"{len(results)} chains ({args.mode} mode), {decoded} tokens decoded, {len(failed)} "
+          f"failed -> {args.output}")
     return 0
 
 
@@ -212,6 +222,174 @@ def cmd_stage_create(args) -> int:
     save_stage(Stage.create(config, base, seed=args.seed), args.out, base)
     print(f"stage {args.name} ({args.kind}, {args.tokens} virtual tokens) -> {args.out}")
     return 0
+
+
+def _bench_result(args, base, **results) -> dict:
+    from fthss.benchmarks.output import record
+
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("func", "argv", "command", "bench_command")}
+    return {**record(args.bench_command, args.argv, options, base), **results}
+
+
+def _ms(key: str) -> Callable[[dict], str]:
+    return lambda row: f"{1000 * row[key]:.1f}"
+
+
+def _mib(key: str) -> Callable[[dict], str]:
+    return lambda row: f"{row[key] / 2**20:.2f}"
+
+
+def _cell(key: str, form: str = "") -> Callable[[dict], str]:
+    return lambda row: "-" if row[key] is None else format(row[key], form)
+
+
+def cmd_bench_latency(args) -> int:
+    from fthss.benchmarks import chains, figures, hf_peft
+    from fthss.benchmarks.output import emit, table
+
+    base = _load_base(args)
+    modes = tuple(s for s in args.systems if s != "hf-peft")
+    rows = chains.stage_b_latency(base, args.lengths, args.new_tokens, args.repeats,
+                                  args.prompt_tokens, modes, progress=True, compile=args.compile)
+    if "hf-peft" in args.systems:
+        rows += hf_peft.stage_b_latency(base, args.lengths, args.new_tokens, args.repeats,
+                                        args.prompt_tokens, progress=True)
+    ratios = chains.latency_ratios(rows)
+    others = [s for s in args.systems if s != "shared"]
+    ratio_columns = [("intermediate", _cell("intermediate_tokens"))] + [
+        (f"{mode}/shared {what}", lambda r, m=mode, k=key: f"{r[k][m]:.2f}x")
+        for mode in others for what, key in (("latency", "latency_ratio"), ("TTFT", "ttft_ratio"))]
+    tables = [table(rows, [("system", _cell("mode")),
+                           ("intermediate", _cell("intermediate_tokens")),
+                           ("latency ms", _ms("latency_s")), ("TTFT ms", _ms("ttft_s")),
+                           ("prefilled", _cell("prefilled_tokens"))])]
+    if ratios and others:
+        tables.append(table(ratios, ratio_columns))
+    figures.latency(rows, Path(args.out).with_suffix(".png"))
+    emit(_bench_result(args, base, rows=rows, ratios=ratios), tables, args.out)
+    return 0
+
+
+def cmd_bench_memory(args) -> int:
+    from fthss.benchmarks.chains import compress_qa_memory, kv_memory
+    from fthss.benchmarks.output import emit, table
+
+    base = _load_base(args)
+    multi = kv_memory(base, args.stages, args.total_tokens, args.rounds, args.prompt_tokens,
+                      progress=True)
+    compress = compress_qa_memory(base, args.passage_tokens, args.compression_tokens,
+                                  args.answer_tokens, args.prompt_tokens, progress=True)
+    tables = [
+        table(multi, [("stages", _cell("stages")), ("mode", _cell("mode")),
+                      ("chain tokens", _cell("chain_tokens")), ("KV tokens", _cell("kv_tokens")),
+                      ("KV MiB", _mib("kv_bytes"))]),
+        table(compress, [("compress->QA", _cell("mode")), ("passages", _cell("passage_tokens")),
+                         ("KV MiB after A", _mib("kv_bytes_after_a")),
+                         ("KV MiB during B", _mib("kv_bytes_during_b")),
+                         ("passage tokens held after A", _cell("passage_tokens_held_after_a")),
+                         ("during B", _cell("passage_tokens_held_during_b"))])]
+    emit(_bench_result(args, base, multi_round=multi, compress_qa=compress), tables, args.out)
+    return 0
+
+
+def cmd_bench_throughput(args) -> int:
+    from fthss.benchmarks import chains, figures
+    from fthss.benchmarks.output import emit, table
+
+    base = _load_base(args)
+    rows = chains.throughput(base, args.batch_sizes, args.intermediate_tokens, args.new_tokens,
+                             args.repeats, args.prompt_tokens, progress=True,
+                             compile=args.compile)
+    ratios = chains.throughput_ratios(rows)
+    tables = [table(rows, [("batch", _cell("batch")), ("mode", _cell("mode")),
+                           ("stage B s", _cell("stage_b_s", ".3f")),
+                           ("requests/s", _cell("requests_per_s", ".2f")),
+                           ("tokens/s", _cell("tokens_per_s", ".1f")),
+                           ("chain s", _cell("chain_s", ".3f"))]),
+              table(ratios, [("batch", _cell("batch")),
+                             ("shared/text requests/s", _cell("requests_ratio", ".2f"))])]
+    figures.throughput(rows, Path(args.out).with_suffix(".png"))
+    emit(_bench_result(args, base, rows=rows, ratios=ratios), tables, args.out)
+    return 0
+
+
+def cmd_bench_decode(args) -> int:
+    from fthss.benchmarks.decode import decode_speed, known_bandwidth_gbs
+    from fthss.benchmarks.output import emit, table
+
+    base = _load_base(args)
+    bandwidth = args.bandwidth_gbs or known_bandwidth_gbs(base.device)
+    rows = decode_speed(base, args.contexts, args.new_tokens, args.repeats, args.prompt_tokens,
+                        bandwidth, progress=True, compile=args.compile)
+    note = None if bandwidth else (f"memory bandwidth of {base.device} unknown: pass "
+                                   "--bandwidth-gbs for the floor")
+    tables = [table(rows, [("context", _cell("context_tokens")),
+                           ("ms/token", _cell("ms_per_token", ".2f")),
+                           ("weights MB", lambda r: f"{r['weight_bytes'] / 1e6:.1f}"),
+                           ("KV MB", lambda r: f"{r['kv_bytes'] / 1e6:.1f}"),
+                           ("floor ms", _cell("floor_ms_per_token", ".2f")),
+                           ("share of floor", _cell("share_of_floor", ".1%"))])]
+    if note:
+        tables.append(note)
+    emit(_bench_result(args, base, rows=rows, note=note), tables, args.out)
+    return 0
+
+
+def _add_bench_commands(commands) -> None:
+    bench = commands.add_parser("bench", help="speed and memory: text vs shared mode (and "
+                                "PEFT + generate), JSON and plots")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+
+    def add(name, func, help, repeats):
+        parser = kinds.add_parser(name, help=help)
+        _add_base_arguments(parser)
+        parser.add_argument("--prompt-tokens", type=_positive_int, default=16,
+                            help="virtual tokens of every stage")
+        if repeats is not None:  # a timed benchmark
+            parser.add_argument("--repeats", type=_positive_int, default=repeats,
+                                help="timed runs after a warm-up run (the median is reported)")
+            parser.add_argument("--compile", action="store_true",
+                                help="the engine's compiled decode step (CUDA graphs on a GPU)")
+        parser.add_argument("--out", default=f"runs/bench/{name}.json",
+                            help="JSON record (a plot, if any, beside it as .png)")
+        parser.set_defaults(func=func)
+        return parser
+
+    latency = add("latency", cmd_bench_latency, "stage-B latency and time to first token "
+                  "against intermediate length, batch 1", 3)
+    latency.add_argument("--lengths", type=_positive_int, nargs="+",
+                         default=[250, 500, 1000, 3000], help="intermediate tokens")
+    latency.add_argument("--new-tokens", type=_positive_int, default=16)
+    latency.add_argument("--systems", nargs="+", choices=("shared", "text", "hf-peft"),
+                         default=["shared", "text", "hf-peft"])
+
+    memory = add("memory", cmd_bench_memory, "KV memory: multi-round chains of 1, 2, 3 "
+                 "stages; compress -> QA", None)
+    memory.add_argument("--stages", type=_positive_int, nargs="+", default=[1, 2, 3])
+    memory.add_argument("--total-tokens", type=_positive_int, default=1000,
+                        help="tokens the multi-round chain generates in all")
+    memory.add_argument("--rounds", type=_positive_int, default=2)
+    memory.add_argument("--passage-tokens", type=_positive_int, default=800,
+                        help="compress -> QA: stage A's passages")
+    memory.add_argument("--compression-tokens", type=_positive_int, default=150)
+    memory.add_argument("--answer-tokens", type=_positive_int, default=16)
+
+    throughput = add("throughput", cmd_bench_throughput, "requests/s and tokens/s of a "
+                     "2-stage chain's stage B against batch size", 2)
+    throughput.add_argument("--batch-sizes", type=_positive_int, nargs="+",
+                            default=[1, 8, 32, 64])
+    throughput.add_argument("--intermediate-tokens", type=_positive_int, default=1000,
+                            help="stage A's output, given")
+    throughput.add_argument("--new-tokens", type=_positive_int, default=16)
+
+    decode = add("decode", cmd_bench_decode, "ms per decoded token (batch 1) against the "
+                 "memory-bandwidth floor", 3)
+    decode.add_argument("--contexts", type=_positive_int, nargs="+", default=[1000],
+                        help="context tokens before the decoded ones")
+    decode.add_argument("--new-tokens", type=_positive_int, default=64)
+    decode.add_argument("--bandwidth-gbs", type=_positive_float, default=None,
+                        help="device memory bandwidth, GB/s (default: known GPUs by name)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,14 +524,17 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--out", required=True)
     create.set_defaults(func=cmd_stage_create)
+
+    _add_bench_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `fthss bench`
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"fthss {args.command}: error: {err}", file=sys.stderr)
         return 2
 

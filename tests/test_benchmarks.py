@@ -1,12 +1,24 @@
-"""Latency and memory measurements: the right rows, exact generation lengths, and cache bytes
-that match the per-token formula (one cache in shared mode, one per stage in text mode)."""
+"""Benchmarks: the right rows, exact generation lengths, cache bytes that match the per-token
+formula (one cache in shared mode, one per stage in text mode), and every `fthss bench` command
+writing the JSON it documents. Nothing here asserts a speed-up: timings depend on the machine."""
+
+import json
+
+import pytest
+import torch
 
 from fthss.benchmarks.chains import (
+    QUESTION,
     bytes_per_token,
     filler_text,
-    kv_memory,
     stage_b_latency,
 )
+from fthss.cli import main
+from fthss.models.presets import tiny_base
+
+RECORD_KEYS = {"benchmark", "command", "date", "device", "device_name", "torch_threads", "torch",
+               "transformers", "peft", "dtype", "parameters", "settings"}
+PROMPT = 4
 
 
 def test_filler_text_has_about_the_asked_length(llama):
@@ -25,16 +37,114 @@ def test_stage_b_latency_rows(llama):
     assert shared[80] == shared[20] <= 2  # shared mode: the step marker (and A's last token)
 
 
-def test_kv_memory_one_cache_shared_one_per_stage_text(llama):
-    rows = {(r["stages"], r["mode"]): r for r in kv_memory(llama, [1, 2, 3], 48, prompt_tokens=2)}
+def bench(tmp_path, capsys, *options) -> dict:
+    """Run `fthss bench ...` on tiny-llama; the JSON file and stdout's last line must agree."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", *options, "--arch", "tiny-llama", "--prompt-tokens", str(PROMPT),
+            "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert RECORD_KEYS <= set(result)
+    assert result["benchmark"] == options[0] and result["command"] == "fthss " + " ".join(argv)
+    assert result["settings"]["arch"] == "tiny-llama" and result["dtype"] == "float32"
+    return result
+
+
+def test_bench_latency_three_systems_side_by_side(tmp_path, capsys, llama):
+    result = bench(tmp_path, capsys, "latency", "--lengths", "32", "64", "--new-tokens", "2",
+                   "--repeats", "1")
+    rows = {(r["mode"], r["intermediate_tokens"]): r for r in result["rows"]}
+    assert set(rows) == {(m, n) for m in ("shared", "text", "hf-peft") for n in (32, 64)}
+    assert all(r["new_tokens"] == 2 and 0 < r["ttft_s"] <= r["latency_s"] for r in rows.values())
+    for length in (32, 64):  # PEFT re-encodes question and intermediate under its prompt
+        text = f"{QUESTION}\n{filler_text(llama, length)}"
+        input_tokens = len(llama.tokenizer(text).input_ids)
+        assert rows["hf-peft", length]["prefilled_tokens"] == input_tokens + PROMPT
+    assert [r["intermediate_tokens"] for r in result["ratios"]] == [32, 64]
+    assert set(result["ratios"][0]["latency_ratio"]) == {"text", "hf-peft"}
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bench_latency_refuses_a_length_past_the_positions(tmp_path, capsys):
+    argv = ["bench", "latency", "--arch", "tiny-llama", "--lengths", "5000", "--systems", "shared",
+            "--out", str(tmp_path / "x.json")]
+    assert main(argv) == 2
+    assert "intermediate length 5000" in capsys.readouterr().err
+
+
+def test_bench_latency_names_the_missing_peft(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "peft", None)  # import peft now fails
+    argv = ["bench", "latency", "--arch", "tiny-llama", "--lengths", "8", "--new-tokens", "2",
+            "--repeats", "1", "--systems", "hf-peft", "--out", str(tmp_path / "x.json")]
+    assert main(argv) == 2
+    assert "fthss[bench]" in capsys.readouterr().err
+
+
+def test_bench_memory_one_copy_shared_one_per_stage_text(tmp_path, capsys, llama, monkeypatch):
+    from fthss.engine import cache
+
+    monkeypatch.setattr(cache, "BLOCK", 16)  # so that 40 passage tokens are worth freeing
+    result = bench(tmp_path, capsys, "memory", "--total-tokens", "48", "--passage-tokens", "40",
+                   "--compression-tokens", "6", "--answer-tokens", "2")
+    rows = {(r["stages"], r["mode"]): r for r in result["multi_round"]}
     per_token = bytes_per_token(llama)
-    for count in (1, 2, 3):
-        shared, text = rows[count, "shared"], rows[count, "text"]
-        # shared: the prompts and the whole chain but its last token, in one cache
-        assert shared["kv_tokens"] == 2 * count + shared["chain_tokens"] - 1
-        assert shared["kv_bytes"] == shared["kv_tokens"] * per_token
-        if count == 1:
-            assert text["kv_bytes"] <= shared["kv_bytes"]
-        else:  # every stage keeps its own copy of the context it re-encoded
-            assert text["kv_bytes"] > shared["kv_bytes"]
-    assert rows[3, "text"]["kv_bytes"] > rows[2, "text"]["kv_bytes"]
+    shared = [rows[count, "shared"] for count in (1, 2, 3)]
+    for count, row in enumerate(shared, 1):
+        assert row["kv_bytes"] == row["kv_tokens"] * per_token
+        assert row["kv_tokens"] <= PROMPT * count + row["chain_tokens"]
+    # shared: the chain once whatever the number of stages; what differs is each stage's
+    # prompt and the steps' markers (2 rounds × stages of them)
+    spread = max(r["kv_tokens"] for r in shared) - min(r["kv_tokens"] for r in shared)
+    assert spread <= 3 * PROMPT + 2 * 3
+    # text: every stage keeps its own copy of the context it re-encoded
+    text = [rows[count, "text"]["kv_bytes"] for count in (1, 2, 3)]
+    assert text[0] < text[1] < text[2] and text[2] > 2 * shared[2]["kv_bytes"]
+    compress = {r["mode"]: r for r in result["compress_qa"]}
+    assert set(compress) == {"text", "shared"}
+    for row in compress.values():
+        assert row["passage_tokens"] == 40
+        assert row["kv_bytes_during_b"] == row["kv_tokens_during_b"] * per_token
+        assert 0 <= row["passage_tokens_held_during_b"] <= row["passage_tokens"]
+    # text mode keeps stage A's cache, passages and all, beside stage B's; shared mode frees
+    # the passages once no later step can see them
+    assert compress["text"]["passage_tokens_held_during_b"] == 40
+    assert compress["shared"]["passage_tokens_held_during_b"] == 0
+    assert compress["shared"]["kv_bytes_during_b"] < compress["text"]["kv_bytes_during_b"]
+
+
+def test_bench_throughput_rows_and_ratio(tmp_path, capsys):
+    result = bench(tmp_path, capsys, "throughput", "--batch-sizes", "1", "3",
+                   "--intermediate-tokens", "24", "--new-tokens", "2", "--repeats", "1")
+    rows = {(r["batch"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {(b, m) for b in (1, 3) for m in ("text", "shared")}
+    for (batch, _), row in rows.items():
+        assert row["requests_per_s"] == pytest.approx(batch / row["stage_b_s"])
+        assert row["tokens_per_s"] == pytest.approx(2 * batch / row["stage_b_s"])
+    assert [r["batch"] for r in result["ratios"]] == [1, 3]
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bench_decode_floor_only_with_a_known_bandwidth(tmp_path, capsys):
+    unknown = bench(tmp_path, capsys, "decode", "--contexts", "16", "--new-tokens", "3",
+                    "--repeats", "1")
+    row = unknown["rows"][0]
+    assert row["ms_per_token"] > 0 and row["floor_ms_per_token"] is None
+    assert "--bandwidth-gbs" in unknown["note"]
+    known = bench(tmp_path, capsys, "decode", "--contexts", "16", "--new-tokens", "3",
+                  "--repeats", "1", "--bandwidth-gbs", "20")
+    row = known["rows"][0]
+    assert known["note"] is None
+    assert row["floor_ms_per_token"] == pytest.approx(
+        1000 * (row["weight_bytes"] + row["kv_bytes"]) / 20e9)
+    assert row["share_of_floor"] == pytest.approx(row["floor_ms_per_token"] / row["ms_per_token"])
+
+
+@pytest.mark.parametrize("preset, parameters", [("llama3-8b", 8_030_261_248),
+                                                ("qwen2.5-7b", 7_615_616_512)])
+def test_large_presets_have_the_real_shapes_and_build_on_meta(preset, parameters):
+    base = tiny_base(preset, dtype=torch.bfloat16, device="meta")
+    weights = list(base.model.parameters())
+    assert all(p.is_meta for p in weights)  # nothing allocated
+    assert sum(p.numel() for p in weights) == parameters
+    assert base.dtype == torch.bfloat16 and base.position_limit >= 8192

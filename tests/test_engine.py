@@ -4,7 +4,6 @@ limits and stop strings, the between-steps callable, statistics and clear errors
 import pytest
 import torch
 
-from fthss.engine.cache import SequenceTooLongError
 from fthss.engine.engine import ChainEngine
 from fthss.layout.chain import ChainSample, Step
 from fthss.prompts.stage import Stage, StageConfig
@@ -27,7 +26,12 @@ def slot_bytes(base):  # K and V of one token in every layer, fp32
     return base.num_layers * 2 * base.num_kv_heads * base.head_dim * 4
 
 
-def test_shared_mode_holds_one_cache_of_the_request_size(llama, three_stages):
+def test_shared_mode_holds_one_cache_of_the_request_size(llama, three_stages, monkeypatch):
+    from fthss.engine import cache
+
+    # with blocks of 256 slots, a few step markers are not worth a copy: they stay, masked
+    kept = ChainEngine(llama, three_stages).run([multi_round()], "shared")[0]
+    monkeypatch.setattr(cache, "BLOCK", 1)  # every freed slot gives back memory: none is kept
     result = ChainEngine(llama, three_stages).run([multi_round()], "shared")[0]
     tokens = result.tokens
     prompts = 3 + 4 + 2
@@ -41,7 +45,12 @@ def test_shared_mode_holds_one_cache_of_the_request_size(llama, three_stages):
                 + len(own.input_ids) + len(own.output_ids) - 1)
         assert step.stats.kv_tokens == held, k
         assert step.stats.kv_bytes == held * slot_bytes(llama)
-        assert step.stats.kv_bytes_allocated >= step.stats.kv_bytes
+        # reserved ahead: room for the step's whole generation (the last token is not in)
+        assert step.stats.kv_bytes_allocated == (held + 1) * slot_bytes(llama)
+    assert [s.output_ids for s in kept.steps] == [s.output_ids for s in result.steps]
+    content = len(tokens.shared_ids) + sum(len(s.input_ids) + len(s.output_ids) for s in tokens.steps)
+    assert kept.steps[-1].stats.kv_tokens == prompts + content - 1
+    assert kept.steps[-1].stats.kv_bytes_allocated == 256 * slot_bytes(llama)
 
 
 def test_shared_mode_frees_what_no_later_step_sees(llama, three_stages):
@@ -132,8 +141,8 @@ def test_clear_errors(llama, three_stages):
         engine.run([ChainSample("q", [Step("Z")], id="7")])
     with pytest.raises(ValueError, match="unknown mode"):
         engine.run([multi_round()], mode="fast")
-    with pytest.raises(SequenceTooLongError, match="positions"):
-        engine.run([ChainSample("x" * 5000, [Step("A")])])
+    [failed] = engine.run([ChainSample("x" * 5000, [Step("A")])])
+    assert "step 0 (A): needs position" in failed.error and failed.output == ""
 
 
 def test_identical_requests_in_one_batch_and_stop_token_ids(llama, three_stages):
@@ -234,3 +243,28 @@ def test_a_long_prefill_in_pieces_gives_the_same_logits(llama, three_stages, mon
         assert [s.output_ids for s in a.steps] == [s.output_ids for s in b.steps]
         for x, y in zip(a.steps, b.steps):
             torch.testing.assert_close(x.scores, y.scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["shared", "text"])
+def test_a_request_over_a_limit_fails_alone(llama, three_stages, mode):
+    """Past the base's positions (at step 0, or only at its second step) or over the cache
+    budget: that request fails with an error naming the step; its batch-mates give the outputs
+    they give without it."""
+    fine = [multi_round(), ChainSample("q", [Step("A", input="d", max_new_tokens=5), Step("C")])]
+    too_long = ChainSample("x " * 3000, [Step("A")], id="long")
+    long_later = ChainSample("q", [Step("A", max_new_tokens=2), Step("B", input="y " * 3000)],
+                             id="later")
+    engine = ChainEngine(llama, three_stages, max_new_tokens=6, batch_size=4)
+    alone = engine.run(fine, mode)
+    mixed = engine.run([fine[0], too_long, long_later, fine[1]], mode)
+    assert [[s.output_ids for s in r.steps] for r in (mixed[0], mixed[3])] == \
+           [[s.output_ids for s in r.steps] for r in alone]
+    assert mixed[0].error is None and mixed[3].error is None
+    assert "step 0 (A): needs position" in mixed[1].error and not mixed[1].steps
+    assert "step 1 (B): needs position" in mixed[2].error and len(mixed[2].steps) == 1
+    big = ChainSample("q " * 40, [Step("A")])
+    budget = ChainEngine(llama, three_stages, max_new_tokens=6, batch_size=4,
+                         max_request_tokens=36).run([big, fine[1]], mode)
+    assert "step 0 (A): would hold" in budget[0].error and "budget of 36" in budget[0].error
+    assert budget[1].error is None
+    assert [s.output_ids for s in budget[1].steps] == [s.output_ids for s in alone[1].steps]

@@ -1,31 +1,41 @@
-"""Latency and KV memory of a chain, text mode against shared mode, measured on the engine.
+"""Latency, throughput and KV memory of chains, text mode against shared mode, measured on the
+engine.
 
 `stage_b_latency`: the paper's Table 5 (top). Stage A has written an intermediate of L tokens;
 stage B then writes exactly `new_tokens` tokens. In text mode B must first re-encode the
 question and those L tokens; in shared mode it reads the K/V A already wrote, so its latency
 should not grow with L. Medians over repeated runs after a warm-up run.
 
+`throughput`: beyond the paper. The same two-stage chain for a batch of requests: stage B's
+requests/s and generated tokens/s. Text mode prefills batch × L tokens, shared mode only decodes.
+
 `kv_memory`: the paper's Table 5 (bottom). A multi-round chain over 1, 2, 3, ... stages, every
 step generating the same number of tokens up to a fixed total: shared mode holds one cache per
-request whatever the number of stages; text mode keeps one per stage. Bytes are read from the
-cache tensors the engine allocated, and checked against the per-token formula.
+request whatever the number of stages; text mode keeps one per stage.
 
-Weights do not change these figures (only shapes do), so the stages are freshly initialised.
+`compress_qa_memory`: compress -> QA. Stage A reads passages no later step can see and writes a
+compression; what is held after A and during B, and how many passage tokens are still held.
+
+Bytes are read from the cache tensors the engine allocated, and checked against the per-token
+formula. Weights do not change these figures (only shapes do), so the stages are freshly
+initialised.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
+from tqdm.auto import tqdm
 
-from fthss import plots
-from fthss.engine.engine import ChainEngine
+from fthss.engine.engine import ChainEngine, StepStats
 from fthss.layout.chain import ChainSample, Step
 from fthss.models.base import BaseModel
 from fthss.prompts.stage import Stage, StageConfig
 
 QUESTION = "What does the passage say?"
+MODES = ("text", "shared")
 
 
 def filler_text(base: BaseModel, length: int, seed: int = 0) -> str:
@@ -48,49 +58,136 @@ def bytes_per_token(base: BaseModel) -> int:
     return base.num_layers * 2 * base.num_kv_heads * base.head_dim * element
 
 
-def _stages(base: BaseModel, names: list[str], prompt_tokens: int) -> list[Stage]:
-    return [Stage.create(StageConfig(name, "prompt", prompt_tokens), base, seed=i)
-            for i, name in enumerate(names)]
+def bench_engine(base: BaseModel, names: list[str], prompt_tokens: int, batch_size: int = 8,
+                 compile: bool = False) -> ChainEngine:
+    """The engine every benchmark runs, with untrained prompt stages `names` (weights change
+    neither speed nor memory); `compile`: a compiled decode step (CUDA graphs on a GPU)."""
+    stages = [Stage.create(StageConfig(name, "prompt", prompt_tokens), base, seed=i)
+              for i, name in enumerate(names)]
+    return ChainEngine(base, stages, batch_size=batch_size, compile=compile)
+
+
+def stage_b_request(base: BaseModel, intermediate_tokens: int, new_tokens: int,
+                    prompt_tokens: int) -> ChainSample:
+    """The question, stage A's output given (`intermediate_tokens` of filler), and stage B
+    writing exactly `new_tokens`. Refuses a chain longer than the base's positions."""
+    # prompt slots, BOS + question, two step markers, A's output + EOS, B's output
+    needed = (prompt_tokens + len(base.tokenizer.encode(QUESTION, add_special_tokens=False))
+              + intermediate_tokens + new_tokens + 4)
+    if needed > base.position_limit:
+        raise ValueError(f"intermediate length {intermediate_tokens}: the chain needs {needed} "
+                         f"positions, the base has {base.position_limit}")
+    return ChainSample(QUESTION, [
+        Step("A", output=filler_text(base, intermediate_tokens)),
+        Step("B", max_new_tokens=new_tokens, min_new_tokens=new_tokens)])
+
+
+def latency_row(length: int, mode: str, new_tokens: int, wall_s: list[float],
+                ttft_s: list[float], prefilled_tokens: int) -> dict:
+    """One system at one intermediate length: medians of the timed runs."""
+    return {"intermediate_tokens": length, "mode": mode, "new_tokens": new_tokens,
+            "latency_s": statistics.median(wall_s), "ttft_s": statistics.median(ttft_s),
+            "prefilled_tokens": prefilled_tokens, "repeats": len(wall_s)}
 
 
 def stage_b_latency(base: BaseModel, lengths: list[int], new_tokens: int = 16, repeats: int = 3,
-                    prompt_tokens: int = 16, modes: tuple[str, ...] = ("text", "shared")
-                    ) -> list[dict]:
+                    prompt_tokens: int = 16, modes: tuple[str, ...] = MODES,
+                    progress: bool = False, compile: bool = False) -> list[dict]:
     """One row per (intermediate length, mode): stage B's median latency and time to first
     token over `repeats` runs, after one warm-up run, batch 1."""
-    engine = ChainEngine(base, _stages(base, ["A", "B"], prompt_tokens))
+    engine = bench_engine(base, ["A", "B"], prompt_tokens, compile=compile)
+    requests = {n: stage_b_request(base, n, new_tokens, prompt_tokens) for n in lengths}
     rows = []
-    for length in lengths:
-        request = ChainSample(QUESTION, [
-            Step("A", output=filler_text(base, length)),
-            Step("B", max_new_tokens=new_tokens, min_new_tokens=new_tokens)])
-        for mode in modes:
-            runs = [engine.run([request], mode)[0].steps[1].stats for _ in range(repeats + 1)][1:]
-            rows.append({"intermediate_tokens": length, "mode": mode, "new_tokens": new_tokens,
-                         "latency_s": statistics.median(r.wall_s for r in runs),
-                         "ttft_s": statistics.median(r.time_to_first_token_s for r in runs),
-                         "prefilled_tokens": runs[0].prefilled_tokens, "repeats": repeats})
+    cases = [(length, mode) for length in lengths for mode in modes]
+    for length, mode in tqdm(cases, desc="stage-B latency", disable=not progress):
+        runs = [engine.run([requests[length]], mode)[0].steps[1].stats
+                for _ in range(repeats + 1)][1:]
+        rows.append(latency_row(length, mode, new_tokens, [r.wall_s for r in runs],
+                                [r.time_to_first_token_s for r in runs],
+                                runs[0].prefilled_tokens))
     return rows
 
 
+def latency_ratios(rows: list[dict]) -> list[dict]:
+    """Per intermediate length: each other system's latency and time to first token over
+    shared mode's, taken from the same run."""
+    ratios = []
+    for length in dict.fromkeys(r["intermediate_tokens"] for r in rows):
+        at = {r["mode"]: r for r in rows if r["intermediate_tokens"] == length}
+        if "shared" not in at:
+            continue
+        shared = at.pop("shared")  # `at` keeps the other systems
+        ratios.append({"intermediate_tokens": length,
+                       "latency_ratio": {m: r["latency_s"] / shared["latency_s"]
+                                         for m, r in at.items()},
+                       "ttft_ratio": {m: r["ttft_s"] / shared["ttft_s"] for m, r in at.items()}})
+    return ratios
+
+
+def throughput(base: BaseModel, batch_sizes: list[int], intermediate_tokens: int = 1000,
+               new_tokens: int = 16, repeats: int = 1, prompt_tokens: int = 16,
+               modes: tuple[str, ...] = MODES, progress: bool = False,
+               compile: bool = False) -> list[dict]:
+    """One row per (batch size, mode): a batch of requests whose stage A wrote
+    `intermediate_tokens`, run together; stage B's requests/s and generated tokens/s (medians
+    after a warm-up run). `chain_s` also counts step A, where shared mode encodes the given
+    intermediate (a real stage A would have encoded it while writing it)."""
+    request = stage_b_request(base, intermediate_tokens, new_tokens, prompt_tokens)
+    rows = []
+    cases = [(batch, mode) for batch in batch_sizes for mode in modes]
+    for batch, mode in tqdm(cases, desc="throughput", disable=not progress):
+        engine = bench_engine(base, ["A", "B"], prompt_tokens, batch, compile)
+        stage_b, chain = [], []
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            results = engine.run([request] * batch, mode)
+            chain.append(time.perf_counter() - started)
+            # every row of a batch finishes step B together
+            stage_b.append(max(r.steps[1].stats.wall_s for r in results))
+        decoded = sum(r.steps[1].stats.decoded_tokens for r in results)
+        seconds = statistics.median(stage_b[1:])
+        rows.append({"batch": batch, "mode": mode, "intermediate_tokens": intermediate_tokens,
+                     "new_tokens": new_tokens, "stage_b_s": seconds,
+                     "requests_per_s": batch / seconds, "tokens_per_s": decoded / seconds,
+                     "chain_s": statistics.median(chain[1:]), "repeats": repeats})
+    return rows
+
+
+def throughput_ratios(rows: list[dict]) -> list[dict]:
+    """Per batch size: shared mode's requests/s over text mode's, from the same run."""
+    ratios = []
+    for batch in dict.fromkeys(r["batch"] for r in rows):
+        at = {r["mode"]: r for r in rows if r["batch"] == batch}
+        if set(MODES) <= set(at):
+            ratios.append({"batch": batch, "requests_ratio":
+                           at["shared"]["requests_per_s"] / at["text"]["requests_per_s"]})
+    return ratios
+
+
+def _checked(base: BaseModel, mode: str, stats: StepStats) -> StepStats:
+    """The step's cache bytes, checked against tokens held × bytes per token."""
+    if stats.kv_bytes != stats.kv_tokens * bytes_per_token(base):
+        raise AssertionError(f"{mode} mode: the cache holds {stats.kv_bytes} bytes, the "
+                             f"formula gives {stats.kv_tokens} tokens × "
+                             f"{bytes_per_token(base)} bytes")
+    return stats
+
+
 def kv_memory(base: BaseModel, stage_counts: list[int], total_tokens: int = 1000,
-              rounds: int = 2, prompt_tokens: int = 16) -> list[dict]:
+              rounds: int = 2, prompt_tokens: int = 16, progress: bool = False) -> list[dict]:
     """One row per (number of stages, mode): the most K/V bytes held during the chain."""
     rows = []
-    for count in stage_counts:
+    for count in tqdm(stage_counts, desc="multi-round KV", disable=not progress):
         names = [chr(ord("A") + i) for i in range(count)]
         per_step = max(1, total_tokens // (rounds * count))
         request = ChainSample(QUESTION, [
             Step(name, max_new_tokens=per_step, min_new_tokens=per_step)
             for _ in range(rounds) for name in names])
-        engine = ChainEngine(base, _stages(base, names, prompt_tokens))
-        for mode in ("text", "shared"):
+        engine = bench_engine(base, names, prompt_tokens)
+        for mode in MODES:
             result = engine.run([request], mode)[0]
-            held = max(result.steps, key=lambda s: s.stats.kv_bytes).stats
-            if held.kv_bytes != held.kv_tokens * bytes_per_token(base):
-                raise AssertionError(f"{mode} mode: the cache holds {held.kv_bytes} bytes, the "
-                                     f"formula gives {held.kv_tokens} tokens × "
-                                     f"{bytes_per_token(base)} bytes")
+            held = _checked(base, mode, max((s.stats for s in result.steps),
+                                            key=lambda stats: stats.kv_bytes))
             rows.append({"stages": count, "mode": mode, "rounds": rounds,
                          "chain_tokens": len(result.tokens.shared_ids) + sum(
                              len(s.input_ids) + len(s.output_ids) for s in result.tokens.steps),
@@ -98,24 +195,35 @@ def kv_memory(base: BaseModel, stage_counts: list[int], total_tokens: int = 1000
     return rows
 
 
-def plot(latency: list[dict], memory: list[dict], path) -> None:
-    """Stage-B latency against intermediate length, and KV memory against stages."""
-    fig, (left, right) = plots.subplots(1, 2, figsize=(10, 3.8))
-    for mode, colour in (("text", "#c55"), ("shared", "#3a7")):
-        rows = [r for r in latency if r["mode"] == mode]
-        left.plot([r["intermediate_tokens"] for r in rows], [1000 * r["latency_s"] for r in rows],
-                  "o-", color=colour, label=f"{mode}: latency")
-        left.plot([r["intermediate_tokens"] for r in rows], [1000 * r["ttft_s"] for r in rows],
-                  "x--", color=colour, label=f"{mode}: first token")
-    left.set(xlabel="intermediate tokens (stage A's output)", ylabel="stage B, ms",
-             title="Stage-B latency")
-    left.legend(fontsize=8)
-    counts = sorted({r["stages"] for r in memory})
-    for offset, (mode, colour) in zip((-0.2, 0.2), (("text", "#c55"), ("shared", "#3a7"))):
-        rows = {r["stages"]: r for r in memory if r["mode"] == mode}
-        right.bar([c + offset for c in counts], [rows[c]["kv_bytes"] / 2**20 for c in counts],
-                  width=0.4, color=colour, label=mode)
-    right.set(xticks=counts, xlabel="stages in the multi-round chain", ylabel="KV MiB held",
-              title="KV memory")
-    right.legend(fontsize=8)
-    plots.save(fig, path)
+def compress_qa_memory(base: BaseModel, passage_tokens: int = 800, compression_tokens: int = 150,
+                       answer_tokens: int = 16, prompt_tokens: int = 16,
+                       progress: bool = False) -> list[dict]:
+    """One row per mode: K/V held at the end of stage A (which reads passages and writes a
+    compression) and at the end of stage B (which answers from the question and the
+    compression), and how many passage tokens are still held then: tokens held beyond those of
+    the same chain run with no passages (at least 0: freeing the passages frees stage A's
+    one-token step marker too, which the run without passages keeps: too small to free)."""
+    engine = bench_engine(base, ["A", "B"], prompt_tokens)
+    passages = filler_text(base, passage_tokens)
+
+    def chain(passages):
+        return ChainSample(QUESTION, [
+            Step("A", input=passages, max_new_tokens=compression_tokens,
+                 min_new_tokens=compression_tokens),
+            Step("B", max_new_tokens=answer_tokens, min_new_tokens=answer_tokens)])
+
+    rows = []
+    for mode in tqdm(MODES, desc="compress -> QA KV", disable=not progress):
+        after_a, during_b = (_checked(base, mode, s.stats)
+                             for s in engine.run([chain(passages)], mode)[0].steps)
+        bare_a, bare_b = (s.stats for s in engine.run([chain(None)], mode)[0].steps)
+        rows.append({"mode": mode,
+                     "passage_tokens": len(base.tokenizer.encode(passages,
+                                                                 add_special_tokens=False)),
+                     "compression_tokens": compression_tokens, "answer_tokens": answer_tokens,
+                     "kv_tokens_after_a": after_a.kv_tokens, "kv_bytes_after_a": after_a.kv_bytes,
+                     "kv_tokens_during_b": during_b.kv_tokens,
+                     "kv_bytes_during_b": during_b.kv_bytes,
+                     "passage_tokens_held_after_a": max(0, after_a.kv_tokens - bare_a.kv_tokens),
+                     "passage_tokens_held_during_b": max(0, during_b.kv_tokens - bare_b.kv_tokens)})
+    return rows

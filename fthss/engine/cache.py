@@ -61,6 +61,11 @@ class SlotCache(DynamicCache):
         return self.keys[layer_idx], self.values[layer_idx]
 
 
+def _blocks(columns: int) -> int:
+    """The capacity that holds `columns`: a whole number of blocks, at least one."""
+    return -(-max(columns, 1) // BLOCK) * BLOCK
+
+
 def _static(tensor: torch.Tensor) -> torch.Tensor:
     """Allocated eagerly and marked static, so a CUDA graph may write into it in place (a
     tensor first allocated inside a graph would be overwritten by the next replay)."""
@@ -155,7 +160,7 @@ class ChainCache:
     def _resize(self, needed: int) -> None:
         """Make the capacity the smallest multiple of BLOCK that holds `needed` columns,
         keeping the first `self.length` (those in use)."""
-        capacity = -(-max(needed, 1) // BLOCK) * BLOCK
+        capacity = _blocks(needed)
         if capacity == self.capacity:
             return
         keep = min(self.length, capacity)
@@ -279,16 +284,18 @@ class ChainCache:
 
     def free_hidden(self, next_step: int) -> None:
         """Drop every slot no step from `next_step` on can see: padding, and inputs of earlier
-        steps not marked visible downstream. Each row keeps its other slots in order (K/V keep
-        their rotations: positions are not slots), and the capacity shrinks to fit."""
+        steps not marked visible downstream, once that gives back at least one block. Each row
+        keeps its other slots in order (K/V keep their rotations: positions are not slots),
+        and the capacity shrinks to fit. Slots left in place stay masked."""
         kind, step, visible = self.slots.kind, self.slots.step, self.slots.visible
         used = torch.arange(self.capacity, device=kind.device) < self.length
         dead = (kind == Kind.PAD) | ((kind == Kind.INPUT) & ~visible & (step < next_step))
         keep = used & ~dead
         counts = keep.sum(dim=1)
         new_length = int(counts.max())
-        if new_length == self.length:
-            return
+        if _blocks(new_length) >= self.capacity:
+            return  # no block to give back: a copy would cost time and free nothing
+
         # per row, the kept columns first, in order (a stable sort on "dropped")
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :new_length]
         filled = torch.arange(new_length, device=kind.device)[None] < counts[:, None]

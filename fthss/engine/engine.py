@@ -76,13 +76,14 @@ class ChainResult:
     mode: str
     steps: list[StepResult]
     tokens: TokenChain  # every token the chain ran on, as the one-pass layout takes it
+    error: str | None = None  # why the request stopped early (its batch-mates went on)
 
     @property
     def output(self) -> str:
-        return self.steps[-1].output
+        return self.steps[-1].output if self.steps and self.error is None else ""
 
     def to_json(self) -> dict:
-        return {"id": self.id, "mode": self.mode, "output": self.output,
+        return {"id": self.id, "mode": self.mode, "output": self.output, "error": self.error,
                 "steps": [{"stage": s.stage, "input": s.input, "output": s.output,
                            "stats": vars(s.stats)} for s in self.steps]}
 
@@ -97,16 +98,19 @@ class _Row:
     tokens: TokenChain
     pending: list[tuple[int, Meta]] = field(default_factory=list)  # generated, not yet encoded
     results: list[StepResult] = field(default_factory=list)
-    ended: bool = False  # the between-steps callable ended this chain
+    ended: bool = False  # the between-steps callable ended this chain, or it failed
+    error: str | None = None
 
 
 class ChainEngine:
     def __init__(self, base: BaseModel, stages: list[Stage], max_new_tokens: int = 64,
                  batch_size: int = 8, step_marker_id: int | None = None, check_every: int = 8,
-                 compile: bool = False):
+                 compile: bool = False, max_request_tokens: int | None = None):
         """`check_every`: decoded tokens between the host's looks at a batch (for stop strings
         and the end of the step); outputs do not depend on it. `compile`: compile the decode
-        step (with CUDA graphs on a GPU), see `compiled_decode_step`."""
+        step (with CUDA graphs on a GPU), see `compiled_decode_step`. `max_request_tokens`:
+        the most K/V slots one request may hold (prompt slots included); a request that would
+        need more fails alone, as one past the base's positions does."""
         self.base = base
         self.stages = {stage.name: stage for stage in stages}
         if len(self.stages) != len(stages):
@@ -120,6 +124,7 @@ class ChainEngine:
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
         self.check_every = check_every
+        self.max_request_tokens = max_request_tokens
         self.decode_step = compiled_decode_step(base) if compile else None
         self._prompt_caches: dict[tuple[str, int], list[LayerKV]] = {}
 
@@ -151,7 +156,8 @@ class ChainEngine:
                 rows = [_Row(i, r, sampling.generator(start + i), TokenChain([], []))
                         for i, r in enumerate(requests[start:start + self.batch_size])]
                 self._run_batch(rows, mode, sampling, step_input, output_scores)
-                results += [ChainResult(r.request.id, mode, r.results, r.tokens) for r in rows]
+                results += [ChainResult(r.request.id, mode, r.results, r.tokens, r.error)
+                            for r in rows]
         return results
 
     def _run_batch(self, rows, mode, sampling, step_input, output_scores):
@@ -180,11 +186,14 @@ class ChainEngine:
                 cache_ids = {name: i for i, name in enumerate(step_names)}
                 held.update({name: cache for name in step_names})
             chunks = {id(row): self._step_chunk(row, k, mode, cache_ids) for row in active}
+            active = self._within_limits(cache, active, chunks, k)
             ids, meta = self._pad([chunks.get(id(row), []) for row in rows])
             logits = cache.append(ids, meta, last_only=True)
             if mode == "shared":  # the last token of step k-1 is in: free what no step from k sees
                 cache.free_hidden(k)
             generating = [row for row in active if row.request.steps[k].output is None]
+            if not active:
+                continue
             outputs = self._decode(cache, logits, rows, generating, k, sampling, output_scores,
                                    cache_ids)
             caches = [shared_cache] if mode == "shared" else list(dict.fromkeys(held.values()))
@@ -203,6 +212,32 @@ class ChainEngine:
                 row.results.append(StepResult(step.stage, row.tokens.steps[k].input_text,
                                               self._output_text(out_ids, step.stop), out_ids,
                                               stats, scores))
+
+    def _within_limits(self, cache, active, chunks, k) -> list:
+        """The rows whose step k fits the base's positions and the per-request cache budget,
+        counting its whole generation; the others fail alone (their chunks are dropped, their
+        results carry the error) and the batch goes on without them."""
+        positions = cache.next_position.tolist()
+        held = cache.tokens_held().tolist()
+        fitting = []
+        for row in active:
+            step = row.request.steps[k]
+            new = len(chunks[id(row)]) + (0 if step.output is not None
+                                          else step.max_new_tokens or self.max_new_tokens)
+            last = positions[row.slot] + new - 1
+            where = f"step {k} ({step.stage})"
+            if last >= self.base.position_limit:
+                row.error = (f"{where}: needs position {last} (prefill + up to {new} tokens) but "
+                             f"the base supports positions < {self.base.position_limit}")
+            elif self.max_request_tokens and held[row.slot] + new > self.max_request_tokens:
+                row.error = (f"{where}: would hold {held[row.slot] + new} K/V slots, over the "
+                             f"cache budget of {self.max_request_tokens} per request")
+            if row.error:
+                row.ended = True
+                chunks[id(row)] = []
+            else:
+                fitting.append(row)
+        return fitting
 
     def _take_input(self, row, k, step_input) -> bool:
         """Record step k's input (and given output) in `row.tokens`; False if the chain ends."""

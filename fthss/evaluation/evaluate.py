@@ -44,9 +44,10 @@ class MethodResult:
     scores: dict[str, list[float]]  # metric -> per-record score (0..1)
     stages: dict[str, dict[str, float]]  # stage -> mean latency, prefill, decode, KV bytes
     predictions: list[str]
+    failed: int = 0  # requests the engine could not run (over a limit): scored as wrong
 
     def summary(self) -> dict:
-        return {"method": self.method, "gold_upstream": self.gold_upstream,
+        return {"method": self.method, "gold_upstream": self.gold_upstream, "failed": self.failed,
                 **{m: 100 * float(np.mean(v)) for m, v in self.scores.items()},
                 "stages": self.stages}
 
@@ -81,7 +82,8 @@ def run_method(base: BaseModel, task: Task, records: list[TaskRecord], method: s
             row["kv_bytes"].append(step.stats.kv_bytes)
     stage_means = {stage: {k: float(np.mean(v)) for k, v in row.items()}
                    for stage, row in per_stage.items()}
-    return MethodResult(method, gold_upstream, dict(scores), stage_means, predictions)
+    return MethodResult(method, gold_upstream, dict(scores), stage_means, predictions,
+                        sum(r.error is not None for r in results))
 
 
 def evaluate(base: BaseModel, task: Task, records: list[TaskRecord],

@@ -114,7 +114,7 @@ def benchmark_markdown(latency: list[dict], memory: list[dict]) -> str:
 def write_report(reports: list[dict], out: str | Path, extra: dict | None = None) -> Path:
     """`extra` (run settings, timings, and `latency`/`memory` rows from
     `fthss.benchmarks.chains`) is stored in report.json and tabled in report.md."""
-    from fthss.benchmarks.chains import plot as plot_benchmarks
+    from fthss.benchmarks.figures import latency_memory
 
     out, extra = Path(out), extra or {}
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ def write_report(reports: list[dict], out: str | Path, extra: dict | None = None
         text += "\n![no tuning / adapt / FTHSS](tuning.png)\n"
     if extra.get("latency") and extra.get("memory"):
         text += benchmark_markdown(extra["latency"], extra["memory"])
-        plot_benchmarks(extra["latency"], extra["memory"], out / "latency_memory.png")
+        latency_memory(extra["latency"], extra["memory"], out / "latency_memory.png")
         text += "\n![latency and memory](latency_memory.png)\n"
     if "wall_s" in extra:
         text += f"\nWall time: {extra['wall_s'] / 60:.1f} min on {extra.get('device', '?')}.\n"

@@ -1,0 +1,69 @@
+"""What every `fthss bench` command records, prints and writes.
+
+A record says where and how its figures were made: device, versions, dtype, model, date and the
+exact command line. The command prints its tables, writes the record as JSON atomically, and
+prints it again as the last line of stdout, for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from fthss.atomic import atomic_write_text
+from fthss.models.base import BaseModel
+
+Column = tuple[str, Callable[[dict], str]]  # header, the cell of a row
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")  # Linux names the CPU model only here
+    if cpuinfo.is_file():
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("model name")), model)
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def record(benchmark: str, argv: list[str], settings: dict, base: BaseModel) -> dict:
+    """Where and how: `settings` are the command's options (the model's among them)."""
+    return {"benchmark": benchmark, "command": shlex.join(["fthss", *argv]),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "device": str(base.device), "device_name": device_name(base.device),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": _version("transformers"), "peft": _version("peft"),
+            "dtype": str(base.dtype).removeprefix("torch."),
+            "parameters": sum(p.numel() for p in base.model.parameters()),
+            "settings": settings}
+
+
+def table(rows: list[dict], columns: list[Column]) -> str:
+    cells = [[header for header, _ in columns]] + [[cell(r) for _, cell in columns] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+
+
+def emit(result: dict, tables: list[str], out: str | Path) -> None:
+    """Print the tables, write `result` to `out` atomically, print it as the last line."""
+    for text in tables:
+        print(text + "\n")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    print(f"-> {out}")
+    print(json.dumps(result))
