@@ -53,12 +53,15 @@ class SlotCache(DynamicCache):
         super().__init__()
         self.keys, self.values = keys, values
         self.start = torch.zeros((), dtype=torch.long, device=keys[0].device)
+        # columns attention reads: the first `read` (eager forwards skip the unwritten ones),
+        # or all of them (None: a compiled step needs the same shapes at every token)
+        self.read: int | None = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         columns = self.start + torch.arange(key_states.shape[2], device=key_states.device)
         self.keys[layer_idx].index_copy_(2, columns, key_states)
         self.values[layer_idx].index_copy_(2, columns, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
+        return self.keys[layer_idx][:, :, : self.read], self.values[layer_idx][:, :, : self.read]
 
 
 def _blocks(columns: int) -> int:
@@ -177,7 +180,11 @@ class ChainCache:
     def reserve(self, columns: int) -> None:
         """Room for `columns` more slots (a step's decoding), so it does not reallocate midway."""
         if self.length + columns > self.capacity:
-            self._resize(self.length + columns)
+            # a quarter more than needed: the next steps' few tokens (a marker, a short answer)
+            # fit without copying the whole cache, and a growing chain copies it a logarithmic
+            # number of times, not once per step
+            needed = self.length + columns
+            self._resize(needed + needed // 4)
 
     def _write(self, meta: TokenMeta) -> None:
         end = self.length + meta.length
@@ -220,9 +227,8 @@ class ChainCache:
         pos = positions(meta, self.next_position)
         self._write(meta)
         written = TokenMeta(*(t[:, : self.length] for t in _fields(self.slots)))
-        mask = torch.zeros(self.batch_size, 1, meta.length, self.capacity, dtype=torch.bool,
-                           device=self.base.device)
-        mask[..., : self.length] = visibility(written, meta.length)
+        mask = visibility(written, meta.length)
+        self.store.read = self.length
         kept, where = torch.unique(at, return_inverse=True) if at is not None else (None, None)
         logits = self.base.forward(self.store, pos, input_ids=input_ids,
                                    attention_mask=self.base.attention_mask(mask), logits_at=kept)
@@ -265,9 +271,13 @@ class ChainCache:
         self.store.start.fill_(column)
         self.length += 1
         pos = self.next_position[:, None]
-        step = self._decode_step or self.base.forward
+        step, mask = self._decode_step, self.decode_mask
+        self.store.read = None
+        if step is None:  # eager: read only the columns written
+            step, mask = self.base.forward, mask[..., : self.length]
+            self.store.read = self.length
         logits = step(self.store, pos, input_ids=tokens[:, None],
-                      attention_mask=self.base.attention_mask(self.decode_mask))
+                      attention_mask=self.base.attention_mask(mask))
         self.next_position = self.next_position + live.long()
         return logits[:, -1]
 
