@@ -30,6 +30,30 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _skip_report(args):
+    """`--skip-bad`: bad records are reported and counted (`fthss.datafiles.SkipReport`)."""
+    from fthss.datafiles import SkipReport
+
+    return SkipReport() if args.skip_bad else None
+
+
+def _print_skipped(args, skips) -> None:
+    if skips is not None and skips.skipped:
+        print(f"fthss {args.command}: skipped {skips.skipped} bad record(s), listed above",
+              file=sys.stderr)
+
+
+def _given_stages(request, where: str, names: set[str]):
+    """The request, if every step names one of the stages given (`--stage`)."""
+    from fthss.layout.chain import ChainFormatError
+
+    for k, step in enumerate(request.steps):
+        if step.stage not in names:
+            raise ChainFormatError(f"{where}: steps[{k}].stage: no stage '{step.stage}' was "
+                                   f"given (--stage folders hold {sorted(names)})")
+    return request
+
+
 def _load_stages(paths, base) -> list:
     """Stage folders; two with one name would silently shadow each other, so refuse them."""
     from fthss.prompts.io import load_stage
@@ -57,6 +81,12 @@ def _add_base_arguments(parser: argparse.ArgumentParser) -> None:
                         "if available)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the model directory's own Python code to run")
+
+
+def _add_skip_bad(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip bad records (reported on stderr with file:line and reason, "
+                        "and counted) instead of stopping at the first")
 
 
 def _load_base(args):
@@ -93,28 +123,34 @@ def cmd_verify(args) -> int:
 
 def cmd_run(args) -> int:
     from fthss.atomic import atomic_write_text
+    from fthss.datafiles import parse_each
     from fthss.engine.engine import ChainEngine
     from fthss.engine.sampling import SamplingConfig
-    from fthss.layout.chain import load_chains
+    from fthss.layout.chain import ChainFormatError, load_chains
 
     base = _load_base(args)
     stages = _load_stages(args.stage, base)
-    requests = load_chains(args.input)
+    skips = _skip_report(args)
+    names = {s.name for s in stages}
+    requests = parse_each(((r.source, r) for r in load_chains(args.input, skips)),
+                          lambda r, where: _given_stages(r, where, names), ChainFormatError,
+                          skips)
     if not args.given_outputs:  # gold outputs in the file are for scoring, not for forcing
         for request in requests:
             for step in request.steps:
                 step.output = None
     engine = ChainEngine(base, stages, max_new_tokens=args.max_new_tokens,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, max_request_tokens=args.max_request_tokens)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     results = engine.run(requests, args.mode, sampling, progress=True)
     atomic_write_text(args.output, "".join(json.dumps(r.to_json()) + "\n" for r in results))
     decoded = sum(s.stats.decoded_tokens for r in results for s in r.steps)
-    failed = [r for r in results if r.error]
-    for result in failed:
-        print(f"request {result.id}: {result.error}", file=sys.stderr)
+    failed = [(q, r) for q, r in zip(requests, results) if r.error]
+    for request, result in failed:
+        print(f"{request.source}: request {result.id}: {result.error}", file=sys.stderr)
+    _print_skipped(args, skips)
     print(f"{len(results)} chains ({args.mode} mode), {decoded} tokens decoded, {len(failed)} "
-          f"failed -> {args.output}")
+          f"failed{f', {skips.skipped} skipped' if skips else ''} -> {args.output}")
     return 0
 
 
@@ -126,7 +162,8 @@ def cmd_train(args) -> int:
     from fthss.training.run import train_method
 
     base = _load_base(args)
-    samples = [s for path in args.data for s in load_chains(path)]
+    skips = _skip_report(args)
+    samples = [s for path in args.data for s in load_chains(path, skips)]
     stages = {s.name: s for s in _load_stages(args.stage or [], base)}
     used = dict.fromkeys(st.stage for s in samples[: args.max_samples]
                          for st in method_view(args.method, s).steps)
@@ -142,7 +179,9 @@ def cmd_train(args) -> int:
         max_length=args.max_length, gradient_checkpointing=args.gradient_checkpointing,
         reparam_hidden=args.reparam_hidden, save_every=args.save_every, seed=args.seed)
     results = train_method(base, samples, args.method, list(stages.values()), args.train,
-                           config, args.out, rounds=args.rounds, max_samples=args.max_samples)
+                           config, args.out, rounds=args.rounds, max_samples=args.max_samples,
+                           on_bad=skips)
+    _print_skipped(args, skips)
     for r in results:
         print(f"trained {'+'.join(r.trained)}: {r.steps} steps, loss {r.first_loss:.4f} -> "
               f"{r.final_loss:.4f}, {r.tokens_per_s:.0f} tokens/s; stages in {args.out}, "
@@ -158,7 +197,8 @@ def cmd_eval(args) -> int:
 
     base = _load_base(args)
     task = get_task(args.task)
-    records = task.records(args.data)[: args.max_records]
+    skips = _skip_report(args)
+    records = task.records(args.data, skips)[: args.max_records]
     stage_sets = {}
     for spec in args.stages:
         method, _, folder = spec.partition("=")
@@ -173,10 +213,11 @@ def cmd_eval(args) -> int:
     if args.corpus:
         from fthss.retrieval.bm25 import BM25Retriever
 
-        retriever = BM25Retriever.from_file(args.corpus)
-    report = evaluate(base, task, records, stage_sets, retriever, not args.no_gold_upstream,
-                      args.batch_size, progress=True, max_new_tokens=args.max_new_tokens)
-    out = write_report([report], args.out)
+        retriever = BM25Retriever.from_file(args.corpus, skips)
+    _print_skipped(args, skips)
+    results = evaluate(base, task, records, stage_sets, retriever, not args.no_gold_upstream,
+                       args.batch_size, progress=True, max_new_tokens=args.max_new_tokens)
+    out = write_report([results], args.out)
     print((out / "report.md").read_text())
     return 0
 
@@ -426,12 +467,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="use outputs present in the input as given (teacher-forced) instead "
                      "of generating them")
     run.add_argument("--batch-size", type=_positive_int, default=8)
+    run.add_argument("--max-request-tokens", type=_positive_int, default=None,
+                     help="K/V slots one request may hold; a request that needs more fails "
+                     "alone (its error in the output), as one past the base's positions does")
     run.add_argument("--max-new-tokens", type=_positive_int, default=64,
                      help="per-step limit unless the request sets max_new_tokens")
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     run.add_argument("--top-k", type=int, default=0)
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=0)
+    _add_skip_bad(run)
     run.set_defaults(func=cmd_run)
 
     train = commands.add_parser("train", help="train stages (FTHSS or a baseline method)")
@@ -467,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps")
     train.add_argument("--max-samples", type=int, default=None)
     train.add_argument("--seed", type=int, default=0)
+    _add_skip_bad(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate methods on a task and write a report")
@@ -485,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="cap every step's generation (the tasks' own limits otherwise)")
     evaluate.add_argument("--no-gold-upstream", action="store_true",
                           help="skip the gold-intermediate ablation")
+    _add_skip_bad(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     world = commands.add_parser("world", help="the synthetic world (offline data for the demo)")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig, Qwen2Config
 
 from fthss.models.base import BaseModel, UnsupportedModelError
@@ -53,6 +54,52 @@ def test_load_from_a_folder(tmp_path):
     assert loaded.tokenizer.encode("héllo") == base.tokenizer.encode("héllo")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         BaseModel.load(tmp_path / "missing")
+
+
+@pytest.fixture
+def saved_llama(tmp_path):
+    base = tiny_base("tiny-llama")
+    base.model.save_pretrained(tmp_path / "model")
+    base.tokenizer.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_a_models_own_code_runs_only_with_the_flag(saved_llama, monkeypatch, capsys):
+    """A folder naming its own modelling code (config.json's auto_map) is refused unless
+    the user passes --trust-remote-code; the code is never imported."""
+    import json
+
+    from fthss.cli import main
+
+    config = json.loads((saved_llama / "config.json").read_text())
+    config.update(model_type="llama-with-code", auto_map={
+        "AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"})
+    (saved_llama / "config.json").write_text(json.dumps(config))
+    marker = saved_llama.parent / "ran.txt"
+    (saved_llama / "custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        BaseModel.load(saved_llama)
+    assert main(["verify", "--base", str(saved_llama), "--chains", "1"]) == 2
+    assert "contains custom code" in capsys.readouterr().err
+    assert not marker.exists()
+    passed = {}
+
+    def load(path, **options):  # the flag reaches the loader (and the code is still not run)
+        passed.update(options)
+        raise ValueError("stopped before loading")
+
+    monkeypatch.setattr(BaseModel, "load", load)
+    assert main(["verify", "--base", str(saved_llama), "--trust-remote-code"]) == 2
+    assert passed["trust_remote_code"] is True
+
+
+def test_pickled_weights_are_not_loaded(saved_llama):
+    weights = load_file(saved_llama / "model.safetensors")
+    torch.save(weights, saved_llama / "pytorch_model.bin")
+    (saved_llama / "model.safetensors").unlink()
+    with pytest.raises(UnsupportedModelError, match=r"model: no safetensors weights; "
+                       r"pytorch_model.bin are pickle files, which are not loaded"):
+        BaseModel.load(saved_llama)
 
 
 def test_fingerprint_ignores_dtype_but_not_weights():

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from fthss.datafiles import SkipReport
 from fthss.layout.chain import ChainFormatError, chain_from_authors, load_chains
 
 DATA = Path(__file__).with_name("data")
@@ -90,6 +91,18 @@ def test_jsonl_round_trips_through_to_json(tmp_path):
     ('{"shared": "q", "steps": ["A"]}', r":2: steps\[0\]: expected an object"),
     ('{"shared": "q", "steps": [{"stage": "A", "stop_token_ids": [-1]}]}',
      r":2: steps\[0\].stop_token_ids"),
+    # a stage name is also a folder name: one that could lead elsewhere is refused
+    ('{"shared": "q", "steps": [{"stage": "../../etc"}]}',
+     r":2: steps\[0\].stage: '../../etc' is not a stage name"),
+    ('{"shared": "q", "steps": [{"stage": ""}]}', r":2: steps\[0\].stage: '' is not a stage name"),
+    ('{"shared": "q", "steps": [{"stage": "A", "output": ""}]}', r":2: steps\[0\].output: empty"),
+    ('{"shared": "q", "steps": [{"stage": "A", "output": " \\n"}]}',
+     r":2: steps\[0\].output: empty"),
+    ('{"id": {"x": 1}, "shared": "q", "steps": [{"stage": "A"}]}',
+     r":2: field 'id' must be a string or an integer"),
+    ('[' * 100_000 + ']' * 100_000, r":2: malformed JSON: nested too deeply"),
+    ('{"shared": "q", "steps": [{"stage": "A", "max_new_tokens": 1' + '0' * 5000 + '}]}',
+     r":2: malformed JSON: .*digits"),
 ])
 def test_jsonl_errors_name_file_line_and_field(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
@@ -107,6 +120,7 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path, line, message):
     ({"I_ALL": "q"}, r"expected a JSON list"),
     ([{"I_ALL": 3, "O_A": "a"}], r"record 0: field 'I_ALL' must be a string"),
     ([{"I_ALL": "q", "O_A": "a"}, "text"], r"record 1: expected a JSON object"),
+    ([{"I_ALL": "q", "O_A": "a", "O_B": ""}], r"record 0: field 'O_B' is empty"),
 ])
 def test_authors_errors_name_file_record_and_field(tmp_path, records, message):
     path = tmp_path / "bad.json"
@@ -125,3 +139,65 @@ def test_authors_malformed_json_names_the_line(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ChainFormatError, match=r"nope\.jsonl: cannot read"):
         load_chains(tmp_path / "nope.jsonl")
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"shared": "q", "steps": [{"stage": "A"}]}\n{"shared": "\xff"}\n')
+    with pytest.raises(ChainFormatError, match=r"bad\.jsonl:2: not UTF-8 text \(byte 0xff\)"):
+        load_chains(path)
+
+
+def test_lines_end_at_newlines_only(tmp_path):
+    # U+2028, U+0085 and a form feed may stand unescaped in a JSON string; str.splitlines
+    # would cut the record at each of them
+    path = tmp_path / "odd.jsonl"
+    text = "a\u2028b\x85c\x0cd\x1ce"
+    path.write_text(json.dumps({"shared": text, "steps": [{"stage": "A"}]}, ensure_ascii=False)
+                    + "\r\n\n", encoding="utf-8")
+    [chain] = load_chains(path)
+    assert chain.shared == text
+
+
+def test_each_sample_knows_where_it_came_from(tmp_path):
+    [compress, rounds] = load_chains(DATA / "chains.jsonl")
+    assert (compress.source, rounds.source) == (f"{DATA / 'chains.jsonl'}:1",
+                                                f"{DATA / 'chains.jsonl'}:2")
+    [first, second, *_] = load_chains(DATA / "compress_qa_sample.json")
+    assert (first.source, second.source) == (f"{DATA / 'compress_qa_sample.json'}: record 0",
+                                             f"{DATA / 'compress_qa_sample.json'}: record 1")
+    assert "source" not in compress.to_json()  # not part of the format
+
+
+GOOD = '{"shared": "q", "steps": [{"stage": "A", "output": "a"}]}'
+
+
+def test_bad_records_are_skipped_and_reported_with_file_line_and_reason(tmp_path, capsys):
+    path = tmp_path / "mixed.jsonl"
+    wrong_type = '{"shared": "q", "steps": [{"stage": "A", "output": 3}]}'
+    lines = [GOOD, "{oops", GOOD, wrong_type, "", '{"steps": [{"stage": "B"}]}']
+    path.write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(ChainFormatError, match=r"mixed\.jsonl:2: malformed JSON"):
+        load_chains(path)
+    skips = SkipReport()
+    chains = load_chains(path, skips)
+    assert [c.source for c in chains] == [f"{path}:1", f"{path}:3", f"{path}:6"]
+    assert skips.skipped == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"skipped {path}:2: malformed JSON: Expecting property name enclosed in double quotes",
+        f"skipped {path}:4: steps[0].output: wrong type int"]
+
+
+def test_bad_records_of_the_authors_format_are_skipped(tmp_path):
+    path = tmp_path / "authors.json"
+    path.write_text(json.dumps([{"I_ALL": "q", "O_A": "a"}, {"I_ALL": "q", "X": "y"}, 7,
+                                {"I_ALL": "r", "O_A": "b"}]))
+    errors = []
+    chains = load_chains(path, errors.append)
+    assert [c.shared for c in chains] == ["q", "r"]
+    assert [str(e) for e in errors] == [
+        f"{path}: record 1: unknown field 'X' (expected I_ALL, I_<stage>, O_<stage> or "
+        + "O_<round><stage>)", f"{path}: record 2: expected a JSON object, got int"]
+    path.write_text('[{"I_ALL": "q", "O_A": "a"},')  # the document itself is broken: no skipping
+    with pytest.raises(ChainFormatError, match=r"authors\.json:1: malformed JSON"):
+        load_chains(path, errors.append)

@@ -76,6 +76,17 @@ def test_run_writes_results_with_statistics(stages, tmp_path, mode):
     assert "\n" not in rows[0]["steps"][1]["output"] and "." not in rows[1]["steps"][1]["output"]
 
 
+def test_run_a_request_over_the_cache_budget_fails_alone(stages, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    assert main(["run", "--arch", "tiny-llama", "--stage", stages[0], "--stage", stages[1],
+                 "--input", str(CHAINS), "--output", str(out), "--max-new-tokens", "4",
+                 "--max-request-tokens", "100"]) == 0
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert "over the cache budget of 100" in rows["compress-1"]["error"]  # its passages
+    assert rows["rounds-1"]["error"] is None and rows["rounds-1"]["output"]
+    assert "request compress-1: step 0 (A)" in capsys.readouterr().err
+
+
 def test_shared_mode_encodes_upstream_outputs_once(stages, tmp_path):
     prefilled = {}
     for mode in ("shared", "text"):
@@ -117,13 +128,41 @@ def test_run_errors_exit_2(stages, tmp_path, capsys):
     out = str(tmp_path / "out.jsonl")
     assert main(["run", "--arch", "tiny-llama", "--stage", stages[0], "--input", str(CHAINS),
                  "--output", out]) == 2
-    assert "unknown stage(s) ['B']" in capsys.readouterr().err
+    assert (f"{CHAINS}:1: steps[1].stage: no stage 'B' was given (--stage folders hold ['A'])"
+            in capsys.readouterr().err)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"shared": "q", "steps": [{"stage": "A"}]}\n{oops\n')
     assert main(["run", "--arch", "tiny-llama", "--stage", stages[0], "--input", str(bad),
                  "--output", out]) == 2
     assert f"{bad}:2: malformed JSON" in capsys.readouterr().err
     assert not Path(out).exists()  # nothing half-written
+
+
+def test_run_skips_bad_requests_when_asked(stages, tmp_path, capsys):
+    bad = tmp_path / "mixed.jsonl"
+    good = CHAINS.read_text().splitlines()
+    bad.write_text("\n".join([good[0], "{oops", '{"shared": "q", "steps": [{"stage": "C"}]}',
+                              good[1], '{"shared": "q", "steps": [{"stage": "A", "output": ""}]}'])
+                   + "\n")
+    out = tmp_path / "out.jsonl"
+    command = ["run", "--arch", "tiny-llama", "--stage", stages[0], "--stage", stages[1],
+               "--input", str(bad), "--output", str(out), "--max-new-tokens", "2"]
+    assert main(command) == 2 and not out.exists()
+    assert f"{bad}:2: malformed JSON" in capsys.readouterr().err
+    assert main(command + ["--skip-bad"]) == 0
+    captured = capsys.readouterr()
+    reported = [line for line in captured.err.splitlines()  # besides the progress bar
+                if line.startswith(("skipped", "fthss run"))]
+    assert reported == [
+        f"skipped {bad}:2: malformed JSON: Expecting property name enclosed in double quotes",
+        (f"skipped {bad}:5: steps[0].output: empty; leave it out (or null) for the engine to "
+         "generate it"),
+        (f"skipped {bad}:3: steps[0].stage: no stage 'C' was given (--stage folders hold "
+         "['A', 'B'])"),
+        "fthss run: skipped 3 bad record(s), listed above"]
+    assert "2 chains (shared mode)" in captured.out and "3 skipped" in captured.out
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [
+        "compress-1", "rounds-1"]
 
 
 def test_run_refuses_two_stages_of_one_name(tmp_path, capsys):

@@ -192,6 +192,8 @@ BROKEN = {
     "malformed fthss json": (lambda f: (f / "fthss_stage.json").write_text("[1, 2"),
                              r"fthss_stage.json: malformed JSON"),
     "truncated": (_truncate, r"adapter_model.safetensors: unreadable or truncated"),
+    "corrupted": (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x10" + b"\xff" * 40),
+                  r"adapter_model.safetensors: unreadable or truncated"),
     "nan": (lambda f: save_file({"prompt_embeddings": _weights(f).fill_(float("nan"))},
                                 f / "adapter_model.safetensors"),
             r"adapter_model.safetensors: prompt_embeddings holds NaN or inf"),
@@ -222,6 +224,8 @@ BROKEN = {
                 r"fthss_stage.json: version 2; this fthss reads version 1"),
     "kind differs": (lambda f: _edit_json(f / "fthss_stage.json", kind="prefix"),
                      r"fthss_stage.json: says kind prefix with 3 tokens"),
+    "name leads out": (lambda f: _edit_json(f / "fthss_stage.json", name="../A"),
+                       r"stage name '../A': use letters.* \(from fthss_stage.json\)"),
     "bad init": (lambda f: _edit_json(f / "fthss_stage.json", init="zeros"),
                  r"init must be one of .* \(from fthss_stage.json\)"),
 }

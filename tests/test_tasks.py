@@ -3,6 +3,7 @@ method on the authors' reference formats (with a tiny random model: scores near 
 pipeline runs and reports)."""
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from fthss.engine.engine import END, ChainEngine
 from fthss.evaluation.evaluate import evaluate
-from fthss.layout.chain import ChainSample, Step
+from fthss.layout.chain import ChainFormatError, ChainSample, Step
 from fthss.prompts.stage import Stage, StageConfig
 from fthss.tasks import get_task
 from fthss.tasks.base import TaskRecord
@@ -48,6 +49,55 @@ def test_memory_reasoning_reads_both_formats_and_stops_once_answered(tmp_path):
     assert stop(task.request(test), 1, ["so [The answer is]: B"]) is END
     assert stop(task.request(test), 1, ["let me think"]) is None
     assert task.score("... [The answer is]: b", test) == {"acc": 1.0}
+
+
+RETRIEVAL = {"shared": "q", "steps": [{"stage": "A", "output": "q1"},
+                                     {"stage": "B", "input": "p", "output": "answer: x"}]}
+GOOD = {"compress_qa": {"shared": "q", "steps": [{"stage": "A", "input": "docs", "output": "c"},
+                                                 {"stage": "B", "output": "x"}]},
+        "rewrite_qa": RETRIEVAL, "active_rag": RETRIEVAL,
+        "memory_reasoning": {"shared": "q",
+                             "steps": [{"stage": "A", "output": "[The answer is]: B"}]}}
+
+
+@pytest.mark.parametrize("task, record, message", [
+    ("compress_qa", {"shared": "q", "steps": [{"stage": "B", "output": "x"}]},
+     "compress_qa needs steps A"),
+    ("rewrite_qa", {"shared": "q", "steps": [{"stage": "A", "output": "x"}]},
+     "rewrite_qa needs alternating A, B steps ending with B"),
+    ("memory_reasoning", {"shared": "q", "steps": [{"stage": "A", "output": "no letter"}]},
+     r"the last output has no '\[The answer is\]: X'"),
+    ("active_rag", {"shared": "q", "steps": [{"stage": "A", "output": "x"}, {"stage": "B"},
+                                             {"stage": "A", "output": "y"}]},
+     "active_rag needs alternating A, B steps ending with B"),
+])
+def test_a_record_that_is_not_the_tasks_chain_is_named_or_skipped(tmp_path, task, record,
+                                                                   message):
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (GOOD[task], record, GOOD[task])))
+    with pytest.raises(ChainFormatError, match=re.escape(f"{path}:2: ") + message):
+        get_task(task).records(path)
+    skipped = []
+    records = get_task(task).records(path, skipped.append)
+    assert len(skipped) == 1 and str(skipped[0]).startswith(f"{path}:2: ")
+    assert [r.sample.source for r in records] == [f"{path}:1", f"{path}:3"]
+
+
+def test_memory_reasoning_test_records_are_checked(tmp_path):
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps([{"question": "Q? A.x B.y", "answer": "b"},
+                                {"question": "Q?", "answer": "maybe"}, ["not", "a", "record"]]))
+    task = get_task("memory_reasoning")
+    with pytest.raises(ChainFormatError, match=re.escape(f"{path}: record 1: field 'answer' "
+                                                         "must be an option letter A-E")):
+        task.records(path)
+    skipped = []
+    [record] = task.records(path, skipped.append)
+    assert record.answer == "B"
+    assert [str(e).split(": ")[1] for e in skipped] == ["record 1", "record 2"]
+    path.write_text('[{"question": "Q?", "answer": "A"}')
+    with pytest.raises(ChainFormatError, match=re.escape(f"{path}:1: malformed JSON")):
+        task.records(path)
 
 
 @dataclass
@@ -138,6 +188,31 @@ def test_cli_eval_writes_the_report(method_stages, tmp_path):
     assert main(["eval", "--arch", "tiny-llama", "--task", "compress_qa", "--data",
                  str(DATA / "compress_qa_sample.json"), "--stages", "magic=x", "--out",
                  str(out)]) == 2
+
+
+def test_cli_eval_skips_bad_records_when_asked(method_stages, tmp_path, capsys):
+    from fthss.cli import main
+
+    _, _, root = method_stages
+    data, corpus = tmp_path / "test.json", tmp_path / "corpus.jsonl"
+    records = json.loads((DATA / "compress_qa_sample.json").read_text())[:2]
+    data.write_text(json.dumps([records[0], {"I_ALL": "q", "O_B": "x"}, records[1]]))
+    corpus.write_text('{"id": "p1", "text": "Oslo is a city"}\n{"id": "p2"}\n')
+    command = ["eval", "--arch", "tiny-llama", "--task", "compress_qa", "--data", str(data),
+               "--corpus", str(corpus), "--stages", f"fthss={root / 'fthss'}",
+               "--max-new-tokens", "2", "--no-gold-upstream", "--out", str(tmp_path / "out")]
+    assert main(command) == 2
+    assert f"{data}: record 1: compress_qa needs steps A" in capsys.readouterr().err
+    assert main(command + ["--skip-bad"]) == 0
+    assert [line for line in capsys.readouterr().err.splitlines()
+            if line.startswith(("skipped", "fthss eval"))] == [
+        (f"skipped {data}: record 1: compress_qa needs steps A (input: the passages) then B "
+         "(output: the answer)"),
+        (f"skipped {corpus}:2: need an object with 'id' (a string or an integer) and a string "
+         "'text'"),
+        "fthss eval: skipped 2 bad record(s), listed above"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["tasks"][0]["records"] == 2
 
 
 def test_the_chosen_option_is_the_one_the_answer_names_else_the_letter():

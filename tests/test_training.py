@@ -5,24 +5,27 @@ agree with one process at the same global batch."""
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from fthss.engine.cache import ChainCache
 from fthss.engine.engine import ChainEngine
-from fthss.layout.chain import ChainSample, Step
+from fthss.layout.chain import ChainFormatError, ChainSample, Step, load_chains
 from fthss.layout.sequence import SegmentCodec, build_layout
 from fthss.layout.visibility import Kind
 from fthss.models.presets import tiny_base
 from fthss.prompts.stage import Stage, StageConfig
+from fthss.training.checkpoint import CheckpointError
 from fthss.training.config import TrainConfig
 from fthss.training.methods import training_chains
 from fthss.training.run import train_method
-from fthss.training.trainer import StageSet, Trainer
+from fthss.training.trainer import SequenceTooLongError, StageSet, Trainer
 
 NAMES = ["ada", "bob", "cyd", "dee", "eve", "fay"]
 CITIES = ["rome", "oslo", "lima", "kiev", "nice", "bonn"]
@@ -56,8 +59,9 @@ def multi_round(n=24, seed=1):
     return samples
 
 
-def new_stages(base, kind, names=("A", "B")):
-    return [Stage.create(StageConfig(n, kind, 4), base, seed=i + 1) for i, n in enumerate(names)]
+def new_stages(base, kind, names=("A", "B"), tokens=4):
+    return [Stage.create(StageConfig(n, kind, tokens), base, seed=i + 1)
+            for i, n in enumerate(names)]
 
 
 FAST = {"learning_rate": 0.1, "max_steps": 30, "micro_batch_size": 8, "grad_accumulation": 1,
@@ -139,18 +143,28 @@ class Interrupted(Exception):
     pass
 
 
-def test_interrupted_run_resumes_to_the_same_prompts(steerable, tmp_path, monkeypatch):
-    config = TrainConfig(**{**FAST, "max_steps": 8, "save_every": 2, "micro_batch_size": 4,
-                            "grad_accumulation": 2, "warmup_ratio": 0.25})
-    codec = SegmentCodec(steerable.tokenizer)
+RESUMABLE = TrainConfig(**{**FAST, "max_steps": 8, "save_every": 2, "micro_batch_size": 4,
+                           "grad_accumulation": 2, "warmup_ratio": 0.25})
+
+
+def train_b(base, out, config=RESUMABLE, tokens=4):
+    """Train stage B of `two_stage()` into `out`, from fresh stages (so that whatever a resumed
+    run knows comes from its checkpoint); B's trained weight."""
+    codec = SegmentCodec(base.tokenizer)
     chains = [c for s in two_stage() for c in training_chains("fthss", codec.encode(s), {"B"})]
+    stages = new_stages(base, "prompt", tokens=tokens)
+    Trainer(base, stages, ["B"], chains, config, out, progress=False).train()
+    return stages[1].weight.detach().clone()
 
-    def run(out):
-        stages = new_stages(steerable, "prompt")
-        Trainer(steerable, stages, ["B"], chains, config, out, progress=False).train()
-        return stages[1].weight.detach().clone()
 
-    straight = run(tmp_path / "straight")
+def assert_resumed_like_straight(base, resumed, out):
+    assert torch.equal(resumed, train_b(base, out.parent / "straight"))
+    log = (out / "train-B" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in log] == list(range(1, 9))
+    assert not list((out / "train-B" / "checkpoints").glob(".partial-*"))
+
+
+def test_interrupted_run_resumes_to_the_same_prompts(steerable, tmp_path, monkeypatch):
     saves = []
     original = Trainer._save_checkpoint
 
@@ -162,13 +176,178 @@ def test_interrupted_run_resumes_to_the_same_prompts(steerable, tmp_path, monkey
 
     monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
-        run(tmp_path / "resumed")
+        train_b(steerable, tmp_path / "resumed")
     monkeypatch.setattr(Trainer, "_save_checkpoint", original)
-    resumed = run(tmp_path / "resumed")  # fresh stages: everything comes from the checkpoint
     assert saves == [2, 4]
-    assert torch.equal(resumed, straight)
-    log = (tmp_path / "resumed" / "train-B" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in log] == list(range(1, 9))
+    with open(tmp_path / "resumed" / "train-B" / "metrics.jsonl", "a") as log:
+        log.write('{"step": 5, "lo')  # as if killed while logging step 5
+    assert_resumed_like_straight(steerable, train_b(steerable, tmp_path / "resumed"),
+                                 tmp_path / "resumed")
+
+
+# (what dies, after how many calls) while the step-4 checkpoint is being written
+@pytest.mark.parametrize("owner, name, calls", [
+    (torch, "save", 1),  # mid-write: the optimizer state written, the scheduler's not
+    (os, "replace", 0),  # every file written, the folder not yet renamed into place
+    (os, "replace", 1),  # the folder in place, `latest` still naming step 2
+], ids=["mid-write", "before-rename", "before-latest"])
+def test_a_run_killed_while_saving_resumes_from_the_checkpoint_before(steerable, tmp_path,
+                                                                      monkeypatch, owner, name,
+                                                                      calls):
+    original, real = Trainer._save_checkpoint, getattr(owner, name)
+
+    def dies_while_saving(self, step):
+        if step < 4:
+            return original(self, step)
+        made = []
+
+        def dying(*args, **kwargs):
+            if len(made) == calls:
+                raise Interrupted
+            made.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, dying)
+        original(self, step)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", dies_while_saving)
+    with pytest.raises(Interrupted):
+        train_b(steerable, tmp_path / "resumed")
+    monkeypatch.undo()
+    checkpoints = tmp_path / "resumed" / "train-B" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-000002"
+    assert_resumed_like_straight(steerable, train_b(steerable, tmp_path / "resumed"),
+                                 tmp_path / "resumed")
+
+
+@pytest.fixture
+def checkpoints(steerable, tmp_path):
+    """The checkpoints of a finished 2-step run of stage B."""
+    train_b(steerable, tmp_path, TrainConfig(**{**FAST, "max_steps": 2, "save_every": 1,
+                                                "micro_batch_size": 4}))
+    return tmp_path / "train-B" / "checkpoints"
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this writes a file
+        return (Path.write_text, (self.marker, "ran"))
+
+
+STEP = "step-000002"  # the checkpoint `checkpoints` ends on
+
+
+def _cut(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _edit_tensors(folder: Path, edit) -> None:
+    path = folder / STEP / "stages.safetensors"
+    save_file(edit(load_file(path)), path)
+
+
+def _edit_state(folder: Path, **changes) -> None:
+    path = folder / STEP / "state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+# how to spoil the checkpoints folder, and what resuming from it must say
+SPOILT = {
+    "truncated stages": (lambda f: _cut(f / STEP / "stages.safetensors", -40),
+                         r"stages.safetensors: unreadable or truncated safetensors file"),
+    "corrupted stages": (lambda f: (f / STEP / "stages.safetensors").write_bytes(b"\xff" * 64),
+                         r"stages.safetensors: unreadable or truncated safetensors file"),
+    "nan": (lambda f: _edit_tensors(f, lambda t: {k: v.fill_(float("nan")) for k, v in t.items()}),
+            r"stages.safetensors: trained.B.weight holds NaN or inf values"),
+    "other stages": (lambda f: _edit_tensors(f, lambda t: {"trained.C.weight": t.popitem()[1]}),
+                     (r"stages.safetensors: trained parameters differ from this run's \(missing "
+                      r"\['trained.B.weight'\], unexpected \['trained.C.weight'\]\)")),
+    "truncated optimizer": (lambda f: _cut(f / STEP / "optimizer.pt", 100),
+                            r"optimizer.pt: unreadable, truncated"),
+    "code in a pickle": (lambda f: torch.save(Evil(f / "ran.txt"), f / STEP / "rng.pt"),
+                         r"rng.pt: unreadable, truncated or not plain data"),
+    "latest leads out": (lambda f: (f / "latest").write_text("../../../elsewhere"),
+                         r"latest: names '../../../elsewhere', not a checkpoint folder"),
+    "step differs": (lambda f: _edit_state(f, step=7), r"state.json: says step 7, its folder 2"),
+}
+
+
+@pytest.mark.parametrize("case", SPOILT)
+def test_a_spoilt_checkpoint_is_refused_saying_what_is_wrong(steerable, checkpoints, case):
+    spoil, message = SPOILT[case]
+    spoil(checkpoints)
+    with pytest.raises(CheckpointError, match=message) as err:
+        train_b(steerable, checkpoints.parents[1])
+    assert str(checkpoints) in str(err.value)
+    assert not (checkpoints / "ran.txt").exists()  # the pickle's code never ran
+
+
+def test_a_checkpoint_is_refused_by_another_base_or_other_stage_shapes(steerable, checkpoints):
+    out = checkpoints.parents[1]
+    with pytest.raises(CheckpointError, match=r"state.json: made on another base model "
+                       r"\(embedding_sha256: checkpoint made for '[0-9a-f]+', base has") as err:
+        train_b(tiny_base("tiny-llama", seed=1, init_std=0.2), out)
+    assert "hidden_size" not in str(err.value)  # only what differs
+    with pytest.raises(CheckpointError, match=r"trained.B.weight has shape \(4, 64\), this "
+                       r"run's \(5, 64\) \(another number of virtual tokens"):
+        train_b(steerable, out, tokens=5)
+
+
+def test_a_training_sample_over_the_base_positions_is_named_before_any_training(tmp_path):
+    base = tiny_base("tiny-llama", init_std=0.2)
+    base.config.max_position_embeddings = 80  # below max_length's default, 1224
+    data = tmp_path / "train.jsonl"
+    long = ChainSample("q" * 100, [Step("A", output="a"), Step("B", output="b")])
+    data.write_text("".join(json.dumps(s.to_json()) + "\n" for s in [*two_stage(2), long]))
+    samples = load_chains(data)
+    config = TrainConfig(**{**FAST, "max_steps": 1})
+    with pytest.raises(SequenceTooLongError, match=re.escape(
+            f"{data}:3: needs 111 positions (prompt 4 + content 107), over the limit of 80")):
+        train_method(base, samples, "fthss", new_stages(base, "prompt"), None, config,
+                     tmp_path / "out", rounds="single", progress=False)
+    assert not (tmp_path / "out").exists()  # refused before the first phase started
+    skipped = []
+    results = train_method(base, samples, "fthss", new_stages(base, "prompt"), None, config,
+                           tmp_path / "out", rounds="single", progress=False,
+                           on_bad=skipped.append)
+    assert [r.trained for r in results] == [["A"], ["B"]]
+    assert [str(e).split(": ")[0] for e in skipped] == [f"{data}:3"]
+
+
+def test_training_needs_the_gold_outputs_it_learns(steerable, tmp_path):
+    gap = ChainSample("q", [Step("A", input="x"), Step("B", output="b")], source="data:7")
+    config = TrainConfig(**{**FAST, "max_steps": 1})
+    with pytest.raises(ChainFormatError, match=r"^data:7: steps\[0\].output: missing; training "
+                       "with fthss needs it"):
+        train_method(steerable, [gap], "fthss", new_stages(steerable, "prompt"), None, config,
+                     tmp_path, progress=False)
+    single = Stage.create(StageConfig("single", "prompt", 4), steerable)
+    [result] = train_method(steerable, [gap], "single", [single], None, config, tmp_path,
+                            progress=False)  # `single` learns the last output only
+    assert result.steps == 1
+
+
+def test_cli_train_skips_bad_samples_when_asked(tmp_path, capsys):
+    from fthss.cli import main
+
+    data = tmp_path / "train.jsonl"
+    gap = ChainSample("q", [Step("A", input="x"), Step("B", output="b")])
+    data.write_text("".join(json.dumps(s.to_json()) + "\n" for s in two_stage(4))
+                    + "{oops\n" + json.dumps(gap.to_json()) + "\n")
+    command = ["train", "--arch", "tiny-llama", "--data", str(data), "--out",
+               str(tmp_path / "out"), "--tokens", "2", "--max-steps", "1",
+               "--grad-accumulation", "1"]
+    assert main(command) == 2
+    assert f"{data}:5: malformed JSON" in capsys.readouterr().err
+    assert main(command + ["--skip-bad"]) == 0
+    assert [line for line in capsys.readouterr().err.splitlines()
+            if line.startswith(("skipped", "fthss train"))] == [
+        f"skipped {data}:5: malformed JSON: Expecting property name enclosed in double quotes",
+        f"skipped {data}:6: steps[0].output: missing; training with fthss needs it",
+        "fthss train: skipped 2 bad record(s), listed above"]
+    assert (tmp_path / "out" / "B" / "adapter_model.safetensors").is_file()
 
 
 DDP_WORKER = Path(__file__).with_name("ddp_worker.py")

@@ -8,14 +8,21 @@ turns it into tokens and metadata.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fthss.datafiles import OnBad, json_document, jsonl_records, parse_each
+
 
 class ChainFormatError(ValueError):
     """A chain file or record that cannot be read; the message names the file, line and field."""
+
+
+def is_stage_name(name: str) -> bool:
+    """Letters, digits, '-' and '_'. A stage's name is also a folder name (`fthss train` saves
+    stage S to OUT/S), so a name read from a data file can never lead out of that folder."""
+    return bool(name) and name.replace("_", "").replace("-", "").isalnum()
 
 
 @dataclass
@@ -35,13 +42,18 @@ class ChainSample:
     shared: str
     steps: list[Step]
     id: str | None = None
+    # where it was read from (`file:line`, `file: record i`), for errors about it later; not
+    # part of the format, and two samples differing only here are equal
+    source: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def stages(self) -> list[str]:
         return list(dict.fromkeys(step.stage for step in self.steps))
 
     def to_json(self) -> dict:
-        return asdict(self)
+        record = asdict(self)
+        del record["source"]
+        return record
 
 
 _STEP_FIELDS = {"stage": str, "input": (str, type(None)), "output": (str, type(None)),
@@ -61,6 +73,10 @@ def chain_from_json(record: dict, where: str) -> ChainSample:
     shared = record.get("shared", "")
     if not isinstance(shared, str):
         raise ChainFormatError(f"{where}: field 'shared' must be a string")
+    chain_id = record.get("id")
+    if chain_id is not None and (isinstance(chain_id, bool)
+                                 or not isinstance(chain_id, (str, int))):
+        raise ChainFormatError(f"{where}: field 'id' must be a string or an integer")
     steps = record.get("steps")
     if not isinstance(steps, list) or not steps:
         raise ChainFormatError(f"{where}: field 'steps' must be a non-empty list")
@@ -78,6 +94,12 @@ def chain_from_json(record: dict, where: str) -> ChainSample:
             if not isinstance(value, _STEP_FIELDS[name]) or (
                     isinstance(value, bool) and _STEP_FIELDS[name] is not bool):
                 raise ChainFormatError(f"{at}.{name}: wrong type {type(value).__name__}")
+        if not is_stage_name(step["stage"]):
+            raise ChainFormatError(f"{at}.stage: {step['stage']!r} is not a stage name (letters, "
+                                   "digits, '-' and '_')")
+        if step.get("output") is not None and not step["output"].strip():
+            raise ChainFormatError(f"{at}.output: empty; leave it out (or null) for the engine "
+                                   "to generate it")
         if step.get("max_new_tokens") is not None and step["max_new_tokens"] < 1:
             # the engine generates at least one token per step and reads 0 as "no limit set"
             raise ChainFormatError(f"{at}.max_new_tokens: must be >= 1, got {step['max_new_tokens']}")
@@ -89,8 +111,8 @@ def chain_from_json(record: dict, where: str) -> ChainSample:
                    for t in step.get("stop_token_ids", [])):
             raise ChainFormatError(f"{at}.stop_token_ids: must be a list of token ids")
         parsed.append(Step(**step))
-    chain_id = record.get("id")
-    return ChainSample(shared=shared, steps=parsed, id=None if chain_id is None else str(chain_id))
+    return ChainSample(shared=shared, steps=parsed, id=None if chain_id is None else str(chain_id),
+                       source=where)
 
 
 def chain_from_authors(record: dict, where: str) -> ChainSample:
@@ -106,6 +128,8 @@ def chain_from_authors(record: dict, where: str) -> ChainSample:
         if not isinstance(value, str):
             raise ChainFormatError(f"{where}: field '{key}' must be a string")
         if m := _OUTPUT_KEY.match(key):
+            if not value.strip():
+                raise ChainFormatError(f"{where}: field '{key}' is empty")
             outputs.append((int(m.group(1) or 0), m.group(2), value))
         elif m := _INPUT_KEY.match(key):
             inputs[m.group(1)] = value
@@ -123,35 +147,18 @@ def chain_from_authors(record: dict, where: str) -> ChainSample:
     steps = []
     for _, stage, text in sorted(outputs, key=lambda o: (o[0], o[1])):
         steps.append(Step(stage=stage, input=inputs.pop(stage, None), output=text))
-    return ChainSample(shared=shared, steps=steps)
+    return ChainSample(shared=shared, steps=steps, source=where)
 
 
-def jsonl_records(path: Path, text: str, error: type[ValueError]):
-    """`(where, record)` for every non-blank line of a JSONL text; `where` is `path:line`.
-    A malformed line raises `error` naming it."""
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{line_no}", json.loads(line)
-        except json.JSONDecodeError as err:
-            raise error(f"{path}:{line_no}: malformed JSON: {err.msg}") from err
-
-
-def load_chains(path: str | Path) -> list[ChainSample]:
-    """Read a `.jsonl` file in our format, or a `.json` list in the authors' format."""
+def load_chains(path: str | Path, on_bad: OnBad | None = None) -> list[ChainSample]:
+    """Read a `.jsonl` file in our format, or a `.json` list in the authors' format. A bad
+    record raises ChainFormatError, or goes to `on_bad` and is skipped (`fthss.datafiles`)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ChainFormatError(f"{path}: cannot read: {err.strerror}") from err
     if path.suffix == ".jsonl":
-        return [chain_from_json(record, where)
-                for where, record in jsonl_records(path, text, ChainFormatError)]
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ChainFormatError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from err
+        return parse_each(jsonl_records(path, ChainFormatError, on_bad), chain_from_json,
+                          ChainFormatError, on_bad)
+    records = json_document(path, ChainFormatError)
     if not isinstance(records, list):
         raise ChainFormatError(f"{path}: expected a JSON list of records")
-    return [chain_from_authors(r, f"{path}: record {i}") for i, r in enumerate(records)]
+    return parse_each(((f"{path}: record {i}", r) for i, r in enumerate(records)),
+                      chain_from_authors, ChainFormatError, on_bad)

@@ -37,12 +37,21 @@ class BaseModel:
     @classmethod
     def load(cls, path: str | Path, dtype: torch.dtype | None = None, device: str | None = None,
              attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> BaseModel:
-        """Load a local model directory (weights and tokenizer). Remote code runs only if asked."""
+        """Load a local model directory (weights and tokenizer). Weights are read from
+        safetensors only (a pickle can run code), and the directory's own Python code runs only
+        with `trust_remote_code`."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+        if not any(path.glob("*.safetensors")):
+            pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth")
+                             for p in path.glob(pattern))
+            raise UnsupportedModelError(
+                f"{path}: no safetensors weights" + (
+                    f"; {', '.join(pickled)} are pickle files, which are not loaded (they can "
+                    "run code): convert them to safetensors" if pickled else ""))
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or "auto", attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code, use_safetensors=True)
@@ -162,6 +171,12 @@ class BaseModel:
             "vocab_size": weight.shape[0],
             "embedding_sha256": digest.hexdigest(),
         }
+
+    def fingerprint_differences(self, saved: dict, what: str) -> list[str]:
+        """How the fingerprint saved with a `what` (a stage, a checkpoint) differs from this
+        base's: one 'field: <what> made for X, base has Y' per differing field."""
+        return [f"{key}: {what} made for {saved.get(key)!r}, base has {here!r}"
+                for key, here in self.fingerprint.items() if saved.get(key) != here]
 
 
 def check_supported(model: torch.nn.Module) -> None:

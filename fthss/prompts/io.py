@@ -183,9 +183,8 @@ def _check_base(directory: Path, stage: Stage, base: BaseModel, ours: dict | Non
         warnings.warn(f"{directory}: a PEFT adapter without {FTHSS_FILE}; only its shapes can "
                       "be checked against the base", stacklevel=3)
         return
-    found, here = ours.get("base") or {}, base.fingerprint
-    differs = [f"{k}: stage made for {found.get(k)!r}, base has {here[k]!r}"
-               for k in here if found.get(k) != here[k]]
+    found = ours.get("base")
+    differs = base.fingerprint_differences(found if isinstance(found, dict) else {}, "stage")
     if differs:
         raise StageLoadError(f"{directory / FTHSS_FILE}: stage '{stage.name}' was trained for "
                              "another base model (" + "; ".join(differs) + ")")

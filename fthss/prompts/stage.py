@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
+from fthss.layout.chain import is_stage_name
 from fthss.models.base import BaseModel
 
 KINDS = ("prompt", "prefix")
@@ -39,7 +40,7 @@ class StageConfig:
     init_text: str | None = None
 
     def __post_init__(self):
-        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+        if not is_stage_name(self.name):
             raise ValueError(f"stage name {self.name!r}: use letters, digits, '-' and '_'")
         if self.kind not in KINDS:
             raise ValueError(f"stage {self.name}: kind must be one of {KINDS}, not {self.kind!r}")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fthss.datafiles import OnBad, parse_each
 from fthss.engine.engine import ChainResult, StepInput
 from fthss.evaluation.metrics import accuracy, choice_letter, exact_match, f1
-from fthss.layout.chain import ChainSample
+from fthss.layout.chain import ChainFormatError, ChainSample, load_chains
 
 
 @dataclass
@@ -23,7 +24,15 @@ class Task:
     stages: tuple[str, ...]
     rounds = "single"  # "multi": stages take turns (FTHSS trains them jointly)
 
-    def records(self, path) -> list[TaskRecord]:
+    def records(self, path, on_bad: OnBad | None = None) -> list[TaskRecord]:
+        """The task's records in a chain file. A record that is not this task's chain raises
+        ChainFormatError naming it, or goes to `on_bad` and is skipped."""
+        samples = ((s.source, (i, s)) for i, s in enumerate(load_chains(path, on_bad)))
+        return parse_each(samples, lambda item, _: self.record(*item), ChainFormatError, on_bad)
+
+    def record(self, index: int, sample: ChainSample) -> TaskRecord:
+        """The record of a gold chain (`index`: its place among the chains read, its id when it
+        has none), or ChainFormatError naming `sample.source`."""
         raise NotImplementedError
 
     def request(self, record: TaskRecord, gold_upstream: bool = False) -> ChainSample:

@@ -4,7 +4,7 @@ answers from the question and the compression alone."""
 
 from __future__ import annotations
 
-from fthss.layout.chain import ChainSample, Step, load_chains
+from fthss.layout.chain import ChainFormatError, ChainSample, Step
 from fthss.tasks.base import Task, TaskRecord
 
 
@@ -14,14 +14,11 @@ class CompressQA(Task):
     def __init__(self, compression_tokens: int = 128, answer_tokens: int = 24):
         self.compression_tokens, self.answer_tokens = compression_tokens, answer_tokens
 
-    def records(self, path) -> list[TaskRecord]:
-        records = []
-        for i, sample in enumerate(load_chains(path)):
-            if [s.stage for s in sample.steps] != ["A", "B"] or sample.steps[1].output is None:
-                raise ValueError(f"{path}: record {i}: compress_qa needs steps A (input: the "
-                                 "passages) then B (output: the answer)")
-            records.append(TaskRecord(sample.id or str(i), sample, sample.steps[1].output))
-        return records
+    def record(self, index: int, sample: ChainSample) -> TaskRecord:
+        if [s.stage for s in sample.steps] != ["A", "B"] or sample.steps[1].output is None:
+            raise ChainFormatError(f"{sample.source}: compress_qa needs steps A (input: the "
+                                   "passages) then B (output: the answer)")
+        return TaskRecord(sample.id or str(index), sample, sample.steps[1].output)
 
     def request(self, record: TaskRecord, gold_upstream: bool = False) -> ChainSample:
         compress, _ = record.sample.steps

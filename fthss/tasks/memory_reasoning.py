@@ -10,13 +10,13 @@ as chance (docs/experiments.md, exp3): the letter alone would score the lookup, 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
+from fthss.datafiles import OnBad, json_document, parse_each
 from fthss.engine.engine import END
 from fthss.evaluation.metrics import accuracy, choice_letter, normalize_answer
-from fthss.layout.chain import ChainFormatError, ChainSample, Step, load_chains
+from fthss.layout.chain import ChainFormatError, ChainSample, Step
 from fthss.tasks.base import Task, TaskRecord
 
 ANSWER_MARKER = "[The answer is]"
@@ -40,27 +40,35 @@ class MemoryReasoning(Task):
     def __init__(self, max_rounds: int = 4, step_tokens: int = 96):
         self.max_rounds, self.step_tokens = max_rounds, step_tokens
 
-    def records(self, path) -> list[TaskRecord]:
+    def records(self, path, on_bad: OnBad | None = None) -> list[TaskRecord]:
+        """Gold chains, or the authors' test format (a JSON list of `question`/`answer`)."""
         path = Path(path)
-        raw = json.loads(path.read_text()) if path.suffix == ".json" else None
+        raw = json_document(path, ChainFormatError) if path.suffix == ".json" else None
         if isinstance(raw, list) and raw and isinstance(raw[0], dict) and "question" in raw[0]:
-            return [self._test_record(r, f"{path}: record {i}", i) for i, r in enumerate(raw)]
-        records = []
-        for i, sample in enumerate(load_chains(path)):
-            letter = choice_letter(sample.steps[-1].output or "")
-            if letter is None:
-                raise ValueError(f"{path}: record {i}: the last output has no "
-                                 f"'{ANSWER_MARKER}: X'")
-            records.append(TaskRecord(sample.id or str(i), sample, letter))
-        return records
+            return parse_each(((f"{path}: record {i}", (i, r)) for i, r in enumerate(raw)),
+                              self._test_record, ChainFormatError, on_bad)
+        return super().records(path, on_bad)
+
+    def record(self, index: int, sample: ChainSample) -> TaskRecord:
+        letter = choice_letter(sample.steps[-1].output or "")
+        if letter is None:
+            raise ChainFormatError(f"{sample.source}: the last output has no "
+                                   f"'{ANSWER_MARKER}: X'")
+        return TaskRecord(sample.id or str(index), sample, letter)
 
     @staticmethod
-    def _test_record(record: dict, where: str, i: int) -> TaskRecord:
-        if not isinstance(record.get("question"), str) or not isinstance(record.get("answer"), str):
+    def _test_record(item: tuple[int, dict], where: str) -> TaskRecord:
+        i, record = item
+        if (not isinstance(record, dict) or not isinstance(record.get("question"), str)
+                or not isinstance(record.get("answer"), str)):
             raise ChainFormatError(f"{where}: test records need string fields 'question' and "
                                    "'answer'")
-        sample = ChainSample(record["question"], [], str(record.get("id", i)))
-        return TaskRecord(sample.id, sample, record["answer"].strip())
+        letter = record["answer"].strip().upper()
+        if letter not in tuple("ABCDE"):
+            raise ChainFormatError(f"{where}: field 'answer' must be an option letter A-E, not "
+                                   f"{record['answer']!r}")
+        sample = ChainSample(record["question"], [], str(record.get("id", i)), source=where)
+        return TaskRecord(sample.id, sample, letter)
 
     def request(self, record: TaskRecord, gold_upstream: bool = False) -> ChainSample:
         steps = [Step(stage, max_new_tokens=self.step_tokens)

@@ -13,7 +13,7 @@ passages in B's inputs are for training; at inference the retriever supplies the
 from __future__ import annotations
 
 from fthss.engine.engine import END
-from fthss.layout.chain import ChainSample, Step, load_chains
+from fthss.layout.chain import ChainFormatError, ChainSample, Step
 from fthss.tasks.base import Task, TaskRecord
 
 FINAL = "answer:"
@@ -43,15 +43,12 @@ class _RetrievalTask(Task):
                  answer_tokens: int = 24):
         self.k, self.query_tokens, self.answer_tokens = passages_per_query, query_tokens, answer_tokens
 
-    def records(self, path) -> list[TaskRecord]:
-        records = []
-        for i, sample in enumerate(load_chains(path)):
-            stages = [s.stage for s in sample.steps]
-            if len(stages) < 2 or set(stages) != {"A", "B"} or stages[-1] != "B":
-                raise ValueError(f"{path}: record {i}: {self.name} needs alternating A, B steps "
-                                 "ending with B")
-            records.append(TaskRecord(sample.id or str(i), sample, self.gold(sample)))
-        return records
+    def record(self, index: int, sample: ChainSample) -> TaskRecord:
+        stages = [s.stage for s in sample.steps]
+        if len(stages) < 2 or set(stages) != {"A", "B"} or stages[-1] != "B":
+            raise ChainFormatError(f"{sample.source}: {self.name} needs alternating A, B steps "
+                                   "ending with B")
+        return TaskRecord(sample.id or str(index), sample, self.gold(sample))
 
     def gold(self, sample: ChainSample) -> str:
         return sample.steps[-1].output or ""

@@ -5,29 +5,44 @@ A checkpoint is a folder `checkpoints/step-NNNNNN/` holding the trainable parame
 state and `state.json` (the step; the data position follows from it). It is written under a
 temporary name and renamed into place, and `checkpoints/latest` names the newest complete one,
 so a run killed at any moment resumes from the last checkpoint with nothing half-written.
+Resuming refuses (CheckpointError, saying what differs) a checkpoint made on another base,
+for other stages (names, virtual tokens, widths), holding NaN or inf, or unreadable; tensors
+are read with safetensors and the optimizer, scheduler and RNG states with `torch.load`'s
+`weights_only`, so a checkpoint from elsewhere runs no code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fthss.atomic import atomic_write_text
 
+STAGES = "stages.safetensors"
+_FOLDER = re.compile(r"step-(\d{6})")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint this run cannot resume from; the message names the file and what differs."""
+
 
 def save(directory: Path, step: int, stage_set, base, optimizer, scheduler, keep: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(".partial-step-*"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     final = directory / f"step-{step:06d}"
     partial = directory / f".partial-step-{step:06d}"
-    shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     tensors = {k: v.detach().cpu().contiguous() for k, v in stage_set.state_dict().items()}
-    save_file(tensors, partial / "stages.safetensors")
+    save_file(tensors, partial / STAGES)
     torch.save(optimizer.state_dict(), partial / "optimizer.pt")
     torch.save(scheduler.state_dict(), partial / "scheduler.pt")
     torch.save(torch.get_rng_state(), partial / "rng.pt")
@@ -44,27 +59,74 @@ def save(directory: Path, step: int, stage_set, base, optimizer, scheduler, keep
 
 
 def load_latest(directory: Path, stage_set, optimizer, scheduler) -> dict | None:
-    """Restore the newest complete checkpoint into the given objects; None if there is none."""
+    """Restore the newest complete checkpoint into the given objects; None if there is none.
+    Everything is read and checked before anything is restored."""
     pointer = directory / "latest"
     if not pointer.is_file():
         return None
-    folder = directory / pointer.read_text().strip()
+    name = pointer.read_bytes().decode("utf-8", "replace").strip()
+    found = _FOLDER.fullmatch(name)
+    if not found:  # a path from a file: never follow it out of the checkpoints folder
+        raise CheckpointError(f"{pointer}: names {name!r}, not a checkpoint folder step-NNNNNN")
+    folder = directory / name
+    state = _read_state(folder / "state.json", int(found.group(1)))
+    differs = stage_set.frozen.base.fingerprint_differences(state["base"], "checkpoint")
+    if differs:
+        raise CheckpointError(f"{folder / 'state.json'}: made on another base model ("
+                              + "; ".join(differs) + ")")
+    tensors = _read_tensors(folder / STAGES, stage_set.state_dict())
+    states = {f: _torch_load(folder / f) for f in ("optimizer.pt", "scheduler.pt", "rng.pt")}
     try:
-        state = json.loads((folder / "state.json").read_text())
-        fingerprint = state["base"]
-        if fingerprint != stage_set.frozen.base.fingerprint:
-            raise ValueError(f"{folder}: checkpoint was made on another base model")
-        missing, unexpected = stage_set.load_state_dict(load_file(folder / "stages.safetensors"),
-                                                        strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{folder}/stages.safetensors: trained stages differ from this run "
-                             f"(missing {missing}, unexpected {unexpected})")
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
-    except (OSError, KeyError, json.JSONDecodeError) as err:
-        raise ValueError(f"{folder}: unreadable checkpoint ({err})") from err
+        optimizer.load_state_dict(states["optimizer.pt"])
+        scheduler.load_state_dict(states["scheduler.pt"])
+        torch.set_rng_state(states["rng.pt"])
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{folder}: optimizer, scheduler or RNG state does not fit this "
+                              f"run ({err})") from err
+    stage_set.load_state_dict(tensors)
     return state
+
+
+def _read_state(path: Path, step: int) -> dict:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from err
+    if not isinstance(state, dict) or not isinstance(state.get("base"), dict):
+        raise CheckpointError(f"{path}: no base model fingerprint")
+    if state.get("step") != step:
+        raise CheckpointError(f"{path}: says step {state.get('step')!r}, its folder {step}")
+    return state
+
+
+def _read_tensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained parameters, checked against this run's: same names, shapes, finite."""
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({err})") from err
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: trained parameters differ from this run's (missing "
+                              f"{missing}, unexpected {unexpected})")
+    for key, tensor in tensors.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, this run's "
+                                  f"{tuple(expected[key].shape)} (another number of virtual "
+                                  "tokens or another width)")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: {key} holds NaN or inf values")
+    return tensors
+
+
+def _torch_load(path: Path):
+    """weights_only: tensors and plain containers; a pickle naming code to run is refused."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as err:
+        summary = str(err).partition("\n")[0]  # torch's messages run to many lines
+        raise CheckpointError(
+            f"{path}: unreadable, truncated or not plain data ({summary})") from err
 
 
 def enable_layer_recompute(base) -> None:

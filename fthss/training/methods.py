@@ -17,7 +17,7 @@ adapt    FTHSS tuning (as `fthss`) started from stages trained as `chain` or imp
 
 from __future__ import annotations
 
-from fthss.layout.chain import ChainSample, Step
+from fthss.layout.chain import ChainFormatError, ChainSample, Step
 from fthss.layout.sequence import TokenChain, TokenStep
 
 METHODS = ("fthss", "chain", "distill", "single", "adapt")
@@ -28,7 +28,7 @@ def as_distill(sample: ChainSample) -> ChainSample:
     """The chain run by one stage that sees every input: a plain causal sequence."""
     return ChainSample(sample.shared, [
         Step(DISTILL, s.input, s.output, True, s.max_new_tokens, s.stop, s.stop_token_ids)
-        for s in sample.steps], sample.id)
+        for s in sample.steps], sample.id, sample.source)
 
 
 def as_single(sample: ChainSample) -> ChainSample:
@@ -37,7 +37,17 @@ def as_single(sample: ChainSample) -> ChainSample:
     last = sample.steps[-1]
     return ChainSample(sample.shared, [Step(SINGLE, inputs or None, last.output, False,
                                             last.max_new_tokens, last.stop, last.stop_token_ids)],
-                       sample.id)
+                       sample.id, sample.source)
+
+
+def check_gold_outputs(method: str, sample: ChainSample, where: str) -> None:
+    """Training learns (or teacher-forces) the output of every step, except `single`, which
+    learns the last one only: refuse a sample without them."""
+    steps = list(enumerate(sample.steps))
+    for k, step in steps[-1:] if method == SINGLE else steps:
+        if step.output is None:
+            raise ChainFormatError(f"{where}: steps[{k}].output: missing; training with "
+                                   f"{method} needs it")
 
 
 def method_view(method: str, sample: ChainSample) -> ChainSample:

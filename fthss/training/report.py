@@ -17,8 +17,7 @@ class MetricsLog:
         self.path, self.enabled = Path(path), enabled
         self.rows: list[dict] = []
         if self.path.is_file():
-            old = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.rows = [r for r in old if r["step"] <= keep_until]
+            self.rows = [r for r in _complete_rows(self.path) if r["step"] <= keep_until]
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
@@ -38,3 +37,16 @@ class MetricsLog:
         ax.set(xlabel="optimizer step", ylabel="loss (outputs of trained stages)", title=title)
         ax.grid(alpha=0.3)
         plots.save(fig, path)
+
+
+def _complete_rows(path: Path) -> list[dict]:
+    """The log's rows, less a last line cut short by a run killed mid-append. Such a line is
+    past the last checkpoint (a checkpoint is written after its step's line), so a resumed run
+    drops it anyway."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

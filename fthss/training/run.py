@@ -9,13 +9,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fthss.layout.chain import ChainSample
+from fthss.datafiles import OnBad, parse_each
+from fthss.layout.chain import ChainFormatError, ChainSample
 from fthss.layout.sequence import SegmentCodec
 from fthss.models.base import BaseModel
 from fthss.prompts.stage import Stage
 from fthss.training.config import TrainConfig
-from fthss.training.methods import METHODS, method_view, training_chains
-from fthss.training.trainer import Trainer, TrainResult
+from fthss.training.methods import (
+    METHODS,
+    check_gold_outputs,
+    method_view,
+    training_chains,
+)
+from fthss.training.trainer import (
+    SequenceTooLongError,
+    Trainer,
+    TrainResult,
+    check_length,
+    length_limit,
+)
 
 ROUNDS = ("single", "multi")
 
@@ -23,17 +35,22 @@ ROUNDS = ("single", "multi")
 def train_method(base: BaseModel, samples: list[ChainSample], method: str, stages: list[Stage],
                  train: list[str] | None, config: TrainConfig, output_dir: str | Path,
                  rounds: str = "multi", max_samples: int | None = None,
-                 progress: bool = True) -> list[TrainResult]:
+                 progress: bool = True, on_bad: OnBad | None = None) -> list[TrainResult]:
     """Train `train` (default: every stage the method's chains use) among `stages` (which hold
-    the frozen upstream stages too). Returns one result per phase."""
+    the frozen upstream stages too). Returns one result per phase.
+
+    Every sample is checked before any training starts: a sample without the gold outputs the
+    method trains on, or with a training sequence longer than the positions allowed, raises an
+    error naming it (its `source`, file and line), or goes to `on_bad` and is left out."""
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}'; choose one of {METHODS}")
     if rounds not in ROUNDS:
         raise ValueError(f"unknown rounds '{rounds}'; choose one of {ROUNDS}")
     if method == "adapt" and max_samples is None:
         max_samples = 5000  # the paper's section 4.4
-    samples = [method_view(method, s) for s in samples[:max_samples]]
-    in_chain_order = list(dict.fromkeys(step.stage for s in samples for step in s.steps))
+    samples = samples[:max_samples]
+    views = [method_view(method, s) for s in samples]
+    in_chain_order = list(dict.fromkeys(step.stage for s in views for step in s.steps))
     train = train or in_chain_order
     by_name = {s.name: s for s in stages}
     missing = set(in_chain_order) - set(by_name)
@@ -41,7 +58,20 @@ def train_method(base: BaseModel, samples: list[ChainSample], method: str, stage
         raise ValueError(f"the {method} chains use stage(s) {sorted(missing)} that were neither "
                          "given nor created")
     codec = SegmentCodec(base.tokenizer)
-    encoded = [codec.encode(s) for s in samples]
+    limit = length_limit(config, base)
+
+    def encode(pair, where):
+        sample, view = pair
+        check_gold_outputs(method, sample, where)
+        chain = codec.encode(view)
+        # the sequences of every phase: the union over the trained stages holds them all
+        for sequence in training_chains(method, chain, set(train)):
+            check_length(sequence, by_name, limit, where)
+        return chain
+
+    encoded = parse_each(((s.source or f"sample {i}", (s, v))
+                          for i, (s, v) in enumerate(zip(samples, views))), encode,
+                         (ChainFormatError, SequenceTooLongError), on_bad)
     sequential = method in ("fthss", "adapt") and rounds == "single"
     phases = [[n] for n in in_chain_order if n in train] if sequential else [train]
     results = []

@@ -93,6 +93,24 @@ def sequence_length(chain: TokenChain) -> int:
     return len(chain.shared_ids) + sum(len(s.input_ids) + len(s.output_ids) for s in chain.steps)
 
 
+class SequenceTooLongError(ValueError):
+    """A training sequence that needs more positions than training allows."""
+
+
+def length_limit(config: TrainConfig, base: BaseModel) -> int:
+    """max_length, and never past the base's position limit (positions it was not made for)."""
+    return min(config.max_length or base.position_limit, base.position_limit)
+
+
+def check_length(chain: TokenChain, stages: dict[str, Stage], limit: int, where: str) -> None:
+    first = max(stages[s.stage].num_virtual_tokens for s in chain.steps)
+    needed = first + sequence_length(chain)
+    if needed > limit:
+        raise SequenceTooLongError(
+            f"{where}: needs {needed} positions (prompt {first} + content {needed - first}), "
+            f"over the limit of {limit} (max_length, or the base's position limit if smaller)")
+
+
 class Trainer:
     def __init__(self, base: BaseModel, stages: list[Stage], trained: list[str],
                  chains: list[TokenChain], config: TrainConfig, output_dir: str | Path,
@@ -137,13 +155,9 @@ class Trainer:
             self.optimizer, math.ceil(config.warmup_ratio * self.total_steps), self.total_steps)
 
     def _check_lengths(self, chains, stages):
-        limit = self.config.max_length or self.base.position_limit
+        limit = length_limit(self.config, self.base)
         for i, chain in enumerate(chains):
-            first = max(stages[s.stage].num_virtual_tokens for s in chain.steps)
-            if first + sequence_length(chain) > limit:
-                raise ValueError(f"training sequence {i} needs {first + sequence_length(chain)} "
-                                 f"positions (prompt {first} + content), over the limit {limit} "
-                                 "(max_length, or the base's position limit)")
+            check_length(chain, stages, limit, f"training sequence {i}")
 
     def batch_indices(self, step: int) -> list[int]:
         """This process's sequences for every micro-step of optimizer step `step`: a pure
