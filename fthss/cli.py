@@ -8,7 +8,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,14 +15,14 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
@@ -69,7 +68,7 @@ def _load_stages(paths, base) -> list:
     return stages
 
 
-def _add_base_arguments(parser: argparse.ArgumentParser) -> None:
+def add_base_arguments(parser: argparse.ArgumentParser) -> None:
     from fthss.models.presets import PRESETS
 
     source = parser.add_mutually_exclusive_group(required=True)
@@ -89,7 +88,7 @@ def _add_skip_bad(parser: argparse.ArgumentParser) -> None:
                         "and counted) instead of stopping at the first")
 
 
-def _load_base(args):
+def load_base(args):
     from fthss.models.base import BaseModel
     from fthss.models.presets import tiny_base
 
@@ -104,7 +103,7 @@ def _load_base(args):
 def cmd_verify(args) -> int:
     from fthss.verify import verify
 
-    base = _load_base(args)
+    base = load_base(args)
     tolerance = args.tol if args.tol is not None else (1e-4 if base.dtype == torch.float32 else 5e-2)
     report = verify(base, chains=args.chains, seed=args.seed, batch_size=args.batch_size)
     name = args.arch or args.base
@@ -128,7 +127,7 @@ def cmd_run(args) -> int:
     from fthss.engine.sampling import SamplingConfig
     from fthss.layout.chain import ChainFormatError, load_chains
 
-    base = _load_base(args)
+    base = load_base(args)
     stages = _load_stages(args.stage, base)
     skips = _skip_report(args)
     names = {s.name for s in stages}
@@ -161,7 +160,7 @@ def cmd_train(args) -> int:
     from fthss.training.methods import method_view
     from fthss.training.run import train_method
 
-    base = _load_base(args)
+    base = load_base(args)
     skips = _skip_report(args)
     samples = [s for path in args.data for s in load_chains(path, skips)]
     stages = {s.name: s for s in _load_stages(args.stage or [], base)}
@@ -195,7 +194,7 @@ def cmd_eval(args) -> int:
     from fthss.prompts.io import load_stage
     from fthss.tasks import get_task
 
-    base = _load_base(args)
+    base = load_base(args)
     task = get_task(args.task)
     skips = _skip_report(args)
     records = task.records(args.data, skips)[: args.max_records]
@@ -258,179 +257,11 @@ def cmd_stage_create(args) -> int:
     from fthss.prompts.io import save_stage
     from fthss.prompts.stage import Stage, StageConfig
 
-    base = _load_base(args)
+    base = load_base(args)
     config = StageConfig(args.name, args.kind, args.tokens, args.init, args.init_text)
     save_stage(Stage.create(config, base, seed=args.seed), args.out, base)
     print(f"stage {args.name} ({args.kind}, {args.tokens} virtual tokens) -> {args.out}")
     return 0
-
-
-def _bench_result(args, base, **results) -> dict:
-    from fthss.benchmarks.output import record
-
-    options = {k: v for k, v in vars(args).items()
-               if k not in ("func", "argv", "command", "bench_command")}
-    return {**record(args.bench_command, args.argv, options, base), **results}
-
-
-def _ms(key: str) -> Callable[[dict], str]:
-    return lambda row: f"{1000 * row[key]:.1f}"
-
-
-def _mib(key: str) -> Callable[[dict], str]:
-    return lambda row: f"{row[key] / 2**20:.2f}"
-
-
-def _cell(key: str, form: str = "") -> Callable[[dict], str]:
-    return lambda row: "-" if row[key] is None else format(row[key], form)
-
-
-def cmd_bench_latency(args) -> int:
-    from fthss.benchmarks import chains, figures, hf_peft
-    from fthss.benchmarks.output import emit, table
-
-    base = _load_base(args)
-    modes = tuple(s for s in args.systems if s != "hf-peft")
-    rows = chains.stage_b_latency(base, args.lengths, args.new_tokens, args.repeats,
-                                  args.prompt_tokens, modes, progress=True, compile=args.compile)
-    if "hf-peft" in args.systems:
-        rows += hf_peft.stage_b_latency(base, args.lengths, args.new_tokens, args.repeats,
-                                        args.prompt_tokens, progress=True)
-    ratios = chains.latency_ratios(rows)
-    others = [s for s in args.systems if s != "shared"]
-    ratio_columns = [("intermediate", _cell("intermediate_tokens"))] + [
-        (f"{mode}/shared {what}", lambda r, m=mode, k=key: f"{r[k][m]:.2f}x")
-        for mode in others for what, key in (("latency", "latency_ratio"), ("TTFT", "ttft_ratio"))]
-    tables = [table(rows, [("system", _cell("mode")),
-                           ("intermediate", _cell("intermediate_tokens")),
-                           ("latency ms", _ms("latency_s")), ("TTFT ms", _ms("ttft_s")),
-                           ("prefilled", _cell("prefilled_tokens"))])]
-    if ratios and others:
-        tables.append(table(ratios, ratio_columns))
-    figures.latency(rows, Path(args.out).with_suffix(".png"))
-    emit(_bench_result(args, base, rows=rows, ratios=ratios), tables, args.out)
-    return 0
-
-
-def cmd_bench_memory(args) -> int:
-    from fthss.benchmarks.chains import compress_qa_memory, kv_memory
-    from fthss.benchmarks.output import emit, table
-
-    base = _load_base(args)
-    multi = kv_memory(base, args.stages, args.total_tokens, args.rounds, args.prompt_tokens,
-                      progress=True)
-    compress = compress_qa_memory(base, args.passage_tokens, args.compression_tokens,
-                                  args.answer_tokens, args.prompt_tokens, progress=True)
-    tables = [
-        table(multi, [("stages", _cell("stages")), ("mode", _cell("mode")),
-                      ("chain tokens", _cell("chain_tokens")), ("KV tokens", _cell("kv_tokens")),
-                      ("KV MiB", _mib("kv_bytes"))]),
-        table(compress, [("compress->QA", _cell("mode")), ("passages", _cell("passage_tokens")),
-                         ("KV MiB after A", _mib("kv_bytes_after_a")),
-                         ("KV MiB during B", _mib("kv_bytes_during_b")),
-                         ("passage tokens held after A", _cell("passage_tokens_held_after_a")),
-                         ("during B", _cell("passage_tokens_held_during_b"))])]
-    emit(_bench_result(args, base, multi_round=multi, compress_qa=compress), tables, args.out)
-    return 0
-
-
-def cmd_bench_throughput(args) -> int:
-    from fthss.benchmarks import chains, figures
-    from fthss.benchmarks.output import emit, table
-
-    base = _load_base(args)
-    rows = chains.throughput(base, args.batch_sizes, args.intermediate_tokens, args.new_tokens,
-                             args.repeats, args.prompt_tokens, progress=True,
-                             compile=args.compile)
-    ratios = chains.throughput_ratios(rows)
-    tables = [table(rows, [("batch", _cell("batch")), ("mode", _cell("mode")),
-                           ("stage B s", _cell("stage_b_s", ".3f")),
-                           ("requests/s", _cell("requests_per_s", ".2f")),
-                           ("tokens/s", _cell("tokens_per_s", ".1f")),
-                           ("chain s", _cell("chain_s", ".3f"))]),
-              table(ratios, [("batch", _cell("batch")),
-                             ("shared/text requests/s", _cell("requests_ratio", ".2f"))])]
-    figures.throughput(rows, Path(args.out).with_suffix(".png"))
-    emit(_bench_result(args, base, rows=rows, ratios=ratios), tables, args.out)
-    return 0
-
-
-def cmd_bench_decode(args) -> int:
-    from fthss.benchmarks.decode import decode_speed, known_bandwidth_gbs
-    from fthss.benchmarks.output import emit, table
-
-    base = _load_base(args)
-    bandwidth = args.bandwidth_gbs or known_bandwidth_gbs(base.device)
-    rows = decode_speed(base, args.contexts, args.new_tokens, args.repeats, args.prompt_tokens,
-                        bandwidth, progress=True, compile=args.compile)
-    note = None if bandwidth else (f"memory bandwidth of {base.device} unknown: pass "
-                                   "--bandwidth-gbs for the floor")
-    tables = [table(rows, [("context", _cell("context_tokens")),
-                           ("ms/token", _cell("ms_per_token", ".2f")),
-                           ("weights MB", lambda r: f"{r['weight_bytes'] / 1e6:.1f}"),
-                           ("KV MB", lambda r: f"{r['kv_bytes'] / 1e6:.1f}"),
-                           ("floor ms", _cell("floor_ms_per_token", ".2f")),
-                           ("share of floor", _cell("share_of_floor", ".1%"))])]
-    if note:
-        tables.append(note)
-    emit(_bench_result(args, base, rows=rows, note=note), tables, args.out)
-    return 0
-
-
-def _add_bench_commands(commands) -> None:
-    bench = commands.add_parser("bench", help="speed and memory: text vs shared mode (and "
-                                "PEFT + generate), JSON and plots")
-    kinds = bench.add_subparsers(dest="bench_command", required=True)
-
-    def add(name, func, help, repeats):
-        parser = kinds.add_parser(name, help=help)
-        _add_base_arguments(parser)
-        parser.add_argument("--prompt-tokens", type=_positive_int, default=16,
-                            help="virtual tokens of every stage")
-        if repeats is not None:  # a timed benchmark
-            parser.add_argument("--repeats", type=_positive_int, default=repeats,
-                                help="timed runs after a warm-up run (the median is reported)")
-            parser.add_argument("--compile", action="store_true",
-                                help="the engine's compiled decode step (CUDA graphs on a GPU)")
-        parser.add_argument("--out", default=f"runs/bench/{name}.json",
-                            help="JSON record (a plot, if any, beside it as .png)")
-        parser.set_defaults(func=func)
-        return parser
-
-    latency = add("latency", cmd_bench_latency, "stage-B latency and time to first token "
-                  "against intermediate length, batch 1", 3)
-    latency.add_argument("--lengths", type=_positive_int, nargs="+",
-                         default=[250, 500, 1000, 3000], help="intermediate tokens")
-    latency.add_argument("--new-tokens", type=_positive_int, default=16)
-    latency.add_argument("--systems", nargs="+", choices=("shared", "text", "hf-peft"),
-                         default=["shared", "text", "hf-peft"])
-
-    memory = add("memory", cmd_bench_memory, "KV memory: multi-round chains of 1, 2, 3 "
-                 "stages; compress -> QA", None)
-    memory.add_argument("--stages", type=_positive_int, nargs="+", default=[1, 2, 3])
-    memory.add_argument("--total-tokens", type=_positive_int, default=1000,
-                        help="tokens the multi-round chain generates in all")
-    memory.add_argument("--rounds", type=_positive_int, default=2)
-    memory.add_argument("--passage-tokens", type=_positive_int, default=800,
-                        help="compress -> QA: stage A's passages")
-    memory.add_argument("--compression-tokens", type=_positive_int, default=150)
-    memory.add_argument("--answer-tokens", type=_positive_int, default=16)
-
-    throughput = add("throughput", cmd_bench_throughput, "requests/s and tokens/s of a "
-                     "2-stage chain's stage B against batch size", 2)
-    throughput.add_argument("--batch-sizes", type=_positive_int, nargs="+",
-                            default=[1, 8, 32, 64])
-    throughput.add_argument("--intermediate-tokens", type=_positive_int, default=1000,
-                            help="stage A's output, given")
-    throughput.add_argument("--new-tokens", type=_positive_int, default=16)
-
-    decode = add("decode", cmd_bench_decode, "ms per decoded token (batch 1) against the "
-                 "memory-bandwidth floor", 3)
-    decode.add_argument("--contexts", type=_positive_int, nargs="+", default=[1000],
-                        help="context tokens before the decoded ones")
-    decode.add_argument("--new-tokens", type=_positive_int, default=64)
-    decode.add_argument("--bandwidth-gbs", type=_positive_float, default=None,
-                        help="device memory bandwidth, GB/s (default: known GPUs by name)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -448,16 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     verify = commands.add_parser("verify", help="check shared-KV inference is exact on a model")
-    _add_base_arguments(verify)
-    verify.add_argument("--chains", type=_positive_int, default=16)
-    verify.add_argument("--batch-size", type=_positive_int, default=4)
+    add_base_arguments(verify)
+    verify.add_argument("--chains", type=positive_int, default=16)
+    verify.add_argument("--batch-size", type=positive_int, default=4)
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--tol", type=float, default=None,
                         help="largest logit difference allowed (default 1e-4 fp32, 5e-2 else)")
     verify.set_defaults(func=cmd_verify)
 
     run = commands.add_parser("run", help="run chain requests from a JSONL (or authors' JSON) file")
-    _add_base_arguments(run)
+    add_base_arguments(run)
     run.add_argument("--stage", action="append", required=True, metavar="DIR",
                      help="a stage directory (repeat for each stage)")
     run.add_argument("--input", required=True, help="requests: .jsonl (ours) or .json (authors')")
@@ -466,11 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--given-outputs", action="store_true",
                      help="use outputs present in the input as given (teacher-forced) instead "
                      "of generating them")
-    run.add_argument("--batch-size", type=_positive_int, default=8)
-    run.add_argument("--max-request-tokens", type=_positive_int, default=None,
+    run.add_argument("--batch-size", type=positive_int, default=8)
+    run.add_argument("--max-request-tokens", type=positive_int, default=None,
                      help="K/V slots one request may hold; a request that needs more fails "
                      "alone (its error in the output), as one past the base's positions does")
-    run.add_argument("--max-new-tokens", type=_positive_int, default=64,
+    run.add_argument("--max-new-tokens", type=positive_int, default=64,
                      help="per-step limit unless the request sets max_new_tokens")
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     run.add_argument("--top-k", type=int, default=0)
@@ -480,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     train = commands.add_parser("train", help="train stages (FTHSS or a baseline method)")
-    _add_base_arguments(train)
+    add_base_arguments(train)
     train.add_argument("--method", choices=("fthss", "chain", "distill", "single", "adapt"),
                        default="fthss")
     train.add_argument("--rounds", choices=("single", "multi"), default="multi",
@@ -516,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate methods on a task and write a report")
-    _add_base_arguments(evaluate)
+    add_base_arguments(evaluate)
     evaluate.add_argument("--task", required=True,
                           choices=("compress_qa", "rewrite_qa", "memory_reasoning", "active_rag"))
     evaluate.add_argument("--data", required=True, help="task records (authors' JSON or JSONL)")
@@ -562,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage = commands.add_parser("stage", help="stage tools")
     stage_commands = stage.add_subparsers(dest="stage_command", required=True)
     create = stage_commands.add_parser("create", help="initialise an untrained stage")
-    _add_base_arguments(create)
+    add_base_arguments(create)
     create.add_argument("--name", required=True)
     create.add_argument("--kind", choices=("prompt", "prefix"), default="prompt")
     create.add_argument("--tokens", type=int, default=100, help="number of virtual tokens")
@@ -572,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--out", required=True)
     create.set_defaults(func=cmd_stage_create)
 
-    _add_bench_commands(commands)
+    from fthss.benchmarks.commands import add_bench_commands
+
+    add_bench_commands(commands)
     return parser
 
 

@@ -1,0 +1,178 @@
+"""`fthss bench latency | memory | throughput | decode`: the command-line side of the
+benchmarks (options, tables, the JSON record and plots); the measurements live in `chains`,
+`hf_peft` and `decode`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fthss.cli import add_base_arguments, load_base, positive_float, positive_int
+
+
+def _bench_result(args, base, **results) -> dict:
+    from fthss.benchmarks.output import record
+
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("func", "argv", "command", "bench_command")}
+    return {**record(args.bench_command, args.argv, options, base), **results}
+
+
+def _ms(key: str) -> Callable[[dict], str]:
+    return lambda row: f"{1000 * row[key]:.1f}"
+
+
+def _mib(key: str) -> Callable[[dict], str]:
+    return lambda row: f"{row[key] / 2**20:.2f}"
+
+
+def _cell(key: str, form: str = "") -> Callable[[dict], str]:
+    return lambda row: "-" if row[key] is None else format(row[key], form)
+
+
+def cmd_bench_latency(args) -> int:
+    from fthss.benchmarks import chains, figures, hf_peft
+    from fthss.benchmarks.output import emit, table
+
+    base = load_base(args)
+    modes = tuple(s for s in args.systems if s != "hf-peft")
+    rows = chains.stage_b_latency(base, args.lengths, args.new_tokens, args.repeats,
+                                  args.prompt_tokens, modes, progress=True, compile=args.compile)
+    if "hf-peft" in args.systems:
+        rows += hf_peft.stage_b_latency(base, args.lengths, args.new_tokens, args.repeats,
+                                        args.prompt_tokens, progress=True)
+    ratios = chains.latency_ratios(rows)
+    others = [s for s in args.systems if s != "shared"]
+    ratio_columns = [("intermediate", _cell("intermediate_tokens"))] + [
+        (f"{mode}/shared {what}", lambda r, m=mode, k=key: f"{r[k][m]:.2f}x")
+        for mode in others for what, key in (("latency", "latency_ratio"), ("TTFT", "ttft_ratio"))]
+    tables = [table(rows, [("system", _cell("mode")),
+                           ("intermediate", _cell("intermediate_tokens")),
+                           ("latency ms", _ms("latency_s")), ("TTFT ms", _ms("ttft_s")),
+                           ("prefilled", _cell("prefilled_tokens"))])]
+    if ratios and others:
+        tables.append(table(ratios, ratio_columns))
+    figures.latency(rows, Path(args.out).with_suffix(".png"))
+    emit(_bench_result(args, base, rows=rows, ratios=ratios), tables, args.out)
+    return 0
+
+
+def cmd_bench_memory(args) -> int:
+    from fthss.benchmarks.chains import compress_qa_memory, kv_memory
+    from fthss.benchmarks.output import emit, table
+
+    base = load_base(args)
+    multi = kv_memory(base, args.stages, args.total_tokens, args.rounds, args.prompt_tokens,
+                      progress=True)
+    compress = compress_qa_memory(base, args.passage_tokens, args.compression_tokens,
+                                  args.answer_tokens, args.prompt_tokens, progress=True)
+    tables = [
+        table(multi, [("stages", _cell("stages")), ("mode", _cell("mode")),
+                      ("chain tokens", _cell("chain_tokens")), ("KV tokens", _cell("kv_tokens")),
+                      ("KV MiB", _mib("kv_bytes"))]),
+        table(compress, [("compress->QA", _cell("mode")), ("passages", _cell("passage_tokens")),
+                         ("KV MiB after A", _mib("kv_bytes_after_a")),
+                         ("KV MiB during B", _mib("kv_bytes_during_b")),
+                         ("passage tokens held after A", _cell("passage_tokens_held_after_a")),
+                         ("during B", _cell("passage_tokens_held_during_b"))])]
+    emit(_bench_result(args, base, multi_round=multi, compress_qa=compress), tables, args.out)
+    return 0
+
+
+def cmd_bench_throughput(args) -> int:
+    from fthss.benchmarks import chains, figures
+    from fthss.benchmarks.output import emit, table
+
+    base = load_base(args)
+    rows = chains.throughput(base, args.batch_sizes, args.intermediate_tokens, args.new_tokens,
+                             args.repeats, args.prompt_tokens, progress=True,
+                             compile=args.compile)
+    ratios = chains.throughput_ratios(rows)
+    tables = [table(rows, [("batch", _cell("batch")), ("mode", _cell("mode")),
+                           ("stage B s", _cell("stage_b_s", ".3f")),
+                           ("requests/s", _cell("requests_per_s", ".2f")),
+                           ("tokens/s", _cell("tokens_per_s", ".1f")),
+                           ("chain s", _cell("chain_s", ".3f"))]),
+              table(ratios, [("batch", _cell("batch")),
+                             ("shared/text requests/s", _cell("requests_ratio", ".2f"))])]
+    figures.throughput(rows, Path(args.out).with_suffix(".png"))
+    emit(_bench_result(args, base, rows=rows, ratios=ratios), tables, args.out)
+    return 0
+
+
+def cmd_bench_decode(args) -> int:
+    from fthss.benchmarks.decode import decode_speed, known_bandwidth_gbs
+    from fthss.benchmarks.output import emit, table
+
+    base = load_base(args)
+    bandwidth = args.bandwidth_gbs or known_bandwidth_gbs(base.device)
+    rows = decode_speed(base, args.contexts, args.new_tokens, args.repeats, args.prompt_tokens,
+                        bandwidth, progress=True, compile=args.compile)
+    note = None if bandwidth else (f"memory bandwidth of {base.device} unknown: pass "
+                                   "--bandwidth-gbs for the floor")
+    tables = [table(rows, [("context", _cell("context_tokens")),
+                           ("ms/token", _cell("ms_per_token", ".2f")),
+                           ("weights MB", lambda r: f"{r['weight_bytes'] / 1e6:.1f}"),
+                           ("KV MB", lambda r: f"{r['kv_bytes'] / 1e6:.1f}"),
+                           ("floor ms", _cell("floor_ms_per_token", ".2f")),
+                           ("share of floor", _cell("share_of_floor", ".1%"))])]
+    if note:
+        tables.append(note)
+    emit(_bench_result(args, base, rows=rows, note=note), tables, args.out)
+    return 0
+
+
+def add_bench_commands(commands) -> None:
+    bench = commands.add_parser("bench", help="speed and memory: text vs shared mode (and "
+                                "PEFT + generate), JSON and plots")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+
+    def add(name, func, help, repeats):
+        parser = kinds.add_parser(name, help=help)
+        add_base_arguments(parser)
+        parser.add_argument("--prompt-tokens", type=positive_int, default=16,
+                            help="virtual tokens of every stage")
+        if repeats is not None:  # a timed benchmark
+            parser.add_argument("--repeats", type=positive_int, default=repeats,
+                                help="timed runs after a warm-up run (the median is reported)")
+            parser.add_argument("--compile", action="store_true",
+                                help="the engine's compiled decode step (CUDA graphs on a GPU)")
+        parser.add_argument("--out", default=f"runs/bench/{name}.json",
+                            help="JSON record (a plot, if any, beside it as .png)")
+        parser.set_defaults(func=func)
+        return parser
+
+    latency = add("latency", cmd_bench_latency, "stage-B latency and time to first token "
+                  "against intermediate length, batch 1", 3)
+    latency.add_argument("--lengths", type=positive_int, nargs="+",
+                         default=[250, 500, 1000, 3000], help="intermediate tokens")
+    latency.add_argument("--new-tokens", type=positive_int, default=16)
+    latency.add_argument("--systems", nargs="+", choices=("shared", "text", "hf-peft"),
+                         default=["shared", "text", "hf-peft"])
+
+    memory = add("memory", cmd_bench_memory, "KV memory: multi-round chains of 1, 2, 3 "
+                 "stages; compress -> QA", None)
+    memory.add_argument("--stages", type=positive_int, nargs="+", default=[1, 2, 3])
+    memory.add_argument("--total-tokens", type=positive_int, default=1000,
+                        help="tokens the multi-round chain generates in all")
+    memory.add_argument("--rounds", type=positive_int, default=2)
+    memory.add_argument("--passage-tokens", type=positive_int, default=800,
+                        help="compress -> QA: stage A's passages")
+    memory.add_argument("--compression-tokens", type=positive_int, default=150)
+    memory.add_argument("--answer-tokens", type=positive_int, default=16)
+
+    throughput = add("throughput", cmd_bench_throughput, "requests/s and tokens/s of a "
+                     "2-stage chain's stage B against batch size", 2)
+    throughput.add_argument("--batch-sizes", type=positive_int, nargs="+",
+                            default=[1, 8, 32, 64])
+    throughput.add_argument("--intermediate-tokens", type=positive_int, default=1000,
+                            help="stage A's output, given")
+    throughput.add_argument("--new-tokens", type=positive_int, default=16)
+
+    decode = add("decode", cmd_bench_decode, "ms per decoded token (batch 1) against the "
+                 "memory-bandwidth floor", 3)
+    decode.add_argument("--contexts", type=positive_int, nargs="+", default=[1000],
+                        help="context tokens before the decoded ones")
+    decode.add_argument("--new-tokens", type=positive_int, default=64)
+    decode.add_argument("--bandwidth-gbs", type=positive_float, default=None,
+                        help="device memory bandwidth, GB/s (default: known GPUs by name)")
