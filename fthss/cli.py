@@ -90,12 +90,12 @@ def _add_skip_bad(parser: argparse.ArgumentParser) -> None:
 
 def load_base(args):
     from fthss.models.base import BaseModel
-    from fthss.models.presets import tiny_base
+    from fthss.models.presets import preset_base
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.arch:
-        return tiny_base(args.arch, dtype=dtype or torch.float32, device=device)
+        return preset_base(args.arch, dtype=dtype or torch.float32, device=device)
     return BaseModel.load(args.base, dtype=dtype, device=device,
                           trust_remote_code=args.trust_remote_code)
 

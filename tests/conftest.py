@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from fthss.models.presets import ARCHITECTURES, tiny_base
+from fthss.models.presets import ARCHITECTURES, preset_base
 
 # Deterministic examples: CI must not turn red by chance; deadlines mean nothing on a busy CPU.
 settings.register_profile("fthss", derandomize=True, deadline=None,
@@ -26,7 +26,7 @@ def _one_thread():
 
 def get_base(arch: str):
     if arch not in _BASES:
-        _BASES[arch] = tiny_base(arch)
+        _BASES[arch] = preset_base(arch)
     return _BASES[arch]
 
 

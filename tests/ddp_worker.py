@@ -9,14 +9,14 @@ import torch
 from accelerate import Accelerator
 
 from fthss.layout.chain import ChainSample, Step
-from fthss.models.presets import tiny_base
+from fthss.models.presets import preset_base
 from fthss.prompts.stage import Stage, StageConfig
 from fthss.training.config import TrainConfig
 from fthss.training.run import train_method
 
 out, micro = Path(sys.argv[1]), int(sys.argv[2])
 accelerator = Accelerator(cpu=True)
-base = tiny_base("tiny-llama", init_std=0.2)
+base = preset_base("tiny-llama", init_std=0.2)
 samples = [ChainSample(f"q{i}", [Step("A", input=f"doc {i}", output=f"c{i % 3}"),
                                  Step("B", output=f"a{i % 3}")]) for i in range(12)]
 stages = [Stage.create(StageConfig("A", "prompt", 3), base, seed=1),

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig, Qwen2Config
 
 from fthss.models.base import BaseModel, UnsupportedModelError
-from fthss.models.presets import ARCHITECTURES, byte_tokenizer, tiny_base
+from fthss.models.presets import ARCHITECTURES, byte_tokenizer, preset_base
 from fthss.verify import verify
 
 
@@ -18,7 +18,7 @@ def test_a_model_without_rotary_positions_is_refused():
 
 
 def test_attention_that_cannot_take_a_4d_mask_is_refused():
-    model = tiny_base("tiny-llama").model
+    model = preset_base("tiny-llama").model
     # flash-attn is not installed here, so transformers refuses to build a model with
     # attn_implementation="flash_attention_2" (ImportError). What fthss checks is the
     # implementation the config names, so build with sdpa and then name flash-attention in the
@@ -31,7 +31,7 @@ def test_attention_that_cannot_take_a_4d_mask_is_refused():
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
 def test_eager_attention_is_exact_too(arch):
-    base = tiny_base(arch, attn_implementation="eager")
+    base = preset_base(arch, attn_implementation="eager")
     assert base.config._attn_implementation == "eager"
     assert base.attention_mask(torch.tensor([[True, False]])).dtype == base.dtype  # additive bias
     report = verify(base, chains=4, seed=2)
@@ -40,7 +40,7 @@ def test_eager_attention_is_exact_too(arch):
 
 
 def test_load_from_a_folder(tmp_path):
-    base = tiny_base("tiny-mistral")
+    base = preset_base("tiny-mistral")
     base.model.save_pretrained(tmp_path)
     base.tokenizer.save_pretrained(tmp_path)
     loaded = BaseModel.load(tmp_path)
@@ -58,7 +58,7 @@ def test_load_from_a_folder(tmp_path):
 
 @pytest.fixture
 def saved_llama(tmp_path):
-    base = tiny_base("tiny-llama")
+    base = preset_base("tiny-llama")
     base.model.save_pretrained(tmp_path / "model")
     base.tokenizer.save_pretrained(tmp_path / "model")
     return tmp_path / "model"
@@ -103,15 +103,15 @@ def test_pickled_weights_are_not_loaded(saved_llama):
 
 
 def test_fingerprint_ignores_dtype_but_not_weights():
-    fp32 = tiny_base("tiny-llama").fingerprint
-    assert tiny_base("tiny-llama", dtype=torch.bfloat16).fingerprint == fp32
-    assert tiny_base("tiny-llama", seed=1).fingerprint["embedding_sha256"] != fp32["embedding_sha256"]
-    assert tiny_base("tiny-qwen2").fingerprint["architecture"] == "Qwen2ForCausalLM"
+    fp32 = preset_base("tiny-llama").fingerprint
+    assert preset_base("tiny-llama", dtype=torch.bfloat16).fingerprint == fp32
+    assert preset_base("tiny-llama", seed=1).fingerprint["embedding_sha256"] != fp32["embedding_sha256"]
+    assert preset_base("tiny-qwen2").fingerprint["architecture"] == "Qwen2ForCausalLM"
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_position_limits(arch):
-    base = tiny_base(arch)
+    base = preset_base(arch)
     assert base.attention_window is None
     assert base.position_limit == base.config.max_position_embeddings == 4096
 

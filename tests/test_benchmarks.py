@@ -14,7 +14,7 @@ from fthss.benchmarks.chains import (
     stage_b_latency,
 )
 from fthss.cli import main
-from fthss.models.presets import tiny_base
+from fthss.models.presets import preset_base
 
 RECORD_KEYS = {"benchmark", "command", "date", "device", "device_name", "torch_threads", "torch",
                "transformers", "peft", "dtype", "parameters", "settings"}
@@ -143,7 +143,7 @@ def test_bench_decode_floor_only_with_a_known_bandwidth(tmp_path, capsys):
 @pytest.mark.parametrize("preset, parameters", [("llama3-8b", 8_030_261_248),
                                                 ("qwen2.5-7b", 7_615_616_512)])
 def test_large_presets_have_the_real_shapes_and_build_on_meta(preset, parameters):
-    base = tiny_base(preset, dtype=torch.bfloat16, device="meta")
+    base = preset_base(preset, dtype=torch.bfloat16, device="meta")
     weights = list(base.model.parameters())
     assert all(p.is_meta for p in weights)  # nothing allocated
     assert sum(p.numel() for p in weights) == parameters

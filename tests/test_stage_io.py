@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from fthss.atomic import atomic_save_safetensors, atomic_write_bytes, atomic_write_text
 from fthss.engine.engine import ChainEngine
 from fthss.layout.chain import ChainSample, Step
-from fthss.models.presets import tiny_base
+from fthss.models.presets import preset_base
 from fthss.prompts.io import StageLoadError, load_stage, save_stage
 from fthss.prompts.stage import Stage, StageConfig
 from fthss.verify import text_view
@@ -76,10 +76,10 @@ def _assert_text_mode_matches_peft(base, stage, peft_model, shared="", text="hel
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_peft_loads_a_stage_and_computes_what_text_mode_computes(arch, kind, tmp_path):
-    base = tiny_base(arch, init_std=SHARP)  # PEFT wraps its model: a fresh one per test
+    base = preset_base(arch, init_std=SHARP)  # PEFT wraps its model: a fresh one per test
     stage = Stage.create(StageConfig("qa", kind, 4), base, seed=7)
     save_stage(stage, tmp_path / "qa", base)
-    peft_model = PeftModel.from_pretrained(tiny_base(arch, init_std=SHARP).model, tmp_path / "qa")
+    peft_model = PeftModel.from_pretrained(preset_base(arch, init_std=SHARP).model, tmp_path / "qa")
     assert torch.equal(_peft_weight(peft_model), stage.weight.detach())
     _assert_text_mode_matches_peft(base, stage, peft_model)
     _assert_text_mode_matches_peft(base, stage, peft_model, shared="who?", text="hello world")
@@ -97,7 +97,7 @@ PEFT_CONFIGS = {
 
 @pytest.mark.parametrize("which", list(PEFT_CONFIGS))
 def test_an_adapter_trained_with_peft_loads_as_a_stage(which, tmp_path):
-    base = tiny_base("tiny-llama", init_std=SHARP)
+    base = preset_base("tiny-llama", init_std=SHARP)
     assert (base.config.num_attention_heads, base.num_kv_heads) == (4, 2)  # GQA
     peft_model = get_peft_model(base.model, PEFT_CONFIGS[which]())
     with torch.no_grad():  # as if trained
@@ -106,7 +106,7 @@ def test_an_adapter_trained_with_peft_loads_as_a_stage(which, tmp_path):
     peft_model.eval()
     peft_model.save_pretrained(tmp_path / "peft_A")
     assert not (tmp_path / "peft_A" / "fthss_stage.json").exists()
-    reference = tiny_base("tiny-llama", init_std=SHARP)
+    reference = preset_base("tiny-llama", init_std=SHARP)
     with pytest.warns(UserWarning, match="only its shapes"):
         stage = load_stage(tmp_path / "peft_A", reference)
     kind = "prompt" if which == "prompt" else "prefix"
@@ -119,7 +119,7 @@ def test_an_adapter_trained_with_peft_loads_as_a_stage(which, tmp_path):
 
 
 def test_a_peft_adapter_takes_the_name_given(tmp_path):
-    base = tiny_base("tiny-llama")
+    base = preset_base("tiny-llama")
     get_peft_model(base.model, PEFT_CONFIGS["prompt"]()).save_pretrained(tmp_path / "not.a.name")
     with pytest.raises(StageLoadError, match=r"not\.a\.name.*folder name"):
         load_stage(tmp_path / "not.a.name")
@@ -148,7 +148,7 @@ def test_stage_made_for_another_base_lists_each_differing_field(saved):
     assert "embedding_sha256" in message
     assert "hidden_size" not in message  # only what differs
     with pytest.raises(StageLoadError, match=r"fthss_stage.json.*another base.*embedding_sha256"):
-        load_stage(saved, tiny_base("tiny-llama", seed=1))  # same architecture, other weights
+        load_stage(saved, preset_base("tiny-llama", seed=1))  # same architecture, other weights
 
 
 def _edit_json(path, **changes):

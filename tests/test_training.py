@@ -19,7 +19,7 @@ from fthss.engine.engine import ChainEngine
 from fthss.layout.chain import ChainFormatError, ChainSample, Step, load_chains
 from fthss.layout.sequence import SegmentCodec, build_layout
 from fthss.layout.visibility import Kind
-from fthss.models.presets import tiny_base
+from fthss.models.presets import preset_base
 from fthss.prompts.stage import Stage, StageConfig
 from fthss.training.checkpoint import CheckpointError
 from fthss.training.config import TrainConfig
@@ -34,7 +34,7 @@ CITIES = ["rome", "oslo", "lima", "kiev", "nice", "bonn"]
 @pytest.fixture(scope="module")
 def steerable():
     """A tiny base initialised at a larger scale, so a soft prompt can steer it."""
-    return tiny_base("tiny-llama", init_std=0.2)
+    return preset_base("tiny-llama", init_std=0.2)
 
 
 def two_stage(n=32, seed=0):
@@ -130,7 +130,7 @@ def test_reparameterised_prefix_trains_and_folds(steerable, tmp_path):
 
 
 def test_chain_method_trains_each_stage_on_its_text_view():
-    codec = SegmentCodec(tiny_base("tiny-llama").tokenizer)
+    codec = SegmentCodec(preset_base("tiny-llama").tokenizer)
     chain = codec.encode(two_stage(1)[0])
     views = training_chains("chain", chain, {"A", "B"})
     assert [v.steps[0].stage for v in views] == ["A", "B"]
@@ -288,7 +288,7 @@ def test_a_checkpoint_is_refused_by_another_base_or_other_stage_shapes(steerable
     out = checkpoints.parents[1]
     with pytest.raises(CheckpointError, match=r"state.json: made on another base model "
                        r"\(embedding_sha256: checkpoint made for '[0-9a-f]+', base has") as err:
-        train_b(tiny_base("tiny-llama", seed=1, init_std=0.2), out)
+        train_b(preset_base("tiny-llama", seed=1, init_std=0.2), out)
     assert "hidden_size" not in str(err.value)  # only what differs
     with pytest.raises(CheckpointError, match=r"trained.B.weight has shape \(4, 64\), this "
                        r"run's \(5, 64\) \(another number of virtual tokens"):
@@ -296,7 +296,7 @@ def test_a_checkpoint_is_refused_by_another_base_or_other_stage_shapes(steerable
 
 
 def test_a_training_sample_over_the_base_positions_is_named_before_any_training(tmp_path):
-    base = tiny_base("tiny-llama", init_std=0.2)
+    base = preset_base("tiny-llama", init_std=0.2)
     base.config.max_position_embeddings = 80  # below max_length's default, 1224
     data = tmp_path / "train.jsonl"
     long = ChainSample("q" * 100, [Step("A", output="a"), Step("B", output="b")])
@@ -375,7 +375,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
-    base = tiny_base("tiny-llama", init_std=0.2)
+    base = preset_base("tiny-llama", init_std=0.2)
     codec = SegmentCodec(base.tokenizer)
     chains = [c for s in two_stage(4) for c in training_chains("fthss", codec.encode(s), {"A", "B"})]
     grads, attention_calls = [], []
@@ -433,7 +433,7 @@ def test_cli_train_then_run(tmp_path):
 
 
 def test_a_bf16_base_trains_fp32_prompts(tmp_path):
-    base = tiny_base("tiny-qwen2", init_std=0.2, dtype=torch.bfloat16)
+    base = preset_base("tiny-qwen2", init_std=0.2, dtype=torch.bfloat16)
     stages = new_stages(base, "prompt")
     [result] = train_method(base, two_stage(), "fthss", stages, ["B"], TrainConfig(**FAST),
                             tmp_path, progress=False)

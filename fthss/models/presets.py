@@ -85,9 +85,9 @@ PRESETS = {
 ARCHITECTURES = ("tiny-llama", "tiny-qwen2", "tiny-mistral")
 
 
-def tiny_base(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32,
-              attn_implementation: str = "sdpa", init_std: float = 0.02,
-              device: str | torch.device = "cpu") -> BaseModel:
+def preset_base(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                attn_implementation: str = "sdpa", init_std: float = 0.02,
+                device: str | torch.device = "cpu") -> BaseModel:
     """A random-init model of preset `arch` with the byte tokenizer, built directly on `device`
     in `dtype` (an 8B model cannot be built on a small machine's CPU first; on "meta" nothing is
     allocated). At the usual init scale (0.02) its outputs are nearly uniform and soft prompts
