@@ -310,9 +310,10 @@ class ChainEngine:
         counts = torch.zeros(batch, dtype=torch.long, device=device)
         scores, first_token_at = [], None
         unchecked = live.clone()  # rows that may have met a stop string since the last look
+        held_back = int(least.max())  # tokens before which some row may not stop
         for t in range(longest):
-            # as transformers' min_new_tokens does: no EOS or stop token before the minimum
-            logits = logits.masked_fill(stops & (counts < least)[:, None], float("-inf"))
+            if t < held_back:  # as transformers' min_new_tokens: no EOS or stop token before it
+                logits = logits.masked_fill(stops & (counts < least)[:, None], float("-inf"))
             if sampling.greedy:
                 token = logits.argmax(dim=-1)
             else:  # each live row draws from its own generator, so batch-mates don't matter
