@@ -109,7 +109,7 @@ def test_the_tokenizer_round_trips_the_corpus(built):
     assert tokenizer.bos_token == "<s>" and tokenizer.eos_token == "</s>"
 
 
-def test_pretraining_a_small_base_lowers_its_loss_and_records_the_recipe(built, tmp_path):
+def test_pretraining_a_small_base_lowers_its_loss_and_records_the_recipe(built, tmp_path, capsys):
     from fthss.models.base import BaseModel
 
     out = tmp_path / "base"
@@ -122,6 +122,24 @@ def test_pretraining_a_small_base_lowers_its_loss_and_records_the_recipe(built, 
     assert recipe["final_loss"] < 0.8 * recipe["first_loss"]
     base = BaseModel.load(out)  # a base fthss accepts, with the world's tokenizer
     assert base.tokenizer.bos_token == "<s>" and base.config.vocab_size == len(base.tokenizer)
+
+    # continued pretraining starts where the base ended, and records what it continued from
+    more = tmp_path / "more"
+    assert main(["base", "pretrain", "--world", str(built), "--out", str(more), "--steps", "5",
+                 "--init-from", str(out), "--hole-share", "0.5", "--sequence-length", "64",
+                 "--batch-size", "8", "--learning-rate", "1e-3", "--warmup-steps", "1",
+                 "--device", "cpu"]) == 0
+    continued = json.loads((more / "recipe.json").read_text())
+    assert continued["continued_from"] == recipe
+    assert continued["config"]["hidden_size"] == 32 and continued["config"]["layers"] == 1
+    assert continued["first_loss"] < 0.9 * recipe["first_loss"]
+
+    # a base of another world is refused, naming its recipe
+    recipe["world"]["seed"] = 4
+    (out / "recipe.json").write_text(json.dumps(recipe))
+    assert main(["base", "pretrain", "--world", str(built), "--out", str(tmp_path / "x"),
+                 "--steps", "1", "--init-from", str(out), "--device", "cpu"]) == 2
+    assert "recipe.json: pretrained on the world of seed 4" in capsys.readouterr().err
 
 
 def test_instruction_positions_keep_the_shared_mode_holes(built, tmp_path):

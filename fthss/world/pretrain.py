@@ -12,9 +12,13 @@ shared mode, holes included (a compress -> QA reader sees the question, then a j
 passages it may not see, then the compression): the base meets, in pretraining, the position
 gaps a shared-mode reader meets (docs/experiments.md, exp5).
 
-`fthss base pretrain` runs it; the recipe (architecture, data, steps, seed) is written beside
-the weights in `recipe.json`, so the same command rebuilds the same base anywhere (bit-for-bit
-on the same hardware and library versions).
+With `init_from` the run continues from an existing base of the same world instead of a fresh
+initialisation (its architecture then comes from that base): a few hundred steps of hole windows
+added to a base that already knows the world (docs/experiments.md, exp7).
+
+`fthss base pretrain` runs it; the recipe (architecture, data, steps, seed, and the recipe of the
+base it continued from) is written beside the weights in `recipe.json`, so the same command(s)
+rebuild the same base anywhere (bit-for-bit on the same hardware and library versions).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -47,7 +51,12 @@ class PretrainConfig:
     weight_decay: float = 0.1
     instruction_share: float = 0.5  # share of batch rows drawn from the instruction sequences
     hole_share: float = 0.0  # share of instruction windows at their shared-mode positions
+    init_from: str = ""  # a base folder to continue from ("": a fresh initialisation)
     seed: int = 0
+
+
+class PretrainError(ValueError):
+    """A base to continue from that does not belong to the world being trained on."""
 
 
 def token_stream(tokenizer, documents: list[str]) -> torch.Tensor:
@@ -99,14 +108,24 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
     instructions, instruction_starts, position_steps = instruction_stream(
         tokenizer, world_dir / "tasks")
     torch.manual_seed(config.seed)
-    model_config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.layers,
-        num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
-        max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True)
-    model = LlamaForCausalLM(model_config).to(device)
+    if config.init_from:
+        model, parent_recipe = _continued_base(Path(config.init_from), world_dir, tokenizer)
+        model = model.to(device)
+        architecture = model.config  # the recipe records the architecture actually trained
+        config = replace(config, hidden_size=architecture.hidden_size,
+                         layers=architecture.num_hidden_layers,
+                         heads=architecture.num_attention_heads,
+                         kv_heads=architecture.num_key_value_heads,
+                         intermediate_size=architecture.intermediate_size)
+    else:
+        parent_recipe = None
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size, num_hidden_layers=config.layers,
+            num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
+            max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay, betas=(0.9, 0.95))
 
@@ -160,6 +179,26 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
               "tokens_seen": config.steps * config.batch_size * length,
               "parameters": sum(p.numel() for p in model.parameters()),
               "device": str(device), "wall_s": time.perf_counter() - started,
-              "torch": torch.__version__}
+              "torch": torch.__version__, "continued_from": parent_recipe}
     atomic_write_text(out / "recipe.json", json.dumps(recipe, indent=2))
     return recipe
+
+
+def _continued_base(base_dir: Path, world_dir: Path, tokenizer):
+    """The model of `base_dir` and its recipe, after checking it was pretrained on this world
+    with this tokenizer (a base of another world would read the same ids as other words)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    recipe_path = base_dir / "recipe.json"
+    if not recipe_path.is_file():
+        raise PretrainError(f"{base_dir}: no recipe.json; --init-from takes a folder written by "
+                            "`fthss base pretrain`")
+    recipe = json.loads(recipe_path.read_text())
+    world = json.loads((world_dir / "manifest.json").read_text())
+    if recipe.get("world", {}).get("seed") != world.get("seed"):
+        raise PretrainError(f"{recipe_path}: pretrained on the world of seed "
+                            f"{recipe.get('world', {}).get('seed')}, not {world_dir} "
+                            f"(seed {world.get('seed')})")
+    if AutoTokenizer.from_pretrained(base_dir).get_vocab() != tokenizer.get_vocab():
+        raise PretrainError(f"{base_dir}: its tokenizer is not the one of {world_dir / 'tokenizer'}")
+    return LlamaForCausalLM.from_pretrained(base_dir), recipe
