@@ -352,6 +352,8 @@ class ChainEngine:
             if not flags[i] or not step.stop:
                 continue
             ids = chosen[i, : lengths[i]].tolist()
+            if not any(s in self.codec.decode(ids) for s in step.stop):
+                continue  # the usual case: one decode per look, no search for the first hit
             for n in range(max(1, step.min_new_tokens), len(ids) + 1):
                 if any(s in self.codec.decode(ids[:n]) for s in step.stop):
                     # token n-1 ends the output. It and the later ones were encoded here, but
