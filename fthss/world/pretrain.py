@@ -54,6 +54,14 @@ class PretrainConfig:
     init_from: str = ""  # a base folder to continue from ("": a fresh initialisation)
     seed: int = 0
 
+    @classmethod
+    def holes_after(cls, init_from: str | Path, steps: int = 250) -> PretrainConfig:
+        """The second phase of the demo's bases (docs/experiments.md, exp7): a short run from a
+        pretrained base at a third of its learning rate, half of the instruction windows at
+        their shared-mode positions."""
+        return cls(steps=steps, warmup_steps=max(1, steps // 10), learning_rate=1e-3,
+                   hole_share=0.5, init_from=str(init_from))
+
 
 class PretrainError(ValueError):
     """A base to continue from that does not belong to the world being trained on."""
