@@ -134,12 +134,17 @@ def test_pretraining_a_small_base_lowers_its_loss_and_records_the_recipe(built, 
     assert continued["config"]["hidden_size"] == 32 and continued["config"]["layers"] == 1
     assert continued["first_loss"] < 0.9 * recipe["first_loss"]
 
-    # a base of another world is refused, naming its recipe
-    recipe["world"]["seed"] = 4
+    # a base of another world, or a folder no pretraining wrote, is refused, naming the file
+    def refused(init_from) -> str:
+        assert main(["base", "pretrain", "--world", str(built), "--out", str(tmp_path / "x"),
+                     "--steps", "1", "--init-from", str(init_from), "--device", "cpu"]) == 2
+        assert not (tmp_path / "x").exists()
+        return capsys.readouterr().err
+    recipe["world"]["seed"], recipe["world"]["renderings"] = 4, 9
     (out / "recipe.json").write_text(json.dumps(recipe))
-    assert main(["base", "pretrain", "--world", str(built), "--out", str(tmp_path / "x"),
-                 "--steps", "1", "--init-from", str(out), "--device", "cpu"]) == 2
-    assert "recipe.json: pretrained on the world of seed 4" in capsys.readouterr().err
+    assert (f"{out / 'recipe.json'}: pretrained on another world than {built} (renderings: 9 "
+            "there, 2 here, seed: 4 there, 3 here)") in refused(out)
+    assert f"{built}: no recipe.json; --init-from takes" in refused(built)
 
 
 def test_instruction_positions_keep_the_shared_mode_holes(built, tmp_path):
@@ -168,3 +173,23 @@ def test_instruction_positions_keep_the_shared_mode_holes(built, tmp_path):
     assert b_steps[shared] == len(a.input_ids) + 1
     # B's own tokens come right after A's output, at the positions the one-pass layout gives
     assert int(b_steps.sum()) == shared + len(a.input_ids) + len(a.output_ids) + len(b.input_ids) + len(b.output_ids)
+
+
+def test_the_demo_pretrains_both_phases_for_a_world_without_a_committed_base(built, tmp_path):
+    """No committed base matches this world: the demo pretrains one, then continues it with
+    shared-mode holes (the committed bases' recipe), and a rerun reuses both."""
+    import shutil
+
+    from fthss.demo import DemoConfig, prepare
+
+    shutil.copytree(built, tmp_path / "world")
+    config = DemoConfig(seed=3, pretrain_steps=1, hole_steps=2)
+    prepare(config, tmp_path, device="cpu")
+    first = json.loads((tmp_path / "base-first-phase" / "recipe.json").read_text())
+    second = json.loads((tmp_path / "base" / "recipe.json").read_text())
+    assert first["config"]["steps"] == 1 and first["config"]["hole_share"] == 0.0
+    assert second["continued_from"] == first
+    assert second["config"]["steps"] == 2 and second["config"]["hole_share"] == 0.5
+    written = (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns
+    prepare(config, tmp_path, device="cpu")
+    assert (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns == written

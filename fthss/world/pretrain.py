@@ -111,12 +111,8 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
     world_dir, out = Path(world_dir), Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(world_dir / "tokenizer")
-    documents = (world_dir / "pretrain.txt").read_text().splitlines()
-    stream = token_stream(tokenizer, [d for d in documents if d.strip()])
-    instructions, instruction_starts, position_steps = instruction_stream(
-        tokenizer, world_dir / "tasks")
     torch.manual_seed(config.seed)
-    if config.init_from:
+    if config.init_from:  # checked before the streams are built: a wrong base fails at once
         model, parent_recipe = _continued_base(Path(config.init_from), world_dir, tokenizer)
         model = model.to(device)
         architecture = model.config  # the recipe records the architecture actually trained
@@ -134,6 +130,10 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
             max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=True)).to(device)
+    documents = (world_dir / "pretrain.txt").read_text().splitlines()
+    stream = token_stream(tokenizer, [d for d in documents if d.strip()])
+    instructions, instruction_starts, position_steps = instruction_stream(
+        tokenizer, world_dir / "tasks")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay, betas=(0.9, 0.95))
 
@@ -202,11 +202,12 @@ def _continued_base(base_dir: Path, world_dir: Path, tokenizer):
         raise PretrainError(f"{base_dir}: no recipe.json; --init-from takes a folder written by "
                             "`fthss base pretrain`")
     recipe = json.loads(recipe_path.read_text())
-    world = json.loads((world_dir / "manifest.json").read_text())
-    if recipe.get("world", {}).get("seed") != world.get("seed"):
-        raise PretrainError(f"{recipe_path}: pretrained on the world of seed "
-                            f"{recipe.get('world', {}).get('seed')}, not {world_dir} "
-                            f"(seed {world.get('seed')})")
+    world, theirs = json.loads((world_dir / "manifest.json").read_text()), recipe.get("world", {})
+    differing = sorted(k for k in world.keys() | theirs.keys() if world.get(k) != theirs.get(k))
+    if differing:  # the same rule as the demo's embedded bases: exactly this world
+        raise PretrainError(f"{recipe_path}: pretrained on another world than {world_dir} ("
+                            + ", ".join(f"{k}: {theirs.get(k)!r} there, {world.get(k)!r} here"
+                                        for k in differing) + ")")
     if AutoTokenizer.from_pretrained(base_dir).get_vocab() != tokenizer.get_vocab():
         raise PretrainError(f"{base_dir}: its tokenizer is not the one of {world_dir / 'tokenizer'}")
     return LlamaForCausalLM.from_pretrained(base_dir), recipe
