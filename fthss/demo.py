@@ -38,14 +38,14 @@ class DemoConfig:
     latency_lengths: tuple[int, ...] = (250, 500, 1000, 1500)
     memory_total_tokens: int = 1000
     pretrain_steps: int = 1000  # only when no embedded base matches the world
-    hole_steps: int = 250  # then continued with shared-mode holes (PretrainConfig.holes_after)
+    shared_mode_steps: int = 250  # then continued in shared mode (PretrainConfig.shared_mode_after)
     base: str | None = None  # a base pretrained on this world, instead of the embedded one
 
     @classmethod
     def quick(cls, seed: int = 0, base: str | None = None) -> DemoConfig:
         return cls(seed=seed, base=base, test_records=48, train_samples=64, max_new_tokens=32,
                    latency_lengths=(100, 400), memory_total_tokens=120, pretrain_steps=40,
-                   hole_steps=10)
+                   shared_mode_steps=10)
 
 
 def embedded_base(world_manifest: dict) -> Path | None:
@@ -75,11 +75,11 @@ def prepare(config: DemoConfig, out: Path, device: str):
         base_dir, first = out / "base", out / "base-first-phase"
         if not (base_dir / "recipe.json").is_file():
             print(f"[demo] no embedded base for world seed {config.seed}: pretraining one "
-                  f"({config.pretrain_steps} + {config.hole_steps} steps; ~40 min for "
+                  f"({config.pretrain_steps} + {config.shared_mode_steps} steps; ~40 min for "
                   "1,000 + 250 on a 2-core CPU)")
             if not (first / "recipe.json").is_file():
                 pretrain(world, first, PretrainConfig(steps=config.pretrain_steps), device=device)
-            pretrain(world, base_dir, PretrainConfig.holes_after(first, config.hole_steps),
+            pretrain(world, base_dir, PretrainConfig.shared_mode_after(first, config.shared_mode_steps),
                      device=device)
     print(f"[demo] base: {base_dir}")
     base = BaseModel.load(base_dir, device=device)

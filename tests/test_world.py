@@ -10,6 +10,7 @@ from fthss.cli import main
 from fthss.tasks import get_task
 from fthss.world.datasets import BUILDERS
 from fthss.world.entities import RELATIONS, build_world
+from fthss.world.pretrain import PretrainConfig
 from fthss.world.render import TEMPLATES, document
 
 
@@ -126,7 +127,8 @@ def test_pretraining_a_small_base_lowers_its_loss_and_records_the_recipe(built, 
     # continued pretraining starts where the base ended, and records what it continued from
     more = tmp_path / "more"
     assert main(["base", "pretrain", "--world", str(built), "--out", str(more), "--steps", "5",
-                 "--init-from", str(out), "--hole-share", "0.5", "--sequence-length", "64",
+                 "--init-from", str(out), "--hole-share", "0.25", "--mask-share", "0.25",
+                 "--sequence-length", "64",
                  "--batch-size", "8", "--learning-rate", "1e-3", "--warmup-steps", "1",
                  "--device", "cpu"]) == 0
     continued = json.loads((more / "recipe.json").read_text())
@@ -145,6 +147,8 @@ def test_pretraining_a_small_base_lowers_its_loss_and_records_the_recipe(built, 
     assert (f"{out / 'recipe.json'}: pretrained on another world than {built} (renderings: 9 "
             "there, 2 here, seed: 4 there, 3 here)") in refused(out)
     assert f"{built}: no recipe.json; --init-from takes" in refused(built)
+    with pytest.raises(ValueError, match=r"hole_share \(0.6\) and mask_share \(0.5\)"):
+        PretrainConfig(hole_share=0.6, mask_share=0.5)
 
 
 def test_instruction_positions_keep_the_shared_mode_holes(built, tmp_path):
@@ -175,21 +179,57 @@ def test_instruction_positions_keep_the_shared_mode_holes(built, tmp_path):
     assert int(b_steps.sum()) == shared + len(a.input_ids) + len(a.output_ids) + len(b.input_ids) + len(b.output_ids)
 
 
+def test_chain_windows_are_the_shared_mode_sequence_under_the_visibility_mask(built):
+    """A whole compress -> QA chain as one pretraining window: the mask and positions one-pass
+    training gives it (without prompts), so the answer reads the compression A wrote while it
+    saw the passages, and not the passages themselves."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from fthss.layout.sequence import build_layout
+    from fthss.world.pretrain import shared_mode_chains, shared_mode_window
+
+    tokenizer = AutoTokenizer.from_pretrained(built / "tokenizer")
+    chain = next(c for c in shared_mode_chains(tokenizer, built / "tasks")
+                 if [s.stage for s in c.steps] == ["A", "B"])
+    pad = tokenizer.pad_token_id
+    layout = build_layout([chain], {"A": 0, "B": 1}, [0, 0], pad)
+    n = layout.input_ids.shape[1]
+    ids, positions, visible, labels = shared_mode_window(chain, n + 7, pad)
+    assert torch.equal(visible[:n, :n], layout.mask[0, 0])  # the one visibility rule
+    assert torch.equal(positions[:n], layout.position_ids[0])  # sequence order, holes kept
+    assert torch.equal(ids[:n], layout.input_ids[0]) and torch.equal(labels[:n], ids[:n])
+    assert (ids[n:] == pad).all() and (labels[n:] == -100).all()
+    assert not visible[n:, :n].any() and visible[n:, n:].equal(torch.eye(7, dtype=torch.bool))
+    shared, a = len(chain.shared_ids), chain.steps[0]
+    passages = slice(shared + 1, shared + len(a.input_ids))  # after A's step marker
+    compression = slice(passages.stop, passages.stop + len(a.output_ids))
+    answer = n - 1
+    assert visible[answer, :shared].all() and visible[answer, compression].all()
+    assert not visible[answer, passages].any()
+    assert visible[compression.stop - 1, passages].all()  # A wrote it seeing the passages
+    cut = shared_mode_window(chain, 10, pad)  # a window shorter than the chain keeps its start
+    assert torch.equal(cut[0], layout.input_ids[0, :10])
+    assert torch.equal(cut[2], layout.mask[0, 0, :10, :10])
+
+
 def test_the_demo_pretrains_both_phases_for_a_world_without_a_committed_base(built, tmp_path):
-    """No committed base matches this world: the demo pretrains one, then continues it with
-    shared-mode holes (the committed bases' recipe), and a rerun reuses both."""
+    """No committed base matches this world: the demo pretrains one, then continues it in
+    shared mode, hole windows and masked chains (the committed bases' recipe), and a rerun
+    reuses both."""
     import shutil
 
     from fthss.demo import DemoConfig, prepare
 
     shutil.copytree(built, tmp_path / "world")
-    config = DemoConfig(seed=3, pretrain_steps=1, hole_steps=2)
+    config = DemoConfig(seed=3, pretrain_steps=1, shared_mode_steps=2)
     prepare(config, tmp_path, device="cpu")
     first = json.loads((tmp_path / "base-first-phase" / "recipe.json").read_text())
     second = json.loads((tmp_path / "base" / "recipe.json").read_text())
     assert first["config"]["steps"] == 1 and first["config"]["hole_share"] == 0.0
     assert second["continued_from"] == first
-    assert second["config"]["steps"] == 2 and second["config"]["hole_share"] == 0.5
+    assert second["config"]["steps"] == 2
+    assert second["config"]["hole_share"] == second["config"]["mask_share"] == 0.5
     written = (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns
     prepare(config, tmp_path, device="cpu")
     assert (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns == written

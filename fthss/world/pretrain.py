@@ -10,11 +10,15 @@ mode of the engine, without prompts) and the one-step `single` view of the chain
 `hole_share` > 0 that share of instruction windows keeps the positions the step reads them at in
 shared mode, holes included (a compress -> QA reader sees the question, then a jump over the
 passages it may not see, then the compression): the base meets, in pretraining, the position
-gaps a shared-mode reader meets (docs/experiments.md, exp5).
+gaps a shared-mode reader meets (docs/experiments.md, exp5). With `mask_share` > 0 that share
+is instead whole train chains run as shared mode runs them: one sequence under the visibility
+mask, so the base also meets the other half of what a shared-mode reader reads, K/V that an
+upstream step wrote while it saw segments the reader may not (docs/experiments.md, exp8).
 
 With `init_from` the run continues from an existing base of the same world instead of a fresh
-initialisation (its architecture then comes from that base): a few hundred steps of hole windows
-added to a base that already knows the world (docs/experiments.md, exp7).
+initialisation (its architecture then comes from that base): a few hundred steps of shared-mode
+windows added to a base that already knows the world (docs/experiments.md, exp7 to exp10; the
+committed bases take both kinds, hole windows and masked chains, half each).
 
 `fthss base pretrain` runs it; the recipe (architecture, data, steps, seed, and the recipe of the
 base it continued from) is written beside the weights in `recipe.json`, so the same command(s)
@@ -34,6 +38,9 @@ import torch
 from tqdm.auto import tqdm
 
 from fthss.atomic import atomic_write_text
+from fthss.layout.chain import load_chains
+from fthss.layout.sequence import SegmentCodec, TokenChain, positions
+from fthss.layout.visibility import Kind, TokenMeta, visibility
 
 
 @dataclass
@@ -51,16 +58,24 @@ class PretrainConfig:
     weight_decay: float = 0.1
     instruction_share: float = 0.5  # share of batch rows drawn from the instruction sequences
     hole_share: float = 0.0  # share of instruction windows at their shared-mode positions
+    mask_share: float = 0.0  # share of instruction windows that are whole chains, shared mode
     init_from: str = ""  # a base folder to continue from ("": a fresh initialisation)
     seed: int = 0
 
     @classmethod
-    def holes_after(cls, init_from: str | Path, steps: int = 250) -> PretrainConfig:
-        """The second phase of the demo's bases (docs/experiments.md, exp7): a short run from a
-        pretrained base at a third of its learning rate, half of the instruction windows at
-        their shared-mode positions."""
+    def shared_mode_after(cls, init_from: str | Path, steps: int = 250) -> PretrainConfig:
+        """The second phase of the demo's bases (docs/experiments.md, exp10): a short run from a
+        pretrained base at a third of its learning rate, every instruction window in shared
+        mode, half as hole windows, half as whole chains under the visibility mask."""
         return cls(steps=steps, warmup_steps=max(1, steps // 10), learning_rate=1e-3,
-                   hole_share=0.5, init_from=str(init_from))
+                   hole_share=0.5, mask_share=0.5, init_from=str(init_from))
+
+    def __post_init__(self):
+        if not (0 <= self.hole_share and 0 <= self.mask_share and
+                self.hole_share + self.mask_share <= 1):
+            raise ValueError(f"hole_share ({self.hole_share}) and mask_share ({self.mask_share}) "
+                             "are shares of the instruction windows: each at least 0, together "
+                             "at most 1")
 
 
 class PretrainError(ValueError):
@@ -81,8 +96,6 @@ def instruction_stream(tokenizer, tasks_dir: Path) -> tuple[torch.Tensor, torch.
     as one stream, with the offset where each sequence starts and, per token, how far its
     shared-mode position lies after the previous token's (1, or more after a hole; 1 at a
     sequence start)."""
-    from fthss.layout.chain import load_chains
-    from fthss.layout.sequence import SegmentCodec
     from fthss.training.methods import as_single, training_chains
 
     codec, ids, starts, steps = SegmentCodec(tokenizer), [], [], []
@@ -102,6 +115,25 @@ def instruction_stream(tokenizer, tasks_dir: Path) -> tuple[torch.Tensor, torch.
                     content_before += own
     return (torch.tensor(ids, dtype=torch.long), torch.tensor(starts, dtype=torch.long),
             torch.tensor(steps, dtype=torch.long))
+
+
+def shared_mode_chains(tokenizer, tasks_dir: Path) -> list[TokenChain]:
+    """Every train chain with its gold outputs, as shared mode runs it (without prompts)."""
+    codec = SegmentCodec(tokenizer)
+    return [codec.encode(sample) for path in sorted(tasks_dir.glob("*/train.jsonl"))
+            for sample in load_chains(path)]
+
+
+def shared_mode_window(chain: TokenChain, length: int, pad_id: int) -> tuple[torch.Tensor, ...]:
+    """A chain (cut to `length` tokens, then padded) as one window: its tokens, positions, the
+    keys each token may attend to (`[length, length]`, the visibility rule) and its labels
+    (every real token, so the final answer is learned from the K/V its upstream steps wrote)."""
+    rows = chain.rows({step.stage: 0 for step in chain.steps})[:length]
+    padding = length - len(rows)
+    meta = TokenMeta.from_rows([[m for _, m in rows] + [(Kind.PAD, -1, -1, False)] * padding])
+    ids = torch.tensor([t for t, _ in rows] + [pad_id] * padding, dtype=torch.long)
+    return (ids, positions(meta, torch.zeros(1, dtype=torch.long))[0],
+            visibility(meta, length)[0, 0], ids.masked_fill(~meta.is_real[0], -100))
 
 
 def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
@@ -134,6 +166,7 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
     stream = token_stream(tokenizer, [d for d in documents if d.strip()])
     instructions, instruction_starts, position_steps = instruction_stream(
         tokenizer, world_dir / "tasks")
+    chains = shared_mode_chains(tokenizer, world_dir / "tasks") if config.mask_share else []
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay, betas=(0.9, 0.95))
 
@@ -146,27 +179,39 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     generator = torch.Generator().manual_seed(config.seed)
     length = config.sequence_length
-    def window() -> tuple[torch.Tensor, torch.Tensor]:
-        """A document window (anywhere in the stream) or an instruction window (starting at a
-        sequence start, so the first tokens are a whole question), and its positions."""
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+
+    def window() -> tuple[torch.Tensor, ...]:
+        """A document window (anywhere in the stream), an instruction window (starting at a
+        sequence start, so the first tokens are a whole question) or a whole chain in shared
+        mode: tokens, positions, the keys each token may attend to, labels."""
         contiguous = torch.arange(length)
         if torch.rand((), generator=generator).item() < config.instruction_share:
             pick = torch.randint(0, len(instruction_starts), (), generator=generator).item()
             start = min(instruction_starts[pick].item(), len(instructions) - length)
-            if torch.rand((), generator=generator).item() < config.hole_share:
+            ids = instructions[start:start + length]
+            draw = torch.rand((), generator=generator).item()
+            if draw < config.hole_share:
                 steps_ = position_steps[start:start + length]
-                return instructions[start:start + length], steps_.cumsum(0) - steps_[0]
-            return instructions[start:start + length], contiguous
+                return ids, steps_.cumsum(0) - steps_[0], causal, ids
+            if draw < config.hole_share + config.mask_share:
+                chain = chains[torch.randint(0, len(chains), (), generator=generator).item()]
+                return shared_mode_window(chain, length, tokenizer.pad_token_id)
+            return ids, contiguous, causal, ids
         start = torch.randint(0, len(stream) - length - 1, (), generator=generator).item()
-        return stream[start:start + length], contiguous
+        ids = stream[start:start + length]
+        return ids, contiguous, causal, ids
 
     bar = tqdm(range(config.steps), desc="pretrain", disable=not progress)
     started, losses = time.perf_counter(), []
     model.train()
     for step in bar:
-        batch, positions = (torch.stack(t).to(device)
-                            for t in zip(*(window() for _ in range(config.batch_size))))
-        loss = model(input_ids=batch, position_ids=positions, labels=batch).loss
+        batch, positions_, visible, labels = (
+            torch.stack(t).to(device) for t in zip(*(window() for _ in range(config.batch_size))))
+        # without chain windows every row is causal: no mask, the kernels' causal path
+        mask = visible[:, None] if config.mask_share else None
+        loss = model(input_ids=batch, position_ids=positions_, attention_mask=mask,
+                     labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
