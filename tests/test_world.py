@@ -124,11 +124,12 @@ def test_pretraining_a_small_base_lowers_its_loss_and_records_the_recipe(built, 
     base = BaseModel.load(out)  # a base fthss accepts, with the world's tokenizer
     assert base.tokenizer.bos_token == "<s>" and base.config.vocab_size == len(base.tokenizer)
 
-    # continued pretraining starts where the base ended, and records what it continued from
+    # continued pretraining starts where the base ended, and records what it continued from;
+    # every row an instruction window, half hole windows, half masked chains (both paths run)
     more = tmp_path / "more"
     assert main(["base", "pretrain", "--world", str(built), "--out", str(more), "--steps", "5",
-                 "--init-from", str(out), "--hole-share", "0.25", "--mask-share", "0.25",
-                 "--sequence-length", "64",
+                 "--init-from", str(out), "--instruction-share", "1", "--hole-share", "0.5",
+                 "--mask-share", "0.5", "--sequence-length", "64",
                  "--batch-size", "8", "--learning-rate", "1e-3", "--warmup-steps", "1",
                  "--device", "cpu"]) == 0
     continued = json.loads((more / "recipe.json").read_text())
