@@ -3,8 +3,9 @@ base (or pretrains one), trains every method on the four tasks, evaluates them o
 splits, measures stage-B latency and KV memory, and writes one report.
 
 Everything lands under `--out` (default `runs/demo`): world/, stages/<task>/<method>/<stage>/,
-report.md, report.json and the plots. Trained stages already in the folder are reused, so an
-interrupted demo picks up where it stopped (the trainer resumes from its checkpoints too).
+report.md, report.json, predictions.jsonl and the plots. Trained stages already in the folder
+are reused, so an interrupted demo picks up where it stopped (the trainer resumes from its
+checkpoints too).
 `--quick` is the smoke run CI executes: the same pipeline on a few records and steps.
 """
 
@@ -30,6 +31,10 @@ class DemoConfig:
     train_samples: int = 1024  # per task and method (adapt: a quarter, as the paper's subset)
     epochs: float = 1.0
     micro_batch_size: int = 16
+    # single-round FTHSS (and adapt) trains one stage per phase where the chain trains all in one:
+    # dividing the micro-batch by the number of stages gives each stage the chain's number of
+    # updates, each of as many of its own sequences (docs/experiments.md, exp11)
+    equal_stage_updates: bool = True
     learning_rate: float = 3e-2
     prompt_tokens: int = 8
     prompt_init: str = "vocab"
@@ -105,8 +110,11 @@ def train_stages(base, task, samples, method: str, config: DemoConfig, folder: P
     stages = [copy.deepcopy(s) for s in start_from] if start_from else [
         Stage.create(StageConfig(n, "prompt", config.prompt_tokens, config.prompt_init), base,
                      seed=config.seed * 100 + i) for i, n in enumerate(names)]
+    micro_batch = config.micro_batch_size
+    if config.equal_stage_updates and method in ("fthss", "adapt") and task.rounds == "single":
+        micro_batch = max(1, micro_batch // len(names))
     train = TrainConfig(learning_rate=config.learning_rate, epochs=config.epochs,
-                        micro_batch_size=config.micro_batch_size, grad_accumulation=1,
+                        micro_batch_size=micro_batch, grad_accumulation=1,
                         warmup_ratio=0.03, max_length=None, seed=config.seed)
     count = len(samples) // 4 if method == "adapt" else len(samples)
     train_method(base, samples, method, stages, None, train, folder, rounds=task.rounds,

@@ -76,3 +76,16 @@ def test_adapt_trains_copies_of_the_stages_it_starts_from(demo, tmp_path):
                            start_from=chain)
     assert all(torch.equal(b, s.weight) for b, s in zip(before, chain))
     assert any(not torch.equal(b, s.weight) for b, s in zip(before, adapted))
+
+
+def test_each_fthss_stage_gets_as_many_updates_as_in_the_chains_joint_phase(demo):
+    def updates(task, method, phase):
+        return len((demo / "stages" / task / method / f"train-{phase}" / "metrics.jsonl")
+                   .read_text().splitlines())
+
+    for task in ("compress_qa", "rewrite_qa"):  # single-round: FTHSS trains A, then B
+        chain = updates(task, "chain", "A+B")
+        assert chain == 2  # 8 chains, 16 sequences, micro-batch 8
+        assert updates(task, "fthss", "A") == updates(task, "fthss", "B") == chain
+    # multi-round FTHSS trains its stages jointly, one sequence per chain: the batch stays
+    assert updates("memory_reasoning", "fthss", "A+B") == 1

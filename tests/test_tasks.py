@@ -4,9 +4,12 @@ pipeline runs and reports)."""
 
 import json
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fthss.engine.engine import END, ChainEngine
@@ -17,6 +20,7 @@ from fthss.tasks import get_task
 from fthss.tasks.base import TaskRecord
 
 DATA = Path(__file__).with_name("data")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_compress_qa_requests():
@@ -170,6 +174,21 @@ def test_evaluate_every_method_on_reference_formats(method_stages, task_name, da
                     for k in ("chain", "fthss"))
     if task_name == "compress_qa":  # the QA stage re-reads the compression only in text mode
         assert chain["stages"]["B"]["prefilled_tokens"] > fthss["stages"]["B"]["prefilled_tokens"]
+    # one prediction row per method and request, consistent with the method's metric
+    rows = report["predictions"]
+    assert len(rows) == len(labels) * len(records)
+    for row in report["methods"]:
+        mine = [r for r in rows if (r["method"], r["gold_upstream"]) == (row["method"],
+                                                                          row["gold_upstream"])]
+        assert [r["id"] for r in mine] == [r.id for r in records]
+        assert [r["answer"] for r in mine] == [r.answer for r in records]
+        main = task.metric_names[0]
+        assert 100 * np.mean([r["scores"][main] for r in mine]) == pytest.approx(row[main])
+        for r, record in zip(mine, records):
+            assert r["steps"] and all(set(s) == {"stage", "output"} for s in r["steps"])
+            if row["gold_upstream"]:  # the given upstream outputs are what the rows show
+                gold = [s.output for s in record.sample.steps[:-1]]
+                assert [s["output"] for s in r["steps"][:len(gold)]] == gold
 
 
 def test_cli_eval_writes_the_report(method_stages, tmp_path):
@@ -182,7 +201,18 @@ def test_cli_eval_writes_the_report(method_stages, tmp_path):
                  "--stages", f"fthss={root / 'fthss'}", "--max-new-tokens", "2",
                  "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["tasks"][0]["task"] == "compress_qa"
+    assert report["tasks"][0]["task"] == "compress_qa" and "predictions" not in report["tasks"][0]
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    records = len(json.loads((DATA / "compress_qa_sample.json").read_text()))
+    assert len(rows) == 6 * records  # chain, fthss-untuned, fthss, each also with gold upstream
+    assert {r["task"] for r in rows} == {"compress_qa"}
+    assert [s["stage"] for s in rows[0]["steps"]] == ["A", "B"]
+    # the error-analysis example reads it: one table row per method run with generated upstream
+    breakdown = subprocess.run([sys.executable, str(ROOT / "examples" / "breakdown.py"), str(out)],
+                               capture_output=True, text=True, check=True).stdout
+    assert "## compress_qa (EM %)" in breakdown
+    assert [line.split(" | ")[0] for line in breakdown.splitlines()[-3:]] == [
+        "| chain", "| fthss-untuned", "| fthss"]
     assert "| fthss (gold upstream) |" in (out / "report.md").read_text()
     assert (out / "accuracy.png").stat().st_size > 0
     assert main(["eval", "--arch", "tiny-llama", "--task", "compress_qa", "--data",

@@ -9,6 +9,8 @@ Each method is a set of trained stages and a way to run them:
     adapt          `adapt`-tuned stages                     (shared mode)
 With `gold_upstream`, every method with an upstream stage is also run with the gold upstream
 outputs given: it separates "can the stage read shared K/V" from "is the upstream stage good".
+Every request's step outputs are kept (`predictions` rows, written to predictions.jsonl by the
+report), so an error can be traced to the stage that made it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class MethodResult:
     scores: dict[str, list[float]]  # metric -> per-record score (0..1)
     stages: dict[str, dict[str, float]]  # stage -> mean latency, prefill, decode, KV bytes
     predictions: list[str]
+    steps: list[list[dict]]  # per request: each step's stage and output text
     failed: int = 0  # requests the engine could not run (over a limit): scored as wrong
 
     def summary(self) -> dict:
@@ -82,7 +85,8 @@ def run_method(base: BaseModel, task: Task, records: list[TaskRecord], method: s
             row["kv_bytes"].append(step.stats.kv_bytes)
     stage_means = {stage: {k: float(np.mean(v)) for k, v in row.items()}
                    for stage, row in per_stage.items()}
-    return MethodResult(method, gold_upstream, dict(scores), stage_means, predictions,
+    steps = [[{"stage": s.stage, "output": s.output} for s in r.steps] for r in results]
+    return MethodResult(method, gold_upstream, dict(scores), stage_means, predictions, steps,
                         sum(r.error is not None for r in results))
 
 
@@ -92,7 +96,8 @@ def evaluate(base: BaseModel, task: Task, records: list[TaskRecord],
              max_new_tokens: int | None = None) -> dict:
     """Run every method whose stages are given (`stage_sets` keyed by training method) and
     return the task's report section: per method its metrics and per-stage statistics, the
-    gold-upstream runs, and FTHSS − chain with a paired-bootstrap 95% interval."""
+    gold-upstream runs, FTHSS − chain with a paired-bootstrap 95% interval, and `predictions`:
+    one row per method and request (its step outputs, prediction, gold answer and scores)."""
     runs = []
     for method, (trained_as, _) in RUNS.items():
         if trained_as not in stage_sets:
@@ -102,7 +107,13 @@ def evaluate(base: BaseModel, task: Task, records: list[TaskRecord],
             runs.append(run_method(base, task, records, method, stage_sets[trained_as],
                                    retriever, gold, batch_size, progress, max_new_tokens))
     report = {"task": task.name, "metric": task.metric, "records": len(records),
-              "methods": [r.summary() for r in runs], "comparisons": []}
+              "methods": [r.summary() for r in runs], "comparisons": [],
+              "predictions": [
+                  {"method": r.method, "gold_upstream": r.gold_upstream, "id": record.id,
+                   "steps": steps, "prediction": prediction, "answer": record.answer,
+                   "scores": {m: v[i] for m, v in r.scores.items()}}
+                  for r in runs for i, (record, steps, prediction)
+                  in enumerate(zip(records, r.steps, r.predictions))]}
     by_key = {(r.method, r.gold_upstream): r for r in runs}
     main = task.metric_names[0]
     for gold in (False, True):

@@ -1,7 +1,8 @@
 """The evaluation report: `report.json` (per task, per method, each metric), `report.md` (the
 paper's table layout: methods × tasks), `accuracy.png`, `tuning.png` (no tuning / adapt / full
-FTHSS, the paper's Fig. 4) and, when latency and memory were measured (`fthss demo`), their
-tables and `latency_memory.png`."""
+FTHSS, the paper's Fig. 4), `predictions.jsonl` (one line per task, method and request: every
+step's output, the prediction, the gold answer, its scores) and, when latency and memory were
+measured (`fthss demo`), their tables and `latency_memory.png`."""
 
 from __future__ import annotations
 
@@ -118,6 +119,9 @@ def write_report(reports: list[dict], out: str | Path, extra: dict | None = None
 
     out, extra = Path(out), extra or {}
     out.mkdir(parents=True, exist_ok=True)
+    rows = [json.dumps({"task": r["task"], **row})
+            for r in reports for row in r.get("predictions", [])]
+    reports = [{k: v for k, v in r.items() if k != "predictions"} for r in reports]
     text = markdown(reports)
     plot(reports, out / "accuracy.png")
     if plot_tuning(reports, out / "tuning.png"):
@@ -130,4 +134,5 @@ def write_report(reports: list[dict], out: str | Path, extra: dict | None = None
         text += f"\nWall time: {extra['wall_s'] / 60:.1f} min on {extra.get('device', '?')}.\n"
     atomic_write_text(out / "report.json", json.dumps({"tasks": reports, **extra}, indent=2))
     atomic_write_text(out / "report.md", text)
+    atomic_write_text(out / "predictions.jsonl", "".join(row + "\n" for row in rows))
     return out
