@@ -28,7 +28,12 @@ def main() -> None:
     if not path.is_file():
         raise SystemExit(f"{path}: not found (reports written before predictions were kept "
                          "have none: rerun the evaluation)")
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"{path}:{number}: not a JSON row ({error})") from None
     # the gold first-step output of every request, from any gold-upstream run
     gold_first = {(r["task"], r["id"]): r["steps"][0]["output"]
                   for r in rows if r["gold_upstream"] and len(r["steps"]) > 1}

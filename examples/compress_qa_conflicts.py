@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", metavar="NAME:MODE:DIR",
                         help="stages A and B in DIR, run in MODE (text or shared)")
     args = parser.parse_args()
+    for run in args.runs:
+        if len(run.split(":")) != 3 or run.split(":")[1] not in ("text", "shared"):
+            parser.error(f"'{run}': expected NAME:MODE:DIR with MODE text or shared")
     base = BaseModel.load(args.base)
     task = get_task("compress_qa")
     cases = conflicts(task.records(args.data)[: args.records])

@@ -101,7 +101,7 @@ def train_stages(base, task, samples, method: str, config: DemoConfig, folder: P
     from fthss.prompts.stage import Stage, StageConfig
     from fthss.training.config import TrainConfig
     from fthss.training.methods import method_view
-    from fthss.training.run import train_method
+    from fthss.training.run import train_method, trains_one_stage_per_phase
 
     names = list(dict.fromkeys(s.stage for x in samples for s in method_view(method, x).steps))
     if all((folder / n / "adapter_config.json").is_file() for n in names):
@@ -111,7 +111,7 @@ def train_stages(base, task, samples, method: str, config: DemoConfig, folder: P
         Stage.create(StageConfig(n, "prompt", config.prompt_tokens, config.prompt_init), base,
                      seed=config.seed * 100 + i) for i, n in enumerate(names)]
     micro_batch = config.micro_batch_size
-    if config.equal_stage_updates and method in ("fthss", "adapt") and task.rounds == "single":
+    if config.equal_stage_updates and trains_one_stage_per_phase(method, task.rounds):
         micro_batch = max(1, micro_batch // len(names))
     train = TrainConfig(learning_rate=config.learning_rate, epochs=config.epochs,
                         micro_batch_size=micro_batch, grad_accumulation=1,

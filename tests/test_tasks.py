@@ -214,6 +214,12 @@ def test_cli_eval_writes_the_report(method_stages, tmp_path):
     assert [line.split(" | ")[0] for line in breakdown.splitlines()[-3:]] == [
         "| chain", "| fthss-untuned", "| fthss"]
     assert "| fthss (gold upstream) |" in (out / "report.md").read_text()
+    with (out / "predictions.jsonl").open("a") as file:
+        file.write("{truncated\n")
+    bad = subprocess.run([sys.executable, str(ROOT / "examples" / "breakdown.py"), str(out)],
+                         check=False, capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert f"predictions.jsonl:{len(rows) + 1}: not a JSON row" in bad.stderr
     assert (out / "accuracy.png").stat().st_size > 0
     assert main(["eval", "--arch", "tiny-llama", "--task", "compress_qa", "--data",
                  str(DATA / "compress_qa_sample.json"), "--stages", "magic=x", "--out",

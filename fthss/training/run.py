@@ -32,6 +32,11 @@ from fthss.training.trainer import (
 ROUNDS = ("single", "multi")
 
 
+def trains_one_stage_per_phase(method: str, rounds: str) -> bool:
+    """FTHSS (and adapt) single-round: one phase per stage, in chain order."""
+    return method in ("fthss", "adapt") and rounds == "single"
+
+
 def train_method(base: BaseModel, samples: list[ChainSample], method: str, stages: list[Stage],
                  train: list[str] | None, config: TrainConfig, output_dir: str | Path,
                  rounds: str = "multi", max_samples: int | None = None,
@@ -72,8 +77,8 @@ def train_method(base: BaseModel, samples: list[ChainSample], method: str, stage
     encoded = parse_each(((s.source or f"sample {i}", (s, v))
                           for i, (s, v) in enumerate(zip(samples, views))), encode,
                          (ChainFormatError, SequenceTooLongError), on_bad)
-    sequential = method in ("fthss", "adapt") and rounds == "single"
-    phases = [[n] for n in in_chain_order if n in train] if sequential else [train]
+    phases = ([[n] for n in in_chain_order if n in train]
+              if trains_one_stage_per_phase(method, rounds) else [train])
     results = []
     for phase in phases:
         chains = [c for chain in encoded for c in training_chains(method, chain, set(phase))]
