@@ -1,6 +1,6 @@
 """The `fthss` command line: the `demo`, `train` stages, `run` chains over a JSONL file, `eval`
-methods on a task, `verify` a model family, build the `world`, pretrain its `base`, `stage`
-tools, `bench` speed and memory."""
+methods on a task, `verify` a model family, build the `world`, pretrain its `base` and select
+one of several draws, `stage` tools, `bench` speed and memory."""
 
 from __future__ import annotations
 
@@ -242,6 +242,15 @@ def cmd_base_pretrain(args) -> int:
     return 0
 
 
+def cmd_base_select(args) -> int:
+    from fthss.world.select import select_base
+
+    recipe = select_base(args.world, args.candidates, args.out, device=args.device)
+    print(f"base -> {args.out}: {recipe['selection']['chosen']} (pretraining seed "
+          f"{recipe['config']['seed']}), the lowest held-out loss of {len(args.candidates)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from fthss.demo import DemoConfig, run_demo
 
@@ -389,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
         pre.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default),
                          default=field.default)
     pre.set_defaults(func=cmd_base_pretrain)
+    select = base_commands.add_parser(
+        "select", help="keep the pretraining draw with the lowest loss on the world's dev splits")
+    select.add_argument("candidates", nargs="+", help="bases of this world (`fthss base pretrain`)")
+    select.add_argument("--world", default="runs/world", help="folder from `fthss world build`")
+    select.add_argument("--out", required=True, help="where the chosen base is copied")
+    select.add_argument("--device", default=None)
+    select.set_defaults(func=cmd_base_select)
 
     stage = commands.add_parser("stage", help="stage tools")
     stage_commands = stage.add_subparsers(dest="stage_command", required=True)
@@ -414,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `fthss bench`
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as err:
         print(f"fthss {args.command}: error: {err}", file=sys.stderr)
         return 2
 

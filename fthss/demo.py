@@ -44,13 +44,14 @@ class DemoConfig:
     memory_total_tokens: int = 1000
     pretrain_steps: int = 1000  # only when no embedded base matches the world
     shared_mode_steps: int = 250  # then continued in shared mode (PretrainConfig.shared_mode_after)
+    pretrain_draws: int = 3  # pretraining seeds 0..n-1, the lowest dev loss kept (world/select.py)
     base: str | None = None  # a base pretrained on this world, instead of the embedded one
 
     @classmethod
     def quick(cls, seed: int = 0, base: str | None = None) -> DemoConfig:
         return cls(seed=seed, base=base, test_records=48, train_samples=64, max_new_tokens=32,
                    latency_lengths=(100, 400), memory_total_tokens=120, pretrain_steps=40,
-                   shared_mode_steps=10)
+                   shared_mode_steps=10, pretrain_draws=1)
 
 
 def embedded_base(world_manifest: dict) -> Path | None:
@@ -67,7 +68,6 @@ def prepare(config: DemoConfig, out: Path, device: str):
 
     from fthss.models.base import BaseModel
     from fthss.world.build import build
-    from fthss.world.pretrain import PretrainConfig, pretrain
 
     world = out / "world"
     manifest_path = world / "manifest.json"
@@ -77,21 +77,40 @@ def prepare(config: DemoConfig, out: Path, device: str):
     manifest = json.loads(manifest_path.read_text())
     base_dir = Path(config.base) if config.base else embedded_base(manifest)
     if base_dir is None:
-        base_dir, first = out / "base", out / "base-first-phase"
+        base_dir = out / "base"
         if not (base_dir / "recipe.json").is_file():
-            print(f"[demo] no embedded base for world seed {config.seed}: pretraining one "
-                  f"({config.pretrain_steps} + {config.shared_mode_steps} steps; ~40 min for "
-                  "1,000 + 250 on a 2-core CPU)")
-            if not (first / "recipe.json").is_file():
-                pretrain(world, first, PretrainConfig(steps=config.pretrain_steps), device=device)
-            pretrain(world, base_dir, PretrainConfig.shared_mode_after(first, config.shared_mode_steps),
-                     device=device)
+            pretrain_draws(world, base_dir, config, device)
     print(f"[demo] base: {base_dir}")
     base = BaseModel.load(base_dir, device=device)
     if base.tokenizer.get_vocab() != AutoTokenizer.from_pretrained(world / "tokenizer").get_vocab():
         raise ValueError(f"the base in {base_dir} was pretrained with another tokenizer than the "
                          f"world in {world} has: rebuild it with `fthss base pretrain`")
     return world, base
+
+
+def pretrain_draws(world: Path, base_dir: Path, config: DemoConfig, device: str) -> None:
+    """The committed bases' recipe for a world without one: `pretrain_draws` draws of both
+    phases (seeds 0, 1, ...), the one with the lowest dev loss copied to `base_dir`. Draws
+    already in the folder are reused."""
+    from fthss.world.pretrain import PretrainConfig, PretrainData, pretrain
+    from fthss.world.select import select_base
+
+    print(f"[demo] no embedded base for world seed {config.seed}: pretraining "
+          f"{config.pretrain_draws} draw(s) of {config.pretrain_steps} + "
+          f"{config.shared_mode_steps} steps (~50 min each for 1,000 + 250 on a 2-core CPU), "
+          "keeping the one with the lowest dev loss")
+    data, draws = PretrainData(world), []
+    for seed in range(config.pretrain_draws):
+        first = base_dir.parent / "base-draws" / f"seed-{seed}-first"
+        draw = base_dir.parent / "base-draws" / f"seed-{seed}"
+        if not (first / "recipe.json").is_file():
+            pretrain(world, first, PretrainConfig(steps=config.pretrain_steps, seed=seed),
+                     device=device, data=data)
+        if not (draw / "recipe.json").is_file():
+            pretrain(world, draw, PretrainConfig.shared_mode_after(
+                first, config.shared_mode_steps, seed=seed), device=device, data=data)
+        draws.append(draw)
+    select_base(world, draws, base_dir, device=device)
 
 
 def train_stages(base, task, samples, method: str, config: DemoConfig, folder: Path,

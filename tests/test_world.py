@@ -3,6 +3,7 @@ tasks and the tokenizer it ships with."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -137,6 +138,19 @@ def test_pretraining_a_small_base_lowers_its_loss_and_records_the_recipe(built, 
     assert continued["config"]["hidden_size"] == 32 and continued["config"]["layers"] == 1
     assert continued["first_loss"] < 0.9 * recipe["first_loss"]
 
+    # of several draws, `base select` keeps the lowest dev loss and records every candidate's
+    chosen = tmp_path / "chosen"
+    assert main(["base", "select", str(out), str(more), "--world", str(built), "--out",
+                 str(chosen), "--device", "cpu"]) == 0
+    selection = json.loads((chosen / "recipe.json").read_text())["selection"]
+    losses = {c["base"]: c["held_out_loss"] for c in selection["candidates"]}
+    assert list(losses) == [str(out), str(more)] and len(set(losses.values())) == 2
+    assert selection["chosen"] == min(losses, key=losses.get)
+    assert (chosen / "model.safetensors").read_bytes() == (
+        Path(selection["chosen"]) / "model.safetensors").read_bytes()
+    assert main(["base", "select", str(out), "--world", str(built), "--out", str(chosen)]) == 2
+    assert f"{chosen}: exists and is not empty" in capsys.readouterr().err
+
     # a base of another world, or a folder no pretraining wrote, is refused, naming the file
     def refused(init_from) -> str:
         assert main(["base", "pretrain", "--world", str(built), "--out", str(tmp_path / "x"),
@@ -147,7 +161,11 @@ def test_pretraining_a_small_base_lowers_its_loss_and_records_the_recipe(built, 
     (out / "recipe.json").write_text(json.dumps(recipe))
     assert (f"{out / 'recipe.json'}: pretrained on another world than {built} (renderings: 9 "
             "there, 2 here, seed: 4 there, 3 here)") in refused(out)
-    assert f"{built}: no recipe.json; --init-from takes" in refused(built)
+    assert f"{built}: no recipe.json; expected a folder written by" in refused(built)
+    assert main(["base", "select", str(more), str(out), "--world", str(built), "--out",
+                 str(tmp_path / "y"), "--device", "cpu"]) == 2
+    assert f"{out / 'recipe.json'}: pretrained on another world" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
     with pytest.raises(ValueError, match=r"hole_share \(0.6\) and mask_share \(0.5\)"):
         PretrainConfig(hole_share=0.6, mask_share=0.5)
 
@@ -214,23 +232,67 @@ def test_chain_windows_are_the_shared_mode_sequence_under_the_visibility_mask(bu
     assert torch.equal(cut[2], layout.mask[0, 0, :10, :10])
 
 
-def test_the_demo_pretrains_both_phases_for_a_world_without_a_committed_base(built, tmp_path):
-    """No committed base matches this world: the demo pretrains one, then continues it in
-    shared mode, hole windows and masked chains (the committed bases' recipe), and a rerun
-    reuses both."""
+def test_the_demo_pretrains_draws_of_both_phases_for_a_world_without_a_committed_base(
+        built, tmp_path):
+    """No committed base matches this world: the demo pretrains draws of the committed bases'
+    recipe (a base, then continued in shared mode, hole windows and masked chains), one per
+    seed, keeps the one with the lowest dev loss, and a rerun reuses them."""
     import shutil
 
     from fthss.demo import DemoConfig, prepare
 
     shutil.copytree(built, tmp_path / "world")
-    config = DemoConfig(seed=3, pretrain_steps=1, shared_mode_steps=2)
+    config = DemoConfig(seed=3, pretrain_steps=1, shared_mode_steps=2, pretrain_draws=2)
     prepare(config, tmp_path, device="cpu")
-    first = json.loads((tmp_path / "base-first-phase" / "recipe.json").read_text())
-    second = json.loads((tmp_path / "base" / "recipe.json").read_text())
-    assert first["config"]["steps"] == 1 and first["config"]["hole_share"] == 0.0
-    assert second["continued_from"] == first
-    assert second["config"]["steps"] == 2
-    assert second["config"]["hole_share"] == second["config"]["mask_share"] == 0.5
-    written = (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns
+    draws = tmp_path / "base-draws"
+    for seed in (0, 1):
+        first = json.loads((draws / f"seed-{seed}-first" / "recipe.json").read_text())
+        second = json.loads((draws / f"seed-{seed}" / "recipe.json").read_text())
+        assert first["config"]["steps"] == 1 and first["config"]["hole_share"] == 0.0
+        assert first["config"]["seed"] == second["config"]["seed"] == seed
+        assert second["continued_from"] == first and second["config"]["steps"] == 2
+        assert second["config"]["hole_share"] == second["config"]["mask_share"] == 0.5
+    chosen = json.loads((tmp_path / "base" / "recipe.json").read_text())
+    scored = chosen["selection"]["candidates"]
+    assert [c["base"] for c in scored] == [str(draws / "seed-0"), str(draws / "seed-1")]
+    best = min(scored, key=lambda c: c["held_out_loss"])
+    assert chosen["selection"]["chosen"] == best["base"] and chosen["config"]["seed"] == best["seed"]
+    weights = (tmp_path / "base" / "model.safetensors").read_bytes()
+    assert weights == (Path(best["base"]) / "model.safetensors").read_bytes()
+    # a rerun pretrains nothing: the draws and the chosen base are reused as they are
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.safetensors")}
     prepare(config, tmp_path, device="cpu")
-    assert (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns == written
+    assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.safetensors")}
+
+
+def test_held_out_loss_scores_the_outputs_of_the_dev_steps_whatever_the_batch(built, tmp_path):
+    """The selection criterion: per output token, inputs only as context, padding invisible."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fthss.world.pretrain import step_sequences
+    from fthss.world.select import held_out_loss
+
+    tokenizer = AutoTokenizer.from_pretrained(built / "tokenizer")
+    tasks = tmp_path / "tasks"
+    for task in ("compress_qa", "memory_reasoning"):  # a single- and a multi-round task
+        (tasks / task).mkdir(parents=True)
+        lines = (built / "tasks" / task / "dev.jsonl").read_text().splitlines()[:3]
+        (tasks / task / "dev.jsonl").write_text("\n".join(lines) + "\n")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id)).eval()
+    total, count = 0.0, 0
+    for input_ids, output_ids, _ in step_sequences(tokenizer, tasks, "dev"):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([input_ids + output_ids])).logits[0]
+        scored = logits[len(input_ids) - 1:-1]  # the predictions of the output tokens
+        total += torch.nn.functional.cross_entropy(
+            scored, torch.tensor(output_ids), reduction="sum").item()
+        count += len(output_ids)
+    for batch_size in (1, 5, 64):
+        assert held_out_loss(model, tokenizer, tasks, batch_size=batch_size) == pytest.approx(
+            total / count, rel=1e-5)
+    with pytest.raises(ValueError, match="no \\*/test.jsonl with chains"):
+        held_out_loss(model, tokenizer, tasks, split="test")

@@ -31,6 +31,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from itertools import pairwise
 from pathlib import Path
 
@@ -63,12 +64,13 @@ class PretrainConfig:
     seed: int = 0
 
     @classmethod
-    def shared_mode_after(cls, init_from: str | Path, steps: int = 250) -> PretrainConfig:
+    def shared_mode_after(cls, init_from: str | Path, steps: int = 250,
+                          seed: int = 0) -> PretrainConfig:
         """The second phase of the demo's bases (docs/experiments.md, exp10): a short run from a
         pretrained base at a third of its learning rate, every instruction window in shared
         mode, half as hole windows, half as whole chains under the visibility mask."""
         return cls(steps=steps, warmup_steps=max(1, steps // 10), learning_rate=1e-3,
-                   hole_share=0.5, mask_share=0.5, init_from=str(init_from))
+                   hole_share=0.5, mask_share=0.5, init_from=str(init_from), seed=seed)
 
     def __post_init__(self):
         if not (0 <= self.hole_share and 0 <= self.mask_share and
@@ -91,28 +93,35 @@ def token_stream(tokenizer, documents: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def instruction_stream(tokenizer, tasks_dir: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every train chain's step sequences (text view + input + output) and its `single` view,
-    as one stream, with the offset where each sequence starts and, per token, how far its
-    shared-mode position lies after the previous token's (1, or more after a hole; 1 at a
-    sequence start)."""
+def step_sequences(tokenizer, tasks_dir: Path, split: str = "train"):
+    """Every chain of a split, step by step as the `chain` method trains it minus the prompt,
+    and its one-step `single` view: `(input ids, output ids, position steps)`, the last giving,
+    per token, how far its shared-mode position lies after the previous token's (1, or more
+    after a hole; 1 at the start)."""
     from fthss.training.methods import as_single, training_chains
 
-    codec, ids, starts, steps = SegmentCodec(tokenizer), [], [], []
-    for path in sorted(tasks_dir.glob("*/train.jsonl")):
+    codec = SegmentCodec(tokenizer)
+    for path in sorted(tasks_dir.glob(f"*/{split}.jsonl")):
         for sample in load_chains(path):
             for view in (codec.encode(sample), codec.encode(as_single(sample))):
-                # each step as the `chain` method trains it, minus the prompt
                 sequences = training_chains("chain", view, {s.stage for s in view.steps})
                 content_before = len(view.shared_ids)
                 for k, sequence in enumerate(sequences):
                     [step] = sequence.steps
                     own = len(view.steps[k].input_ids) + len(view.steps[k].output_ids)
                     where = view.text_view_slots(k) + list(range(content_before, content_before + own))
-                    starts.append(len(ids))
-                    ids += step.input_ids + step.output_ids
-                    steps += [1] + [b - a for a, b in pairwise(where)]
+                    yield step.input_ids, step.output_ids, [1] + [b - a for a, b in pairwise(where)]
                     content_before += own
+
+
+def instruction_stream(tokenizer, tasks_dir: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The train splits' step sequences as one stream, with the offset where each sequence
+    starts and every token's position step (`step_sequences`)."""
+    ids, starts, steps = [], [], []
+    for input_ids, output_ids, position_steps in step_sequences(tokenizer, tasks_dir, "train"):
+        starts.append(len(ids))
+        ids += input_ids + output_ids
+        steps += position_steps
     return (torch.tensor(ids, dtype=torch.long), torch.tensor(starts, dtype=torch.long),
             torch.tensor(steps, dtype=torch.long))
 
@@ -136,16 +145,49 @@ def shared_mode_window(chain: TokenChain, length: int, pad_id: int) -> tuple[tor
             visibility(meta, length)[0, 0], ids.masked_fill(~meta.is_real[0], -100))
 
 
+class PretrainData:
+    """What pretraining draws its windows from, built on first use and then kept: the world's
+    documents as one stream, the train splits' instruction sequences and the train chains for
+    masked-chain windows. Building them takes longer than a short run's steps, and several
+    draws and phases of one world's base can share one (`fthss demo` without a committed base
+    runs six)."""
+
+    def __init__(self, world_dir: str | Path):
+        from transformers import AutoTokenizer
+
+        self.world_dir = Path(world_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.world_dir / "tokenizer")
+
+    @cached_property
+    def stream(self) -> torch.Tensor:
+        documents = (self.world_dir / "pretrain.txt").read_text().splitlines()
+        return token_stream(self.tokenizer, [d for d in documents if d.strip()])
+
+    @cached_property
+    def instructions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return instruction_stream(self.tokenizer, self.world_dir / "tasks")
+
+    @cached_property
+    def chains(self) -> list[TokenChain]:
+        return shared_mode_chains(self.tokenizer, self.world_dir / "tasks")
+
+
 def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
-             device: str | None = None, progress: bool = True) -> dict:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+             device: str | None = None, progress: bool = True,
+             data: PretrainData | None = None) -> dict:
+    """Pretrain (or continue) a base on the world in `world_dir` and save it with its recipe;
+    `data`, if given, is that world's `PretrainData`, shared with other runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     world_dir, out = Path(world_dir), Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(world_dir / "tokenizer")
+    data = data or PretrainData(world_dir)
+    if data.world_dir.resolve() != world_dir.resolve():
+        raise ValueError(f"pretraining data of {data.world_dir} given for the world {world_dir}")
+    tokenizer = data.tokenizer
     torch.manual_seed(config.seed)
     if config.init_from:  # checked before the streams are built: a wrong base fails at once
-        model, parent_recipe = _continued_base(Path(config.init_from), world_dir, tokenizer)
+        model, parent_recipe = load_world_base(Path(config.init_from), world_dir, tokenizer)
         model = model.to(device)
         architecture = model.config  # the recipe records the architecture actually trained
         config = replace(config, hidden_size=architecture.hidden_size,
@@ -162,11 +204,9 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
             max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=True)).to(device)
-    documents = (world_dir / "pretrain.txt").read_text().splitlines()
-    stream = token_stream(tokenizer, [d for d in documents if d.strip()])
-    instructions, instruction_starts, position_steps = instruction_stream(
-        tokenizer, world_dir / "tasks")
-    chains = shared_mode_chains(tokenizer, world_dir / "tasks") if config.mask_share else []
+    stream = data.stream
+    instructions, instruction_starts, position_steps = data.instructions
+    chains = data.chains if config.mask_share else []
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay, betas=(0.9, 0.95))
 
@@ -237,14 +277,15 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
     return recipe
 
 
-def _continued_base(base_dir: Path, world_dir: Path, tokenizer):
+def load_world_base(base_dir: Path, world_dir: Path, tokenizer):
     """The model of `base_dir` and its recipe, after checking it was pretrained on this world
-    with this tokenizer (a base of another world would read the same ids as other words)."""
+    with this tokenizer (a base of another world would read the same ids as other words): the
+    base a run continues from, or a candidate of `fthss base select`."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     recipe_path = base_dir / "recipe.json"
     if not recipe_path.is_file():
-        raise PretrainError(f"{base_dir}: no recipe.json; --init-from takes a folder written by "
+        raise PretrainError(f"{base_dir}: no recipe.json; expected a folder written by "
                             "`fthss base pretrain`")
     recipe = json.loads(recipe_path.read_text())
     world, theirs = json.loads((world_dir / "manifest.json").read_text()), recipe.get("world", {})
