@@ -85,9 +85,7 @@ def select_base(world_dir: str | Path, candidates: list[str | Path], out: str | 
     try:
         shutil.copytree(best["base"], staging)
         atomic_write_text(staging / "recipe.json", json.dumps(recipe, indent=2))
-        if out.exists():
-            out.rmdir()  # empty (checked above): os.replace needs the name free or empty
-        os.replace(staging, out)
+        os.replace(staging, out)  # `out` is absent or empty (checked above): one rename
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
