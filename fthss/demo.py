@@ -79,7 +79,7 @@ def prepare(config: DemoConfig, out: Path, device: str):
     if base_dir is None:
         base_dir = out / "base"
         if not (base_dir / "recipe.json").is_file():
-            pretrain_draws(world, base_dir, config, device)
+            pretrain_base(world, base_dir, config, device)
     print(f"[demo] base: {base_dir}")
     base = BaseModel.load(base_dir, device=device)
     if base.tokenizer.get_vocab() != AutoTokenizer.from_pretrained(world / "tokenizer").get_vocab():
@@ -88,7 +88,7 @@ def prepare(config: DemoConfig, out: Path, device: str):
     return world, base
 
 
-def pretrain_draws(world: Path, base_dir: Path, config: DemoConfig, device: str) -> None:
+def pretrain_base(world: Path, base_dir: Path, config: DemoConfig, device: str) -> None:
     """The committed bases' recipe for a world without one: `pretrain_draws` draws of both
     phases (seeds 0, 1, ...), the one with the lowest dev loss copied to `base_dir`. Draws
     already in the folder are reused."""
