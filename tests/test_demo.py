@@ -10,7 +10,8 @@ from fthss.demo import DemoConfig, run_demo
 from fthss.evaluation.evaluate import GOLD_UPSTREAM, RUNS
 
 TINY = DemoConfig(test_records=4, train_samples=8, micro_batch_size=8, max_new_tokens=4,
-                  latency_lengths=(20,), memory_total_tokens=24, pretrain_steps=2)
+                  latency_lengths=(20,), memory_total_tokens=24, pretrain_steps=2,
+                  shared_mode_steps=2, pretrain_draws=1)
 
 
 @pytest.fixture(scope="module")
