@@ -7,9 +7,9 @@ demo's recipe pretrains a few draws and keeps the one that predicts the world's 
 instructions best: the mean loss per output token of every dev chain's steps, as the `chain`
 method trains them (text mode, the gold outputs), and of their `single` views. The test split is
 never read, and the criterion looks at no FTHSS stage: it picks the base that serves the text
-baseline best, which FTHSS is then measured against. That cuts both ways: on a world whose text
-reader answers from the base's memory when the upstream stage is wrong, it picked the draw with
-the widest FTHSS − chain gap (exp16).
+baseline best, which FTHSS is then measured against. It is blind to the gap either way: of three
+draws it picked the one with the widest FTHSS − chain gap on world v5 (exp16) and the narrowest
+on world v6 (exp18).
 
 `fthss base select` runs it; the chosen base is copied to `--out` with the candidates and their
 losses added to its `recipe.json`.
