@@ -36,7 +36,8 @@ def test_the_report_covers_every_task_method_and_measurement(demo):
         (20, "text"), (20, "shared")}
     assert {r["stages"] for r in report["memory"]} == {1, 2, 3}
     markdown = (demo / "report.md").read_text()
-    for heading in ("FTHSS − chain", "Stage-B latency", "KV memory", "Wall time"):
+    for heading in ("Paired differences", "fthss − chain", "chain − single",
+                    "fthss − fthss-untuned", "Stage-B latency", "KV memory", "Wall time"):
         assert heading in markdown
     for plot in ("accuracy.png", "tuning.png", "latency_memory.png"):
         assert (demo / plot).stat().st_size > 1000

@@ -169,7 +169,9 @@ def test_evaluate_every_method_on_reference_formats(method_stages, task_name, da
     for row in report["methods"]:
         assert all(0 <= row[m] <= 100 for m in task.metric_names)
         assert row["stages"]  # per-stage latency / prefill / KV statistics
-    assert [c["gold_upstream"] for c in report["comparisons"]] == [False, True]
+    assert [(c["a"], c["b"], c["gold_upstream"]) for c in report["comparisons"]] == [
+        ("fthss", "chain", False), ("fthss", "chain", True), ("chain", "single", False),
+        ("fthss", "fthss-untuned", False), ("fthss", "fthss-untuned", True)]
     chain, fthss = (next(m for m in report["methods"] if m["method"] == k and not m["gold_upstream"])
                     for k in ("chain", "fthss"))
     if task_name == "compress_qa":  # the QA stage re-reads the compression only in text mode

@@ -37,6 +37,12 @@ RUNS = {
     "adapt": ("adapt", "shared"),
 }
 GOLD_UPSTREAM = ("chain", "fthss", "fthss-untuned", "adapt")
+# paired differences a − b, each answering one question of the comparison
+COMPARISONS = (
+    ("fthss", "chain"),  # does sharing one cache cost accuracy against passing text?
+    ("chain", "single"),  # does the task need the chain at all?
+    ("fthss", "fthss-untuned"),  # does FTHSS tuning matter, or would text-trained stages do?
+)
 
 
 @dataclass
@@ -96,7 +102,7 @@ def evaluate(base: BaseModel, task: Task, records: list[TaskRecord],
              max_new_tokens: int | None = None) -> dict:
     """Run every method whose stages are given (`stage_sets` keyed by training method) and
     return the task's report section: per method its metrics and per-stage statistics, the
-    gold-upstream runs, FTHSS − chain with a paired-bootstrap 95% interval, and `predictions`:
+    gold-upstream runs, the COMPARISONS with paired-bootstrap 95% intervals, and `predictions`:
     one row per method and request (its step outputs, prediction, gold answer and scores)."""
     runs = []
     for method, (trained_as, _) in RUNS.items():
@@ -116,11 +122,12 @@ def evaluate(base: BaseModel, task: Task, records: list[TaskRecord],
                   in enumerate(zip(records, r.steps, r.predictions))]}
     by_key = {(r.method, r.gold_upstream): r for r in runs}
     main = task.metric_names[0]
-    for gold in (False, True):
-        pair = by_key.get(("fthss", gold)), by_key.get(("chain", gold))
-        if all(pair):
-            diff, low, high = paired_bootstrap(pair[0].scores[main], pair[1].scores[main])
-            report["comparisons"].append({"a": "fthss", "b": "chain", "gold_upstream": gold,
-                                          "metric": main, "diff": 100 * diff,
-                                          "ci95": [100 * low, 100 * high]})
+    for a, b in COMPARISONS:
+        for gold in (False, True):
+            pair = by_key.get((a, gold)), by_key.get((b, gold))
+            if all(pair):
+                diff, low, high = paired_bootstrap(pair[0].scores[main], pair[1].scores[main])
+                report["comparisons"].append({"a": a, "b": b, "gold_upstream": gold,
+                                              "metric": main, "diff": 100 * diff,
+                                              "ci95": [100 * low, 100 * high]})
     return report

@@ -33,10 +33,12 @@ def markdown(reports: list[dict]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     comparisons = [(r["task"], c) for r in reports for c in r["comparisons"]]
     if comparisons:
-        lines += ["", "## FTHSS − chain (paired bootstrap, 95% interval)", "",
-                  "| task | upstream | metric | difference | 95% interval |", "|---|---|---|---|---|"]
+        lines += ["", "## Paired differences (bootstrap, 95% interval)", "",
+                  "| task | difference | upstream | metric | value | 95% interval |",
+                  "|---|---|---|---|---|---|"]
         for task, c in comparisons:
-            lines.append(f"| {task} | {'gold' if c['gold_upstream'] else 'generated'} | "
+            lines.append(f"| {task} | {c['a']} − {c['b']} | "
+                         f"{'gold' if c['gold_upstream'] else 'generated'} | "
                          f"{c['metric'].upper()} | {c['diff']:+.1f} | "
                          f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] |")
     lines += ["", "## Per stage (means over requests)", "",

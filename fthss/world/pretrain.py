@@ -64,11 +64,12 @@ class PretrainConfig:
     seed: int = 0
 
     @classmethod
-    def shared_mode_after(cls, init_from: str | Path, steps: int = 250,
+    def shared_mode_after(cls, init_from: str | Path, steps: int = 500,
                           seed: int = 0) -> PretrainConfig:
-        """The second phase of the demo's bases (docs/experiments.md, exp10): a short run from a
-        pretrained base at a third of its learning rate, every instruction window in shared
-        mode, half as hole windows, half as whole chains under the visibility mask."""
+        """The second phase of the demo's bases (docs/experiments.md, exp10; 500 steps since
+        exp19): a run from a pretrained base at a third of its learning rate, every instruction
+        window in shared mode, half as hole windows, half as whole chains under the visibility
+        mask."""
         return cls(steps=steps, warmup_steps=max(1, steps // 10), learning_rate=1e-3,
                    hole_share=0.5, mask_share=0.5, init_from=str(init_from), seed=seed)
 
