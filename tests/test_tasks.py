@@ -172,6 +172,10 @@ def test_evaluate_every_method_on_reference_formats(method_stages, task_name, da
     assert [(c["a"], c["b"], c["gold_upstream"]) for c in report["comparisons"]] == [
         ("fthss", "chain", False), ("fthss", "chain", True), ("chain", "single", False),
         ("fthss", "fthss-untuned", False), ("fthss", "fthss-untuned", True)]
+    score = {(m["method"], m["gold_upstream"]): m[task.metric_names[0]] for m in report["methods"]}
+    for c in report["comparisons"]:  # a − b, the paired difference of the methods' means
+        gold = c["gold_upstream"]
+        assert c["diff"] == pytest.approx(score[c["a"], gold] - score[c["b"], gold])
     chain, fthss = (next(m for m in report["methods"] if m["method"] == k and not m["gold_upstream"])
                     for k in ("chain", "fthss"))
     if task_name == "compress_qa":  # the QA stage re-reads the compression only in text mode
