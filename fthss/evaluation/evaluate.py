@@ -112,22 +112,27 @@ def evaluate(base: BaseModel, task: Task, records: list[TaskRecord],
         for gold in options:
             runs.append(run_method(base, task, records, method, stage_sets[trained_as],
                                    retriever, gold, batch_size, progress, max_new_tokens))
-    report = {"task": task.name, "metric": task.metric, "records": len(records),
-              "methods": [r.summary() for r in runs], "comparisons": [],
-              "predictions": [
-                  {"method": r.method, "gold_upstream": r.gold_upstream, "id": record.id,
-                   "steps": steps, "prediction": prediction, "answer": record.answer,
-                   "scores": {m: v[i] for m, v in r.scores.items()}}
-                  for r in runs for i, (record, steps, prediction)
-                  in enumerate(zip(records, r.steps, r.predictions))]}
+    return {"task": task.name, "metric": task.metric, "records": len(records),
+            "methods": [r.summary() for r in runs],
+            "comparisons": compare(runs, task.metric_names[0]),
+            "predictions": [
+                {"method": r.method, "gold_upstream": r.gold_upstream, "id": record.id,
+                 "steps": steps, "prediction": prediction, "answer": record.answer,
+                 "scores": {m: v[i] for m, v in r.scores.items()}}
+                for r in runs for i, (record, steps, prediction)
+                in enumerate(zip(records, r.steps, r.predictions))]}
+
+
+def compare(runs: list[MethodResult], metric: str) -> list[dict]:
+    """The COMPARISONS whose two runs are both present (per upstream), in points: a − b on
+    `metric` with its paired-bootstrap 95% interval over the same requests."""
     by_key = {(r.method, r.gold_upstream): r for r in runs}
-    main = task.metric_names[0]
+    rows = []
     for a, b in COMPARISONS:
         for gold in (False, True):
             pair = by_key.get((a, gold)), by_key.get((b, gold))
             if all(pair):
-                diff, low, high = paired_bootstrap(pair[0].scores[main], pair[1].scores[main])
-                report["comparisons"].append({"a": a, "b": b, "gold_upstream": gold,
-                                              "metric": main, "diff": 100 * diff,
-                                              "ci95": [100 * low, 100 * high]})
-    return report
+                diff, low, high = paired_bootstrap(pair[0].scores[metric], pair[1].scores[metric])
+                rows.append({"a": a, "b": b, "gold_upstream": gold, "metric": metric,
+                             "diff": 100 * diff, "ci95": [100 * low, 100 * high]})
+    return rows
