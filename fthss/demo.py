@@ -43,7 +43,7 @@ class DemoConfig:
     latency_lengths: tuple[int, ...] = (250, 500, 1000, 1500)
     memory_total_tokens: int = 1000
     pretrain_steps: int = 1000  # only when no embedded base matches the world
-    shared_mode_steps: int = 500  # then continued in shared mode (PretrainConfig.shared_mode_after)
+    shared_mode_steps: int = 667  # then mostly in shared mode (PretrainConfig.shared_mode_after)
     pretrain_draws: int = 3  # pretraining seeds 0..n-1, the lowest dev loss kept (world/select.py)
     base: str | None = None  # a base pretrained on this world, instead of the embedded one
 
@@ -97,7 +97,7 @@ def pretrain_base(world: Path, base_dir: Path, config: DemoConfig, device: str) 
 
     print(f"[demo] no embedded base for world seed {config.seed}: pretraining "
           f"{config.pretrain_draws} draw(s) of {config.pretrain_steps} + "
-          f"{config.shared_mode_steps} steps (~60 min each for 1,000 + 500 on a 2-core CPU), "
+          f"{config.shared_mode_steps} steps (~70 min each for 1,000 + 667 on a 2-core CPU), "
           "keeping the one with the lowest dev loss")
     data, draws = PretrainData(world), []
     for seed in range(config.pretrain_draws):

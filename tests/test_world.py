@@ -251,7 +251,7 @@ def test_the_demo_pretrains_draws_of_both_phases_for_a_world_without_a_committed
         assert first["config"]["steps"] == 1 and first["config"]["hole_share"] == 0.0
         assert first["config"]["seed"] == second["config"]["seed"] == seed
         assert second["continued_from"] == first and second["config"]["steps"] == 2
-        assert second["config"]["hole_share"] == second["config"]["mask_share"] == 0.5
+        assert second["config"]["hole_share"] == second["config"]["mask_share"] == 0.375
     chosen = json.loads((tmp_path / "base" / "recipe.json").read_text())
     scored = chosen["selection"]["candidates"]
     assert [c["base"] for c in scored] == [str(draws / "seed-0"), str(draws / "seed-1")]

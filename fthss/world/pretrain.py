@@ -18,7 +18,8 @@ upstream step wrote while it saw segments the reader may not (docs/experiments.m
 With `init_from` the run continues from an existing base of the same world instead of a fresh
 initialisation (its architecture then comes from that base): a few hundred steps of shared-mode
 windows added to a base that already knows the world (docs/experiments.md, exp7 to exp10; the
-committed bases take both kinds, hole windows and masked chains, half each).
+committed bases take both kinds, hole windows and masked chains, and keep a quarter of the
+instruction windows in text mode, exp23).
 
 `fthss base pretrain` runs it; the recipe (architecture, data, steps, seed, and the recipe of the
 base it continued from) is written beside the weights in `recipe.json`, so the same command(s)
@@ -64,14 +65,17 @@ class PretrainConfig:
     seed: int = 0
 
     @classmethod
-    def shared_mode_after(cls, init_from: str | Path, steps: int = 500,
+    def shared_mode_after(cls, init_from: str | Path, steps: int = 667,
                           seed: int = 0) -> PretrainConfig:
-        """The second phase of the demo's bases (docs/experiments.md, exp10; 500 steps since
-        exp19): a run from a pretrained base at a third of its learning rate, every instruction
-        window in shared mode, half as hole windows, half as whole chains under the visibility
-        mask."""
-        return cls(steps=steps, warmup_steps=max(1, steps // 10), learning_rate=1e-3,
-                   hole_share=0.5, mask_share=0.5, init_from=str(init_from), seed=seed)
+        """The second phase of the demo's bases (docs/experiments.md, exp10, exp19, exp23): a run
+        from a pretrained base at a third of its learning rate, three eighths of the instruction
+        windows as shared-mode hole windows, three eighths as whole chains under the visibility
+        mask, the last quarter in text mode. The 667 steps keep the 500 steps' worth of
+        shared-mode windows that closed the gap on most cells (exp19) and add text-mode ones, so
+        the text chain's reader does not lose what the shared-mode phase teaches the base
+        (exp21, exp23)."""
+        return cls(steps=steps, warmup_steps=max(1, round(steps / 10)), learning_rate=1e-3,
+                   hole_share=0.375, mask_share=0.375, init_from=str(init_from), seed=seed)
 
     def __post_init__(self):
         if not (0 <= self.hole_share and 0 <= self.mask_share and
