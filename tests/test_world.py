@@ -232,6 +232,31 @@ def test_chain_windows_are_the_shared_mode_sequence_under_the_visibility_mask(bu
     assert torch.equal(cut[2], layout.mask[0, 0, :10, :10])
 
 
+def test_the_committed_bases_were_made_by_the_recipe_the_demo_runs_for_other_seeds():
+    """A seed without a committed base pretrains `DemoConfig`'s draws of both phases; the
+    committed bases must be what that recipe made (same phases, steps, shares, draws), or the
+    README's figures describe bases the recipe does not rebuild."""
+    from dataclasses import asdict
+
+    from fthss.demo import ASSETS, DemoConfig
+
+    demo = DemoConfig()
+    recipes = sorted(ASSETS.glob("base-s*/recipe.json"))
+    assert len(recipes) == 2
+    for path in recipes:
+        recipe = json.loads(path.read_text())
+        seed = recipe["config"]["seed"]
+        second = asdict(PretrainConfig.shared_mode_after("", demo.shared_mode_steps, seed=seed))
+        assert {**recipe["config"], "init_from": ""} == second, path
+        # the oldest first phase predates the share fields; those it records must match
+        first = asdict(PretrainConfig(steps=demo.pretrain_steps, seed=seed))
+        assert {**first, **recipe["continued_from"]["config"]} == first, path
+        scored = recipe["selection"]["candidates"]
+        assert [c["seed"] for c in scored] == list(range(demo.pretrain_draws)), path
+        best = min(scored, key=lambda c: c["held_out_loss"])
+        assert recipe["selection"]["chosen"] == best["base"] and best["seed"] == seed, path
+
+
 def test_the_demo_pretrains_draws_of_both_phases_for_a_world_without_a_committed_base(
         built, tmp_path):
     """No committed base matches this world: the demo pretrains draws of the committed bases'

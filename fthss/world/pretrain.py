@@ -65,15 +65,15 @@ class PretrainConfig:
     seed: int = 0
 
     @classmethod
-    def shared_mode_after(cls, init_from: str | Path, steps: int = 667,
+    def shared_mode_after(cls, init_from: str | Path, steps: int,
                           seed: int = 0) -> PretrainConfig:
         """The second phase of the demo's bases (docs/experiments.md, exp10, exp19, exp23): a run
         from a pretrained base at a third of its learning rate, three eighths of the instruction
         windows as shared-mode hole windows, three eighths as whole chains under the visibility
-        mask, the last quarter in text mode. The 667 steps keep the 500 steps' worth of
-        shared-mode windows that closed the gap on most cells (exp19) and add text-mode ones, so
-        the text chain's reader does not lose what the shared-mode phase teaches the base
-        (exp21, exp23)."""
+        mask, the last quarter in text mode. The demo's 667 steps (`DemoConfig.shared_mode_steps`)
+        keep the 500 steps' worth of shared-mode windows that closed the gap on most cells
+        (exp19) and add text-mode ones, so the text chain's reader does not lose what the
+        shared-mode phase teaches the base (exp21, exp23)."""
         return cls(steps=steps, warmup_steps=max(1, round(steps / 10)), learning_rate=1e-3,
                    hole_share=0.375, mask_share=0.375, init_from=str(init_from), seed=seed)
 
