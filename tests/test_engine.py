@@ -1,6 +1,8 @@
 """Engine behaviour: one cache per request in shared mode, one per stage in text mode, generation
 limits and stop strings, the between-steps callable, statistics and clear errors."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -228,6 +230,34 @@ def test_compiled_decode_step_has_no_graph_break_and_same_outputs(llama, three_s
     compiled = engine.run(requests, "shared")
     assert [[s.output_ids for s in r.steps] for r in compiled] == \
            [[s.output_ids for s in r.steps] for r in eager]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None,
+                    reason="inductor on a CPU needs a C++ compiler")
+def test_inductor_decode_step_compiles_a_few_times_for_any_capacity_and_batch(
+        llama, three_stages, monkeypatch):
+    """The real compiled path (`compile=True`: inductor; CUDA graphs on a GPU) gives the eager
+    outputs while the cache grows through many capacities and the batch size changes, and it
+    compiles at most three times: once static, then with the capacity and the batch dynamic.
+    One graph per capacity would compile for minutes per shape on an 8B model, and past the
+    recompile limit fall back to eager without saying so; here that limit raises."""
+    import torch._dynamo
+
+    from fthss.engine import cache
+
+    monkeypatch.setattr(cache, "BLOCK", 8)  # a new capacity every few tokens
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
+    requests = [multi_round(), ChainSample("q", [Step("A", input="d", max_new_tokens=9),
+                                                 Step("C", max_new_tokens=12)])]
+    for batch_size in (2, 1):
+        eager = ChainEngine(llama, three_stages, batch_size=batch_size).run(requests, "shared")
+        compiled = ChainEngine(llama, three_stages, batch_size=batch_size,
+                               compile=True).run(requests, "shared")
+        assert [[s.output_ids for s in r.steps] for r in compiled] == \
+               [[s.output_ids for s in r.steps] for r in eager]
+    torch._dynamo.reset()
 
 
 def test_a_long_prefill_in_pieces_gives_the_same_logits(llama, three_stages, monkeypatch):

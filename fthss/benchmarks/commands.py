@@ -30,6 +30,18 @@ def _cell(key: str, form: str = "") -> Callable[[dict], str]:
     return lambda row: "-" if row[key] is None else format(row[key], form)
 
 
+def _strict_compile(func: Callable) -> Callable:
+    """With `--compile`, a shape that would recompile past torch's limit raises instead of
+    running that shape eager: a figure labelled compiled must come from compiled code."""
+    def run(args) -> int:
+        if args.compile:
+            import torch._dynamo
+
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
+        return func(args)
+    return run
+
+
 def cmd_bench_latency(args) -> int:
     from fthss.benchmarks import chains, figures, hf_peft
     from fthss.benchmarks.output import emit, table
@@ -137,6 +149,7 @@ def add_bench_commands(commands) -> None:
                                 help="timed runs after a warm-up run (the median is reported)")
             parser.add_argument("--compile", action="store_true",
                                 help="the engine's compiled decode step (CUDA graphs on a GPU)")
+            func = _strict_compile(func)
         parser.add_argument("--out", default=f"runs/bench/{name}.json",
                             help="JSON record (a plot, if any, beside it as .png)")
         parser.set_defaults(func=func)

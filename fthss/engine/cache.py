@@ -25,7 +25,7 @@ from fthss.layout.visibility import Kind, TokenMeta, visibility
 from fthss.models.base import BaseModel
 from fthss.prompts.stage import LayerKV
 
-BLOCK = 256  # columns the cache grows by: few distinct shapes, so few compiled graphs
+BLOCK = 256  # columns the cache grows by: few distinct shapes, so few CUDA graphs
 PREFILL_TOKENS = 16384  # tokens (batch x columns) per prefill forward
 
 
@@ -78,12 +78,15 @@ def _static(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def compiled_decode_step(base: BaseModel, backend: str = "inductor", fullgraph: bool = False):
-    """`BaseModel.forward` for one decoded token per row, compiled once per cache shape
-    (capacity grows by BLOCK, so few shapes): with CUDA graphs ("reduce-overhead") on a GPU,
-    as gpt-fast does. A replay overwrites the previous one's outputs, so logits are cloned, and
-    each replay is marked as a new step."""
+    """`BaseModel.forward` for one decoded token per row, compiled: with CUDA graphs
+    ("reduce-overhead") on a GPU, as gpt-fast does. The first compile is for static shapes; when
+    the capacity (or the batch size) changes, torch recompiles once with that dimension
+    dynamic, so a whole benchmark compiles two or three times, not once per capacity (minutes
+    each for an 8B model, and past torch's recompile limit the step would quietly run eager).
+    CUDA graphs still record one graph per shape, which is cheap. A replay overwrites the
+    previous one's outputs, so logits are cloned, and each replay is marked as a new step."""
     cuda = base.device.type == "cuda"
-    forward = torch.compile(base.forward, backend=backend, fullgraph=fullgraph, dynamic=False,
+    forward = torch.compile(base.forward, backend=backend, fullgraph=fullgraph, dynamic=None,
                             mode="reduce-overhead" if cuda and backend == "inductor" else None)
 
     def step(cache, position_ids, *, input_ids, attention_mask):
