@@ -20,7 +20,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 {
-  date -u +%FT%TZ; git rev-parse HEAD 2>/dev/null; nvidia-smi
+  date -u +%FT%TZ; git rev-parse HEAD 2>/dev/null || echo "commit: unknown (no .git)"; nvidia-smi
   python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "| transformers",
 transformers.__version__, "| peft", peft.__version__, "|", torch.cuda.get_device_name())'
 } > "$out/env.txt" 2>&1
