@@ -17,6 +17,7 @@ out=${1:-runs/bench-gpu}
 budget=${2:-540}
 deadline=$(( $(date +%s) + budget ))
 mkdir -p "$out"
+: > "$out/summary.txt"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 {
