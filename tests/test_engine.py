@@ -251,13 +251,15 @@ def test_inductor_decode_step_compiles_a_few_times_for_any_capacity_and_batch(
     torch._dynamo.reset()
     requests = [multi_round(), ChainSample("q", [Step("A", input="d", max_new_tokens=9),
                                                  Step("C", max_new_tokens=12)])]
-    for batch_size in (2, 1):
-        eager = ChainEngine(llama, three_stages, batch_size=batch_size).run(requests, "shared")
-        compiled = ChainEngine(llama, three_stages, batch_size=batch_size,
-                               compile=True).run(requests, "shared")
-        assert [[s.output_ids for s in r.steps] for r in compiled] == \
-               [[s.output_ids for s in r.steps] for r in eager]
-    torch._dynamo.reset()
+    try:
+        for batch_size in (2, 1):
+            eager = ChainEngine(llama, three_stages, batch_size=batch_size).run(requests, "shared")
+            compiled = ChainEngine(llama, three_stages, batch_size=batch_size,
+                                   compile=True).run(requests, "shared")
+            assert [[s.output_ids for s in r.steps] for r in compiled] == \
+                   [[s.output_ids for s in r.steps] for r in eager]
+    finally:  # no compiled code of this test's small BLOCK left for the next ones
+        torch._dynamo.reset()
 
 
 def test_a_long_prefill_in_pieces_gives_the_same_logits(llama, three_stages, monkeypatch):
