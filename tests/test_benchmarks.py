@@ -11,6 +11,7 @@ from fthss.benchmarks.chains import (
     QUESTION,
     bytes_per_token,
     filler_text,
+    latency_ratios,
     stage_b_latency,
 )
 from fthss.cli import main
@@ -35,6 +36,21 @@ def test_stage_b_latency_rows(llama):
     shared = {r["intermediate_tokens"]: r["prefilled_tokens"] for r in rows if r["mode"] == "shared"}
     assert text[80] > text[20] + 40  # text mode re-encodes the intermediate
     assert shared[80] == shared[20] <= 2  # shared mode: the step marker (and A's last token)
+
+
+def test_latency_ratios_name_the_strongest_baseline():
+    """Against shared mode, each other system's ratio, and the fastest of them, per figure:
+    here text mode has the lower latency and PEFT the earlier first token."""
+    def row(mode, length, latency, ttft):
+        return {"mode": mode, "intermediate_tokens": length, "latency_s": latency, "ttft_s": ttft}
+
+    rows = [row("shared", 100, 0.1, 0.01), row("text", 100, 0.3, 0.2),
+            row("hf-peft", 100, 0.4, 0.1), row("text", 200, 0.5, 0.4)]  # no shared row at 200
+    [ratio] = latency_ratios(rows)
+    assert ratio["latency_ratio"] == pytest.approx({"text": 3.0, "hf-peft": 4.0})
+    assert ratio["ttft_ratio"] == pytest.approx({"text": 20.0, "hf-peft": 10.0})
+    assert ratio["strongest_baseline"]["latency"] == {"system": "text", "ratio": pytest.approx(3.0)}
+    assert ratio["strongest_baseline"]["ttft"] == {"system": "hf-peft", "ratio": pytest.approx(10.0)}
 
 
 def bench(tmp_path, capsys, *options) -> dict:
@@ -63,6 +79,11 @@ def test_bench_latency_three_systems_side_by_side(tmp_path, capsys, llama):
         assert rows["hf-peft", length]["prefilled_tokens"] == input_tokens + PROMPT
     assert [r["intermediate_tokens"] for r in result["ratios"]] == [32, 64]
     assert set(result["ratios"][0]["latency_ratio"]) == {"text", "hf-peft"}
+    for ratio in result["ratios"]:
+        for what in ("latency", "ttft"):
+            strongest = ratio["strongest_baseline"][what]
+            assert strongest["ratio"] == min(ratio[f"{what}_ratio"].values())
+            assert ratio[f"{what}_ratio"][strongest["system"]] == strongest["ratio"]
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 

@@ -1,12 +1,13 @@
-"""The exactness invariant (DESIGN.md) on every architecture we claim, over random chains:
+"""The exactness invariant (docs/design.md) on every architecture we claim, over random chains:
 shared incremental decoding == one-pass masked forward; text mode == a plain HF forward of the
-re-encoded text; a request decodes the same alone and inside a padded batch."""
+re-encoded text; a request decodes the same alone and inside a padded batch. On any device and
+dtype (`device` marker, tests/conftest.py), within the dtype's tolerance."""
 
 import random
 
 import pytest
 import torch
-from conftest import get_base
+from conftest import DTYPE, TOLERANCE, assert_same_generations, get_base
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +22,7 @@ from fthss.verify import (
     text_view,
 )
 
-TOLERANCE = 1e-4  # fp32 on CPU: differences seen are ~3e-7
+pytestmark = pytest.mark.device
 
 
 @st.composite
@@ -64,10 +65,11 @@ def test_text_mode_equals_plain_forward_of_the_text(setup):
 @given(setups(), st.sampled_from(["shared", "text"]))
 def test_greedy_outputs_do_not_depend_on_the_batch(setup, mode):
     base, stages, requests, batch_size = setup
-    batched = ChainEngine(base, stages, batch_size=batch_size).run(requests, mode)
-    alone = ChainEngine(base, stages, batch_size=1).run(requests, mode)
-    assert [[s.output_ids for s in r.steps] for r in batched] == \
-           [[s.output_ids for s in r.steps] for r in alone]
+    scores = DTYPE != torch.float32  # what a near tie in low precision is judged by
+    batched = ChainEngine(base, stages, batch_size=batch_size).run(requests, mode,
+                                                                   output_scores=scores)
+    alone = ChainEngine(base, stages, batch_size=1).run(requests, mode, output_scores=scores)
+    assert_same_generations(batched, alone, scores)
 
 
 def test_sampling_is_seeded_per_request_whatever_the_batch(llama):

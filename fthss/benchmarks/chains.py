@@ -4,7 +4,8 @@ engine.
 `stage_b_latency`: the paper's Table 5 (top). Stage A has written an intermediate of L tokens;
 stage B then writes exactly `new_tokens` tokens. In text mode B must first re-encode the
 question and those L tokens; in shared mode it reads the K/V A already wrote, so its latency
-should not grow with L. Medians over repeated runs after a warm-up run.
+should not grow with L. PEFT + `generate` is the third system. Medians over repeated runs after
+a warm-up run; the ratios name the strongest baseline (the fastest of the others).
 
 `throughput`: beyond the paper. The same two-stage chain for a batch of requests: stage B's
 requests/s and generated tokens/s. Text mode prefills batch × L tokens, shared mode only decodes.
@@ -25,10 +26,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from fthss.benchmarks import hf_peft
 from fthss.engine.engine import ChainEngine, StepStats
 from fthss.layout.chain import ChainSample, Step
 from fthss.models.base import BaseModel
@@ -36,6 +39,7 @@ from fthss.prompts.stage import Stage, StageConfig
 
 QUESTION = "What does the passage say?"
 MODES = ("text", "shared")
+SYSTEMS = ("shared", "text", "hf-peft")  # the latency benchmark's
 
 
 def filler_text(base: BaseModel, length: int, seed: int = 0) -> str:
@@ -90,37 +94,64 @@ def latency_row(length: int, mode: str, new_tokens: int, wall_s: list[float],
             "prefilled_tokens": prefilled_tokens, "repeats": len(wall_s)}
 
 
+# One run of stage B: (seconds from the start of its step to its last token, seconds to its
+# first token, tokens encoded before the first token).
+StageBRun = tuple[float, float, int]
+
+
+def engine_system(engine: ChainEngine, mode: str) -> Callable[[ChainSample], StageBRun]:
+    """Stage B of a request run by the engine in `mode`, as one latency system."""
+    def run(request: ChainSample) -> StageBRun:
+        stats = engine.run([request], mode)[0].steps[1].stats
+        return stats.wall_s, stats.time_to_first_token_s, stats.prefilled_tokens
+    return run
+
+
 def stage_b_latency(base: BaseModel, lengths: list[int], new_tokens: int = 16, repeats: int = 3,
-                    prompt_tokens: int = 16, modes: tuple[str, ...] = MODES,
+                    prompt_tokens: int = 16, systems: tuple[str, ...] = MODES,
                     progress: bool = False, compile: bool = False) -> list[dict]:
-    """One row per (intermediate length, mode): stage B's median latency and time to first
-    token over `repeats` runs, after one warm-up run, batch 1."""
+    """One row per (intermediate length, system): stage B's median latency and time to first
+    token over `repeats` runs, after one warm-up run, batch 1. Systems: "shared" and "text"
+    (the engine's modes) and "hf-peft" (PEFT + `generate`, `fthss.benchmarks.hf_peft`). The
+    systems take turns, run by run, so a machine whose load drifts during the benchmark slows
+    them alike."""
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        raise ValueError(f"unknown latency system(s) {sorted(unknown)}; choose from {SYSTEMS}")
     engine = bench_engine(base, ["A", "B"], prompt_tokens, compile=compile)
-    requests = {n: stage_b_request(base, n, new_tokens, prompt_tokens) for n in lengths}
+    runners = {system: engine_system(engine, system) if system in MODES
+               else hf_peft.peft_system(base, prompt_tokens) for system in systems}
     rows = []
-    cases = [(length, mode) for length in lengths for mode in modes]
-    for length, mode in tqdm(cases, desc="stage-B latency", disable=not progress):
-        runs = [engine.run([requests[length]], mode)[0].steps[1].stats
-                for _ in range(repeats + 1)][1:]
-        rows.append(latency_row(length, mode, new_tokens, [r.wall_s for r in runs],
-                                [r.time_to_first_token_s for r in runs],
-                                runs[0].prefilled_tokens))
+    for length in tqdm(lengths, desc="stage-B latency", disable=not progress):
+        request = stage_b_request(base, length, new_tokens, prompt_tokens)
+        runs = {system: [] for system in systems}
+        for _ in range(repeats + 1):  # the first run of each system warms it up
+            for system, run in runners.items():
+                runs[system].append(run(request))
+        for system, (_, *timed) in runs.items():
+            rows.append(latency_row(length, system, new_tokens, [wall for wall, _, _ in timed],
+                                    [first for _, first, _ in timed], timed[0][2]))
     return rows
 
 
 def latency_ratios(rows: list[dict]) -> list[dict]:
     """Per intermediate length: each other system's latency and time to first token over
-    shared mode's, taken from the same run."""
+    shared mode's, taken from the same run, and the strongest baseline's (the fastest other
+    system, for latency and for time to first token apart), named."""
     ratios = []
     for length in dict.fromkeys(r["intermediate_tokens"] for r in rows):
         at = {r["mode"]: r for r in rows if r["intermediate_tokens"] == length}
-        if "shared" not in at:
+        if "shared" not in at or len(at) < 2:
             continue
         shared = at.pop("shared")  # `at` keeps the other systems
-        ratios.append({"intermediate_tokens": length,
-                       "latency_ratio": {m: r["latency_s"] / shared["latency_s"]
-                                         for m, r in at.items()},
-                       "ttft_ratio": {m: r["ttft_s"] / shared["ttft_s"] for m, r in at.items()}})
+        ratio = {what: {m: r[key] / shared[key] for m, r in at.items()}
+                 for what, key in (("latency", "latency_s"), ("ttft", "ttft_s"))}
+        strongest = {what: min(by_system.items(), key=lambda item: item[1])
+                     for what, by_system in ratio.items()}
+        ratios.append({"intermediate_tokens": length, "latency_ratio": ratio["latency"],
+                       "ttft_ratio": ratio["ttft"],
+                       "strongest_baseline": {what: {"system": system, "ratio": value}
+                                              for what, (system, value) in strongest.items()}})
     return ratios
 
 

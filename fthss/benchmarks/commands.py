@@ -7,6 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from fthss.benchmarks.chains import SYSTEMS
 from fthss.cli import add_base_arguments, load_base, positive_float, positive_int
 
 
@@ -30,39 +33,44 @@ def _cell(key: str, form: str = "") -> Callable[[dict], str]:
     return lambda row: "-" if row[key] is None else format(row[key], form)
 
 
-def _strict_compile(func: Callable) -> Callable:
-    """With `--compile`, a shape that would recompile past torch's limit raises instead of
-    running that shape eager: a figure labelled compiled must come from compiled code."""
+def _timed(func: Callable) -> Callable:
+    """A timed benchmark's options. `--compile`: a shape that would recompile past torch's
+    limit raises instead of running that shape eager (a figure labelled compiled must come
+    from compiled code). `--profile`: the benchmark runs under torch.profiler."""
     def run(args) -> int:
-        if args.compile:
-            import torch._dynamo
+        from fthss.benchmarks.output import profiled
 
-            torch._dynamo.config.fail_on_recompile_limit_hit = True
-        return func(args)
+        if args.compile:
+            from torch import _dynamo
+
+            _dynamo.config.fail_on_recompile_limit_hit = True
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        with profiled(args.out if args.profile else None, device):
+            return func(args)
     return run
 
 
 def cmd_bench_latency(args) -> int:
-    from fthss.benchmarks import chains, figures, hf_peft
+    from fthss.benchmarks import chains, figures
     from fthss.benchmarks.output import emit, table
 
     base = load_base(args)
-    modes = tuple(s for s in args.systems if s != "hf-peft")
     rows = chains.stage_b_latency(base, args.lengths, args.new_tokens, args.repeats,
-                                  args.prompt_tokens, modes, progress=True, compile=args.compile)
-    if "hf-peft" in args.systems:
-        rows += hf_peft.stage_b_latency(base, args.lengths, args.new_tokens, args.repeats,
-                                        args.prompt_tokens, progress=True)
+                                  args.prompt_tokens, tuple(args.systems), progress=True,
+                                  compile=args.compile)
     ratios = chains.latency_ratios(rows)
     others = [s for s in args.systems if s != "shared"]
     ratio_columns = [("intermediate", _cell("intermediate_tokens"))] + [
         (f"{mode}/shared {what}", lambda r, m=mode, k=key: f"{r[k][m]:.2f}x")
-        for mode in others for what, key in (("latency", "latency_ratio"), ("TTFT", "ttft_ratio"))]
+        for mode in others for what, key in (("latency", "latency_ratio"), ("TTFT", "ttft_ratio"))
+    ] + [(f"strongest/shared {label}",
+          lambda r, w=what: "{ratio:.2f}x ({system})".format(**r["strongest_baseline"][w]))
+         for label, what in (("latency", "latency"), ("TTFT", "ttft"))]
     tables = [table(rows, [("system", _cell("mode")),
                            ("intermediate", _cell("intermediate_tokens")),
                            ("latency ms", _ms("latency_s")), ("TTFT ms", _ms("ttft_s")),
                            ("prefilled", _cell("prefilled_tokens"))])]
-    if ratios and others:
+    if ratios:
         tables.append(table(ratios, ratio_columns))
     figures.latency(rows, Path(args.out).with_suffix(".png"))
     emit(_bench_result(args, base, rows=rows, ratios=ratios), tables, args.out)
@@ -149,7 +157,11 @@ def add_bench_commands(commands) -> None:
                                 help="timed runs after a warm-up run (the median is reported)")
             parser.add_argument("--compile", action="store_true",
                                 help="the engine's compiled decode step (CUDA graphs on a GPU)")
-            func = _strict_compile(func)
+            parser.add_argument("--profile", action="store_true",
+                                help="run under torch.profiler: the top operators by self time "
+                                "to OUT.profile.txt, the trace to OUT.trace.json.gz (keep the "
+                                "run short: one length, --repeats 1)")
+            func = _timed(func)
         parser.add_argument("--out", default=f"runs/bench/{name}.json",
                             help="JSON record (a plot, if any, beside it as .png)")
         parser.set_defaults(func=func)
@@ -160,8 +172,8 @@ def add_bench_commands(commands) -> None:
     latency.add_argument("--lengths", type=positive_int, nargs="+",
                          default=[250, 500, 1000, 3000], help="intermediate tokens")
     latency.add_argument("--new-tokens", type=positive_int, default=16)
-    latency.add_argument("--systems", nargs="+", choices=("shared", "text", "hf-peft"),
-                         default=["shared", "text", "hf-peft"])
+    latency.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
+                         help="shared and text: the engine's modes; hf-peft: PEFT + generate")
 
     memory = add("memory", cmd_bench_memory, "KV memory: multi-round chains of 1, 2, 3 "
                  "stages; compress -> QA", None)

@@ -2,20 +2,21 @@
 passing text.
 
 Stage B is handed stage A's output as text: it re-encodes the question and the intermediate
-under its own virtual tokens, then generates exactly `new_tokens` tokens. The requests are those
-of `fthss.benchmarks.chains.stage_b_latency`, so the rows sit beside the engine's (mode
-"hf-peft"). PEFT is an optional dependency: `pip install 'fthss[bench]'`.
+under its own virtual tokens, then generates exactly the tokens the request asks for. It is one
+of the systems of `fthss.benchmarks.chains.stage_b_latency`, run on the same requests, so its
+rows sit beside the engine's (system "hf-peft"). PEFT is an optional dependency:
+`pip install 'fthss[bench]'`.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from fthss.benchmarks.chains import latency_row, stage_b_request
+from fthss.layout.chain import ChainSample
 from fthss.models.base import BaseModel
 
 
@@ -33,31 +34,29 @@ class _Clock:
         pass
 
 
-def stage_b_latency(base: BaseModel, lengths: list[int], new_tokens: int = 16, repeats: int = 3,
-                    prompt_tokens: int = 16, progress: bool = False) -> list[dict]:
-    """One row per intermediate length: stage B as a PEFT prompt-tuning model with
-    `prompt_tokens` virtual tokens, median latency and time to first token over `repeats` runs
-    after a warm-up run, batch 1. `prefilled_tokens` counts the virtual tokens too."""
+def peft_system(base: BaseModel, prompt_tokens: int
+                ) -> Callable[[ChainSample], tuple[float, float, int]]:
+    """Stage B as a PEFT prompt-tuning model with `prompt_tokens` virtual tokens: a function of
+    a `fthss.benchmarks.chains.stage_b_request` returning (seconds, seconds to the first new
+    token, tokens prefilled, the virtual tokens included)."""
     try:
         from peft import PromptTuningConfig, get_peft_model
     except ImportError:
         raise ModuleNotFoundError("the hf-peft system needs peft: pip install 'fthss[bench]' "
                                   "(peft>=0.17), or leave hf-peft out of --systems") from None
     # Prompt tuning adds an embedding beside the base and changes none of its modules, so the
-    # engine can keep using the same base afterwards.
+    # engine can keep using the same base, even between two runs of this one.
     with warnings.catch_warnings():
         # PEFT asks transformers a deprecated question about gradient checkpointing
         warnings.filterwarnings("ignore", category=FutureWarning)
         model = get_peft_model(base.model, PromptTuningConfig(
             task_type="CAUSAL_LM", num_virtual_tokens=prompt_tokens)).to(base.device).eval()
-    rows = []
-    for length in tqdm(lengths, desc="stage-B latency (hf-peft)", disable=not progress):
-        request = stage_b_request(base, length, new_tokens, prompt_tokens)
+
+    def run(request: ChainSample) -> tuple[float, float, int]:
         text = f"{request.shared}\n{request.steps[0].output}"
-        runs = [_generate(model, base, text, new_tokens) for _ in range(repeats + 1)][1:]
-        rows.append(latency_row(length, "hf-peft", new_tokens, [wall for wall, _, _ in runs],
-                                [first for _, first, _ in runs], runs[0][2] + prompt_tokens))
-    return rows
+        wall, first, inputs = _generate(model, base, text, request.steps[1].max_new_tokens)
+        return wall, first, inputs + prompt_tokens
+    return run
 
 
 def _generate(model, base: BaseModel, text: str, new_tokens: int) -> tuple[float, float, int]:

@@ -11,7 +11,8 @@ import json
 import os
 import platform
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -67,3 +68,23 @@ def emit(result: dict, tables: list[str], out: str | Path) -> None:
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"-> {out}")
     print(json.dumps(result))
+
+
+@contextmanager
+def profiled(out: str | Path | None, device: torch.device) -> Iterator[None]:
+    """Run the block under `torch.profiler` when `out` (the record's path) is given: the
+    operators with the most self time go to `OUT.profile.txt` and the whole trace to
+    `OUT.trace.json.gz` (open it in Perfetto or chrome://tracing). Where the time goes when a
+    figure misses its target."""
+    if out is None:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        yield
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    stem = Path(out).with_suffix("")
+    atomic_write_text(f"{stem}.profile.txt", prof.key_averages().table(sort_by=sort, row_limit=40))
+    prof.export_chrome_trace(f"{stem}.trace.json.gz")

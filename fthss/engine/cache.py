@@ -232,13 +232,58 @@ class ChainCache:
         written = TokenMeta(*(t[:, : self.length] for t in _fields(self.slots)))
         mask = visibility(written, meta.length)
         self.store.read = self.length
-        kept, where = torch.unique(at, return_inverse=True) if at is not None else (None, None)
-        logits = self.base.forward(self.store, pos, input_ids=input_ids,
-                                   attention_mask=self.base.attention_mask(mask), logits_at=kept)
+        logits = self._logits(self.store, pos, at, input_ids=input_ids,
+                              attention_mask=self.base.attention_mask(mask))
         self.next_position = self.next_position + meta.is_real.sum(dim=1)
+        return logits
+
+    def _logits(self, cache, pos, at: torch.Tensor | None, **inputs) -> torch.Tensor:
+        """`BaseModel.forward`'s logits for every token, or per row only those of the token at
+        index `at` (`[batch, vocab]`; the model computes no others)."""
+        kept, where = torch.unique(at, return_inverse=True) if at is not None else (None, None)
+        logits = self.base.forward(cache, pos, logits_at=kept, **inputs)
         if at is None:
             return logits
         return logits[torch.arange(logits.shape[0], device=logits.device), where]
+
+    def append_causal(self, prompt: torch.Tensor, input_ids: torch.Tensor, meta: TokenMeta
+                      ) -> torch.Tensor:
+        """Text mode's prefill, on the causal path: the cache holds one prompt-kind stage's
+        prompt slots and nothing else, and the chunk (`[batch, q]`, right-padded) is plain
+        text after it, so every real token sees exactly the tokens before it. Then the prompt
+        embeddings (`prompt`, `[N, hidden]`) are re-encoded together with the chunk in one
+        forward with no mask, as PEFT + `generate` runs a prompt-tuned model: SDPA takes its
+        causal kernel, which skips the blocks above the diagonal that an explicit mask makes
+        it compute. The prompt's K/V come out as the cached ones (within float) and overwrite
+        them. Rows run in groups of at most PREFILL_TOKENS tokens. Returns the logits of each
+        row's last real token, `[batch, vocab]`."""
+        n = prompt.shape[0]
+        if self.length != n or self.first_position != n:
+            raise ValueError("append_causal needs a cache holding one stage's prompt only")
+        meta, input_ids = meta.to(self.base.device), input_ids.to(self.base.device)
+        pos = positions(meta, self.next_position)
+        _check_positions(self.base, pos)
+        self.reserve(meta.length)
+        self._write(meta)
+        columns = n + meta.length
+        index = torch.arange(meta.length, device=input_ids.device)
+        last = n + torch.where(meta.is_real, index, 0).max(dim=1).values
+        prompt = prompt.to(self.base.device, self.base.dtype)
+        prompt_pos = torch.arange(n, device=input_ids.device)
+        rows, logits = max(1, PREFILL_TOKENS // columns), []
+        for start in range(0, self.batch_size, rows):
+            group = slice(start, start + rows)
+            ids = input_ids[group]
+            embeds = torch.cat([prompt.expand(ids.shape[0], -1, -1), self.base.embed(ids)], 1)
+            cache = DynamicCache()  # fresh: no mask to build, so attention runs causal
+            logits.append(self._logits(cache, torch.cat([prompt_pos.expand(ids.shape[0], -1),
+                                                         pos[group]], dim=1),
+                                       last[group], inputs_embeds=embeds))
+            for i, layer in enumerate(cache.layers):
+                self.store.keys[i][group, :, :columns] = layer.keys
+                self.store.values[i][group, :, :columns] = layer.values
+        self.next_position = self.next_position + meta.is_real.sum(dim=1)
+        return torch.cat(logits)
 
     def start_decoding(self, query: TokenMeta) -> None:
         """Before a step decodes: each row's mask over the slots so far, as the rule gives it

@@ -188,7 +188,11 @@ class ChainEngine:
             chunks = {id(row): self._step_chunk(row, k, mode, cache_ids) for row in active}
             active = self._within_limits(cache, active, chunks, k)
             ids, meta = self._pad([chunks.get(id(row), []) for row in rows])
-            logits = cache.append(ids, meta, last_only=True)
+            prompt = self._causal_prompt(step_names) if mode == "text" else None
+            if prompt is not None:
+                logits = cache.append_causal(prompt, ids, meta)
+            else:
+                logits = cache.append(ids, meta, last_only=True)
             if mode == "shared":  # the last token of step k-1 is in: free what no step from k sees
                 cache.free_hidden(k)
             generating = [row for row in active if row.request.steps[k].output is None]
@@ -212,6 +216,15 @@ class ChainEngine:
                 row.results.append(StepResult(step.stage, row.tokens.steps[k].input_text,
                                               self._output_text(out_ids, step.stop), out_ids,
                                               stats, scores))
+
+    def _causal_prompt(self, names: list[str]) -> torch.Tensor | None:
+        """Text mode: the prompt embeddings to re-encode with the step's text on the causal
+        path (`ChainCache.append_causal`), when every row runs the same prompt-kind stage. A
+        prefix stage's prompt is K/V, not embeddings, and rows of different stages each see
+        their own prompt only: those take the masked path (same logits, more work)."""
+        if len(names) != 1 or self.stages[names[0]].config.kind != "prompt":
+            return None
+        return self.stages[names[0]].weight.detach()
 
     def _within_limits(self, cache, active, chunks, k) -> list:
         """The rows whose step k fits the base's positions and the per-request cache budget,
