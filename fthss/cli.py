@@ -169,10 +169,9 @@ def cmd_train(args) -> int:
     for i, name in enumerate(n for n in used if n not in stages):
         if args.method == "adapt":
             raise ValueError(f"adapt starts from trained stages: pass --stage DIR for '{name}'")
-        config = StageConfig(name, args.kind, args.tokens, args.init, args.init_text)
-        stages[name] = Stage.create(config, base, seed=args.seed + i)
+        stages[name] = Stage.create(_stage_config(args, name), base, seed=args.seed + i)
     config = TrainConfig(
-        learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
+        learning_rate=args.lr, lora_learning_rate=args.lora_lr, epochs=args.epochs, max_steps=args.max_steps,
         micro_batch_size=args.micro_batch_size, grad_accumulation=args.grad_accumulation,
         warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
         max_length=args.max_length, gradient_checkpointing=args.gradient_checkpointing,
@@ -267,10 +266,45 @@ def cmd_stage_create(args) -> int:
     from fthss.prompts.stage import Stage, StageConfig
 
     base = load_base(args)
-    config = StageConfig(args.name, args.kind, args.tokens, args.init, args.init_text)
+    config = _stage_config(args, args.name)
     save_stage(Stage.create(config, base, seed=args.seed), args.out, base)
-    print(f"stage {args.name} ({args.kind}, {args.tokens} virtual tokens) -> {args.out}")
+    lora = (f", LoRA r={config.lora_rank} on {','.join(config.lora_targets)}"
+            if config.kind == "lora" else "")
+    print(f"stage {args.name} ({args.kind}, {config.num_virtual_tokens} virtual tokens{lora}) "
+          f"-> {args.out}")
     return 0
+
+
+def _stage_config(args, name: str):
+    """The StageConfig of a new stage named `name`, from the options `_add_stage_arguments`
+    adds."""
+    from fthss.prompts.stage import StageConfig
+
+    tokens = args.tokens if args.tokens is not None else 0 if args.kind == "lora" else 100
+    return StageConfig(name, args.kind, tokens, args.init, args.init_text,
+                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                       lora_targets=tuple(args.lora_targets))
+
+
+def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a new stage is: kind, soft prompt, and for the lora kind its deltas."""
+    from fthss.models.lora import LORA_TARGETS
+    from fthss.prompts.stage import INITS, KINDS
+
+    parser.add_argument("--kind", choices=KINDS, default="prompt",
+                        help="prompt (soft prompt), prefix (K/V per layer), or lora (low-rank "
+                        "deltas on the tokens the stage owns, plus an optional soft prompt)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="virtual tokens (default: 100; 0 for --kind lora)")
+    parser.add_argument("--init", choices=INITS, default="random",
+                        help="how a new prompt starts")
+    parser.add_argument("--init-text", default=None, help="the text of --init text")
+    parser.add_argument("--lora-rank", type=int, default=16, help="lora stages: rank r")
+    parser.add_argument("--lora-alpha", type=float, default=32.0,
+                        help="lora stages: the deltas are scaled by alpha / r")
+    parser.add_argument("--lora-targets", nargs="+", choices=LORA_TARGETS, default=LORA_TARGETS,
+                        metavar="MODULE", help="lora stages: the linear layers adapted "
+                        f"(default: all of {' '.join(LORA_TARGETS)})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,12 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train", nargs="+", metavar="NAME",
                        help="stages to train (default: every stage the chains use)")
     train.add_argument("--out", required=True, help="output folder (rerun to resume)")
-    train.add_argument("--kind", choices=("prompt", "prefix"), default="prompt",
-                       help="kind of the stages created here")
-    train.add_argument("--tokens", type=int, default=100, help="virtual tokens of new stages")
-    train.add_argument("--init", choices=("random", "vocab", "text"), default="random")
-    train.add_argument("--init-text", default=None)
+    _add_stage_arguments(train)  # the stages created here
     train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--lora-lr", type=float, default=None,
+                       help="learning rate of lora stages' deltas (default: --lr)")
     train.add_argument("--epochs", type=float, default=3.0)
     train.add_argument("--max-steps", type=int, default=None)
     train.add_argument("--micro-batch-size", type=int, default=1)
@@ -411,10 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = stage_commands.add_parser("create", help="initialise an untrained stage")
     add_base_arguments(create)
     create.add_argument("--name", required=True)
-    create.add_argument("--kind", choices=("prompt", "prefix"), default="prompt")
-    create.add_argument("--tokens", type=int, default=100, help="number of virtual tokens")
-    create.add_argument("--init", choices=("random", "vocab", "text"), default="random")
-    create.add_argument("--init-text", default=None)
+    _add_stage_arguments(create)
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--out", required=True)
     create.set_defaults(func=cmd_stage_create)

@@ -22,7 +22,8 @@ from fthss.layout.chain import ChainSample, Step
 from fthss.layout.sequence import TokenChain, build_layout
 from fthss.layout.visibility import Kind
 from fthss.models.base import BaseModel
-from fthss.prompts.stage import Stage, StageConfig
+from fthss.models.lora import LORA_TARGETS, module_paths
+from fthss.prompts.stage import KINDS, Stage, StageConfig
 
 _WORDS = "the a of city river who where born works capital company lake 1987 north Ada".split()
 
@@ -32,11 +33,27 @@ def random_text(rnd: random.Random, max_words: int) -> str:
 
 
 def random_stages(base: BaseModel, rnd: random.Random, max_stages: int = 3,
-                  max_tokens: int = 6) -> list[Stage]:
-    return [Stage.create(StageConfig(f"S{i}", rnd.choice(["prompt", "prefix"]),
-                                     rnd.randint(1, max_tokens), rnd.choice(["random", "vocab"])),
-                         base, seed=rnd.randrange(2**31))
-            for i in range(rnd.randint(1, max_stages))]
+                  max_tokens: int = 6, kinds: tuple[str, ...] = KINDS) -> list[Stage]:
+    """Up to `max_stages` stages of random kinds, prompt lengths and initialisations. A lora
+    stage gets random deltas on a random subset of the targets (a new one's are zero: it would
+    compute what the base computes, and hide a token routed to the wrong stage)."""
+    stages = []
+    for i in range(rnd.randint(1, max_stages)):
+        kind = rnd.choice(kinds)
+        targets = tuple(rnd.sample(LORA_TARGETS, rnd.randint(1, len(LORA_TARGETS))))
+        rank = rnd.randint(1, 4)
+        # alpha near r: deltas of the size of the base's own weights, so float noise stays at
+        # the tolerance the other kinds are held to
+        config = StageConfig(f"S{i}", kind, rnd.randint(0 if kind == "lora" else 1, max_tokens),
+                             rnd.choice(["random", "vocab"]), lora_rank=rank,
+                             lora_alpha=rank * rnd.uniform(0.5, 2.0), lora_targets=targets)
+        stage = Stage.create(config, base, seed=rnd.randrange(2**31))
+        generator = torch.Generator().manual_seed(rnd.randrange(2**31))
+        with torch.no_grad():
+            for b in stage.lora_B.values():
+                b.copy_(torch.randn(b.shape, generator=generator) * 0.1)
+        stages.append(stage)
+    return stages
 
 
 def random_chains(stages: list[Stage], rnd: random.Random, count: int, max_steps: int = 4,
@@ -57,7 +74,7 @@ def output_logits_one_pass(engine: ChainEngine, results: list[ChainResult]) -> l
     if not bool(layout.mask.any(dim=-1).all()):
         raise AssertionError("a visibility row is empty")
     with torch.no_grad():
-        logits = ChainCache.forward_layout(engine.base, prompts, layout)
+        logits = ChainCache.forward_layout(engine.base, prompts, layout, engine.lora_bank(names))
     rows = []
     for i in range(len(results)):
         targets = (layout.meta.kind[i] == Kind.OUTPUT).nonzero().squeeze(1)
@@ -75,19 +92,35 @@ def text_view(tokens: TokenChain, k: int) -> list[int]:
 
 
 def plain_forward(base: BaseModel, stage: Stage, input_ids: list[int]) -> torch.Tensor:
-    """Logits of a standalone prompt-tuned model over `input_ids`, as PEFT computes them."""
+    """Logits of a standalone model of `stage` over `input_ids`, as PEFT computes them: the
+    prompt's embeddings prepended, or the prefix as past K/V; a lora stage's deltas merged into
+    the weights (a LoRA model applies them to every token)."""
     ids = torch.tensor([input_ids], device=base.device)
     n = stage.num_virtual_tokens
     weight = stage.weight.detach().to(base.device, base.dtype)
     with torch.no_grad():
-        if stage.config.kind == "prompt":
+        if stage.config.kind != "prefix":
             embeds = torch.cat([weight[None], base.embed(ids)], dim=1)
-            return base.model(inputs_embeds=embeds).logits[0, n:].float().cpu()
+            return merged_forward(base, stage, inputs_embeds=embeds).logits[0, n:].float().cpu()
         cache = DynamicCache()
         for i, (k, v) in enumerate(stage.prompt_cache(base, n)):
             cache.update(k, v, i)
         positions = torch.arange(n, n + ids.shape[1], device=base.device)[None]
         return base.forward(cache, positions, input_ids=ids)[0].float().cpu()
+
+
+def merged_forward(base: BaseModel, stage: Stage, **inputs):
+    """The base's HF forward with a lora stage's deltas merged into its weights (no other
+    change: the base's own weights are left as they are)."""
+    lora = stage.lora_weights
+    if lora is None:
+        return base.model(**inputs)
+    merged = {}
+    for (layer, name), path in module_paths(base.model).items():
+        if name in lora.A:
+            weight = base.model.get_submodule(path).weight
+            merged[f"{path}.weight"] = weight + lora.delta(name, layer).to(weight)
+    return torch.func.functional_call(base.model, merged, kwargs=inputs, strict=False)
 
 
 @dataclass

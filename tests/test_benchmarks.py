@@ -12,6 +12,7 @@ from fthss.benchmarks.chains import (
     bytes_per_token,
     filler_text,
     latency_ratios,
+    routing_cost,
     stage_b_latency,
 )
 from fthss.cli import main
@@ -42,7 +43,8 @@ def test_latency_ratios_name_the_strongest_baseline():
     """Against shared mode, each other system's ratio, and the fastest of them, per figure:
     here text mode has the lower latency and PEFT the earlier first token."""
     def row(mode, length, latency, ttft):
-        return {"mode": mode, "intermediate_tokens": length, "latency_s": latency, "ttft_s": ttft}
+        return {"mode": mode, "kind": "prompt", "intermediate_tokens": length,
+                "latency_s": latency, "ttft_s": ttft}
 
     rows = [row("shared", 100, 0.1, 0.01), row("text", 100, 0.3, 0.2),
             row("hf-peft", 100, 0.4, 0.1), row("text", 200, 0.5, 0.4)]  # no shared row at 200
@@ -51,6 +53,19 @@ def test_latency_ratios_name_the_strongest_baseline():
     assert ratio["ttft_ratio"] == pytest.approx({"text": 20.0, "hf-peft": 10.0})
     assert ratio["strongest_baseline"]["latency"] == {"system": "text", "ratio": pytest.approx(3.0)}
     assert ratio["strongest_baseline"]["ttft"] == {"system": "hf-peft", "ratio": pytest.approx(10.0)}
+
+
+def test_routing_cost_is_lora_over_prompt_per_system_and_length():
+    def row(mode, kind, length, latency):
+        return {"mode": mode, "kind": kind, "intermediate_tokens": length, "latency_s": latency}
+
+    rows = [row("shared", "prompt", 100, 0.1), row("shared", "lora", 100, 0.15),
+            row("text", "prompt", 100, 0.3), row("text", "lora", 100, 0.6),
+            row("hf-peft", "prompt", 100, 0.4)]  # no lora counterpart: no ratio
+    assert routing_cost(rows, "intermediate_tokens", ("latency_s",)) == [
+        {"intermediate_tokens": 100, "mode": "shared", "latency_s_ratio": pytest.approx(1.5)},
+        {"intermediate_tokens": 100, "mode": "text", "latency_s_ratio": pytest.approx(2.0)}]
+    assert routing_cost(rows[:1], "intermediate_tokens", ("latency_s",)) == []
 
 
 def bench(tmp_path, capsys, *options) -> dict:
@@ -85,6 +100,26 @@ def test_bench_latency_three_systems_side_by_side(tmp_path, capsys, llama):
             assert strongest["ratio"] == min(ratio[f"{what}_ratio"].values())
             assert ratio[f"{what}_ratio"][strongest["system"]] == strongest["ratio"]
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bench_latency_and_decode_measure_the_routing_of_lora_stages(tmp_path, capsys):
+    latency = bench(tmp_path, capsys, "latency", "--lengths", "16", "--new-tokens", "2",
+                    "--repeats", "1", "--kinds", "prompt", "lora")
+    # PEFT + generate runs prompt stages only; with lora stages text mode is the LoRA chain
+    assert sorted((r["mode"], r["kind"]) for r in latency["rows"]) == sorted(
+        [("shared", "prompt"), ("text", "prompt"), ("hf-peft", "prompt"), ("shared", "lora"),
+         ("text", "lora")])
+    assert {(r["kind"], r["strongest_baseline"]["latency"]["system"] in ("text", "hf-peft"))
+            for r in latency["ratios"]} == {("prompt", True), ("lora", True)}
+    assert [(r["mode"], r["intermediate_tokens"]) for r in latency["routing_cost"]] == [
+        ("shared", 16), ("text", 16)]
+    assert all(r["latency_s_ratio"] > 0 for r in latency["routing_cost"])
+    decode = bench(tmp_path, capsys, "decode", "--contexts", "16", "--new-tokens", "3",
+                   "--repeats", "1", "--kinds", "prompt", "lora")
+    assert [r["kind"] for r in decode["rows"]] == ["prompt", "lora"]
+    [cost] = decode["routing_cost"]
+    assert cost["ms_per_token_ratio"] == pytest.approx(
+        decode["rows"][1]["ms_per_token"] / decode["rows"][0]["ms_per_token"])
 
 
 def test_bench_latency_refuses_a_length_past_the_positions(tmp_path, capsys):

@@ -52,6 +52,23 @@ def stages(tmp_path):
     return [str(tmp_path / "A"), str(tmp_path / "B")]
 
 
+def test_stage_create_makes_a_lora_stage_without_a_prompt_by_default(tmp_path, capsys):
+    from fthss.prompts.io import load_stage
+
+    assert main(["stage", "create", "--arch", "tiny-llama", "--name", "qa", "--kind", "lora",
+                 "--lora-rank", "4", "--lora-targets", "q_proj", "v_proj", "--out",
+                 str(tmp_path / "qa")]) == 0
+    assert "qa (lora, 0 virtual tokens, LoRA r=4 on q_proj,v_proj)" in capsys.readouterr().out
+    stage = load_stage(tmp_path / "qa")
+    assert (stage.config.kind, stage.num_virtual_tokens, stage.config.lora_targets) == (
+        "lora", 0, ("q_proj", "v_proj"))
+    with pytest.raises(SystemExit) as exit:
+        main(["stage", "create", "--arch", "tiny-llama", "--name", "qa", "--kind", "lora",
+              "--lora-targets", "lm_head", "--out", str(tmp_path / "x")])
+    assert exit.value.code == 2
+    assert "invalid choice: 'lm_head'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mode", ["shared", "text"])
 def test_run_writes_results_with_statistics(stages, tmp_path, mode):
     out = tmp_path / "out.jsonl"

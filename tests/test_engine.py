@@ -1,7 +1,7 @@
 """Engine behaviour: one cache per request in shared mode, one per stage in text mode, generation
 limits and stop strings, the between-steps callable, statistics and clear errors. Tests marked
 `device` hold on any device and dtype (tests/conftest.py): the compiled step (CUDA graphs on a
-GPU), prefill in pieces, the causal text prefill."""
+GPU), prefill in pieces, the causal text prefill. The three stages are one of each kind."""
 
 import shutil
 
@@ -16,9 +16,13 @@ from fthss.prompts.stage import Stage, StageConfig
 
 @pytest.fixture
 def three_stages(llama):
+    """One stage of each kind; C's deltas random (a new lora stage's are zero: no effect)."""
+    lora = Stage.create(StageConfig("C", "lora", 2, lora_rank=2), llama, seed=3)
+    with torch.no_grad():
+        for factor in lora.lora_B.values():
+            torch.nn.init.normal_(factor, std=0.1, generator=torch.Generator().manual_seed(3))
     return [Stage.create(StageConfig("A", "prompt", 3), llama, seed=1),
-            Stage.create(StageConfig("B", "prefix", 4), llama, seed=2),
-            Stage.create(StageConfig("C", "prompt", 2), llama, seed=3)]
+            Stage.create(StageConfig("B", "prefix", 4), llama, seed=2), lora]
 
 
 def multi_round(rounds=2):

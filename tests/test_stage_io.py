@@ -8,14 +8,15 @@ import warnings
 import pytest
 import torch
 from conftest import get_base
-from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from fthss.atomic import atomic_save_safetensors, atomic_write_bytes, atomic_write_text
 from fthss.engine.engine import ChainEngine
 from fthss.layout.chain import ChainSample, Step
+from fthss.layout.sequence import SegmentCodec
 from fthss.models.presets import preset_base
-from fthss.prompts.io import StageLoadError, load_stage, save_stage
+from fthss.prompts.io import PROMPT_FILE, StageLoadError, load_stage, save_stage
 from fthss.prompts.stage import Stage, StageConfig
 from fthss.verify import text_view
 
@@ -25,19 +26,44 @@ SHARP = 0.5
 FILES = ["adapter_config.json", "adapter_model.safetensors", "fthss_stage.json"]
 
 
+def _trained_lora(stage, seed=0, std=0.1):
+    """`stage` with random B factors, as if trained (new ones are zero: no effect at all)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in stage.lora_B.values():
+            b.copy_(torch.randn(b.shape, generator=generator) * std)
+    return stage
+
+
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
-@pytest.mark.parametrize("kind", ["prompt", "prefix"])
-def test_round_trip(arch, kind, tmp_path):
+@pytest.mark.parametrize("kind,tokens", [("prompt", 5), ("prefix", 5), ("lora", 5), ("lora", 0)])
+def test_round_trip(arch, kind, tokens, tmp_path):
     base = get_base(arch)
-    stage = Stage.create(StageConfig("compress", kind, 5, "text", init_text="summarise"), base)
+    lora = {"lora_rank": 3, "lora_alpha": 5.0, "lora_targets": ("q_proj", "v_proj", "up_proj")}
+    config = StageConfig("compress", kind, tokens, "text", init_text="summarise",
+                         **(lora if kind == "lora" else {}))
+    stage = Stage.create(config, base)
+    if kind == "lora":
+        _trained_lora(stage)
     stage.save_pretrained(tmp_path / "s", base)
-    assert sorted(os.listdir(tmp_path / "s")) == FILES  # no temp files left behind
+    # no temp files left behind; a lora stage's prompt has a file of its own
+    assert sorted(os.listdir(tmp_path / "s")) == sorted(FILES + [PROMPT_FILE] * (tokens > 0 and
+                                                                                kind == "lora"))
     ours = json.loads((tmp_path / "s" / "fthss_stage.json").read_text())
     assert (ours["format"], ours["version"], ours["base"]) == ("fthss-stage", 1, base.fingerprint)
     loaded = Stage.from_pretrained(tmp_path / "s", base)
     assert torch.equal(loaded.weight, stage.weight)
     assert loaded.weight.dtype == torch.float32
     assert loaded.config == stage.config
+    assert loaded.state_dict().keys() == stage.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in stage.state_dict().items())
+
+
+def test_a_lora_stage_saved_without_a_prompt_drops_the_old_one(tmp_path):
+    base = get_base("tiny-llama")
+    Stage.create(StageConfig("qa", "lora", 4), base).save_pretrained(tmp_path / "qa", base)
+    Stage.create(StageConfig("qa", "lora", 0), base).save_pretrained(tmp_path / "qa", base)
+    assert load_stage(tmp_path / "qa", base).num_virtual_tokens == 0
 
 
 def test_a_reparameterised_stage_is_saved_folded(tmp_path):
@@ -52,6 +78,12 @@ def test_a_reparameterised_stage_is_saved_folded(tmp_path):
 
 def _peft_weight(peft_model):
     return peft_model.prompt_encoder["default"].embedding.weight.detach()
+
+
+def _peft_lora(peft_model) -> dict[str, torch.Tensor]:
+    """PEFT's LoRA factors by key, as a stage saved by fthss names them."""
+    return {k.replace(".default", ""): v.detach() for k, v in peft_model.state_dict().items()
+            if ".lora_" in k}
 
 
 def _assert_text_mode_matches_peft(base, stage, peft_model, shared="", text="hello"):
@@ -74,13 +106,23 @@ def _assert_text_mode_matches_peft(base, stage, peft_model, shared="", text="hel
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
-@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+@pytest.mark.parametrize("kind", ["prompt", "prefix", "lora"])
 def test_peft_loads_a_stage_and_computes_what_text_mode_computes(arch, kind, tmp_path):
+    """In text mode a lora stage is a plain PEFT LoRA model over all of its view (a lora
+    stage without a soft prompt: PEFT's LORA cannot hold one)."""
     base = preset_base(arch, init_std=SHARP)  # PEFT wraps its model: a fresh one per test
-    stage = Stage.create(StageConfig("qa", kind, 4), base, seed=7)
+    stage = Stage.create(StageConfig("qa", kind, 0 if kind == "lora" else 4, lora_rank=2), base,
+                         seed=7)
+    if kind == "lora":
+        _trained_lora(stage, std=0.05)
     save_stage(stage, tmp_path / "qa", base)
     peft_model = PeftModel.from_pretrained(preset_base(arch, init_std=SHARP).model, tmp_path / "qa")
-    assert torch.equal(_peft_weight(peft_model), stage.weight.detach())
+    if kind == "lora":
+        saved = load_file(tmp_path / "qa" / "adapter_model.safetensors")
+        assert _peft_lora(peft_model).keys() == saved.keys()
+        assert all(torch.equal(v, saved[k]) for k, v in _peft_lora(peft_model).items())
+    else:
+        assert torch.equal(_peft_weight(peft_model), stage.weight.detach())
     _assert_text_mode_matches_peft(base, stage, peft_model)
     _assert_text_mode_matches_peft(base, stage, peft_model, shared="who?", text="hello world")
 
@@ -95,27 +137,89 @@ PEFT_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("which", list(PEFT_CONFIGS))
-def test_an_adapter_trained_with_peft_loads_as_a_stage(which, tmp_path):
+LORA_CONFIGS = {
+    "lora": lambda: LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                               target_modules=["q_proj", "v_proj", "gate_proj"]),
+    # a regex for target_modules, or one layer left alone: the keys say what is adapted
+    "lora-regex": lambda: LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=3,
+                                     target_modules=r".*\.(o_proj|down_proj)"),
+    "lora-some-layers": lambda: LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=3,
+                                           target_modules=["k_proj", "up_proj"],
+                                           layers_to_transform=[1]),
+}
+
+
+def _peft_trained(config, tmp_path):
+    """A tiny-llama adapter made and saved by PEFT, its weights random as if trained."""
     base = preset_base("tiny-llama", init_std=SHARP)
     assert (base.config.num_attention_heads, base.num_kv_heads) == (4, 2)  # GQA
-    peft_model = get_peft_model(base.model, PEFT_CONFIGS[which]())
+    peft_model = get_peft_model(base.model, config)
     with torch.no_grad():  # as if trained
-        for parameter in peft_model.prompt_encoder["default"].parameters():
-            parameter.normal_(generator=torch.Generator().manual_seed(3))
+        generator = torch.Generator().manual_seed(3)
+        for name, parameter in peft_model.named_parameters():
+            if parameter.requires_grad:
+                std = 0.05 if ".lora_B" in name else 1.0
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
     peft_model.eval()
     peft_model.save_pretrained(tmp_path / "peft_A")
     assert not (tmp_path / "peft_A" / "fthss_stage.json").exists()
+    return peft_model
+
+
+@pytest.mark.parametrize("which", list(PEFT_CONFIGS) + list(LORA_CONFIGS))
+def test_an_adapter_trained_with_peft_loads_as_a_stage(which, tmp_path):
+    peft_model = _peft_trained({**PEFT_CONFIGS, **LORA_CONFIGS}[which](), tmp_path)
     reference = preset_base("tiny-llama", init_std=SHARP)
     with pytest.warns(UserWarning, match="only its shapes"):
         stage = load_stage(tmp_path / "peft_A", reference)
-    kind = "prompt" if which == "prompt" else "prefix"
-    assert (stage.name, stage.config.kind, stage.num_virtual_tokens) == ("peft_A", kind, 6)
-    saved = load_file(tmp_path / "peft_A" / "adapter_model.safetensors")["prompt_embeddings"]
-    assert torch.equal(stage.weight.detach(), saved)
-    if which != "prefix-projection":  # with projection, the live weight is the MLP's input
+    kind = "lora" if which in LORA_CONFIGS else "prompt" if which == "prompt" else "prefix"
+    tokens = 0 if kind == "lora" else 6
+    assert (stage.name, stage.config.kind, stage.num_virtual_tokens) == ("peft_A", kind, tokens)
+    saved = load_file(tmp_path / "peft_A" / "adapter_model.safetensors")
+    if kind == "lora":
+        assert stage.config.lora_rank == peft_model.peft_config["default"].r
+        assert set(stage.config.lora_targets) == {k.split(".")[-3] for k in saved}
+        for key, factor in _peft_lora(peft_model).items():
+            layer, name, which_factor = int(key.split(".")[4]), key.split(".")[-3], key[-8]
+            held = (stage.lora_A if which_factor == "A" else stage.lora_B)[name][layer]
+            assert torch.equal(held, factor)
+    else:
+        assert torch.equal(stage.weight.detach(), saved["prompt_embeddings"])
+    if which in ("prompt", "prefix"):
+        # with projection, the live weight is the MLP's input
         assert torch.equal(stage.weight.detach(), _peft_weight(peft_model))
     _assert_text_mode_matches_peft(reference, stage, peft_model)
+
+
+def test_shared_mode_computes_what_an_activated_lora_computes(tmp_path):
+    """PEFT's aLoRA applies its deltas from its invocation tokens on, so the K/V of the context
+    before them are the base's: a lora stage in shared mode computes exactly that when the
+    invocation is its step's input, step marker included (the context is shared, the step's
+    tokens its own)."""
+    invocation = "please answer the question"
+    base = preset_base("tiny-llama", init_std=SHARP)
+    tokens = SegmentCodec(base.tokenizer).input(invocation)
+    _peft_trained(LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                             alora_invocation_tokens=tokens,
+                             target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]),
+                  tmp_path)
+    peft_model = PeftModel.from_pretrained(preset_base("tiny-llama", init_std=SHARP).model,
+                                           tmp_path / "peft_A")
+    with pytest.warns(UserWarning, match="only its shapes"):
+        stage = load_stage(tmp_path / "peft_A", base)
+    engine = ChainEngine(base, [stage])
+    request = ChainSample("the river of the city", [Step("peft_A", input=invocation,
+                                                         max_new_tokens=5)])
+    [shared] = engine.run([request], "shared", output_scores=True)
+    [text] = engine.run([request], "text", output_scores=True)
+    view, output = text_view(shared.tokens, 0), shared.tokens.steps[0].output_ids
+    assert view[-len(tokens):] == tokens
+    ids = torch.tensor([view + output[:-1]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits[0, len(view) - 1:]
+    torch.testing.assert_close(shared.steps[0].scores, expected, atol=1e-4, rtol=0)
+    # a plain LoRA model (text mode) adapts the context too, and computes something else
+    assert float((text.steps[0].scores - expected).abs().max()) > 0.1
 
 
 def test_a_peft_adapter_takes_the_name_given(tmp_path):
@@ -213,7 +317,10 @@ BROKEN = {
     "width vs base": (_narrow, (r"adapter_model.safetensors: width 32 does not fit this base "
                                 r"\(a prompt stage needs its hidden_size = 64\)")),
     "lora": (lambda f: _edit_json(f / "adapter_config.json", peft_type="LORA"),
-             r"adapter_config.json: peft_type 'LORA' is not a stage"),
+             r"adapter_config.json: r must be a positive integer and lora_alpha a positive "
+             r"number, not None and None"),
+    "ia3": (lambda f: _edit_json(f / "adapter_config.json", peft_type="IA3"),
+            r"adapter_config.json: peft_type 'IA3' is not a stage"),
     "projection": (_unprojected, (r"adapter_model.safetensors: adapter_config.json has "
                                   r"prefix_projection true and prompt_embeddings has width 64")),
     "seq2seq": (lambda f: _edit_json(f / "adapter_config.json", num_transformer_submodules=2),
@@ -238,6 +345,77 @@ def test_a_broken_folder_is_refused_naming_file_and_field(case, saved):
     with pytest.raises(StageLoadError, match=message) as err:
         load_stage(saved, get_base("tiny-llama"))
     assert str(saved) in str(err.value)
+
+
+@pytest.fixture
+def saved_lora(tmp_path):
+    base = get_base("tiny-llama")
+    stage = Stage.create(StageConfig("A", "lora", 3, lora_rank=2, lora_targets=("q_proj",)), base)
+    save_stage(_trained_lora(stage), tmp_path / "A", base)
+    return tmp_path / "A"
+
+
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def _edit_factors(folder, edit):
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+# (how to break a saved lora stage, what the error must say)
+BROKEN_LORA = {
+    "dora": (lambda f: _edit_json(f / "adapter_config.json", use_dora=True),
+             r"adapter_config.json: use_dora is True; a stage holds plain LoRA deltas only"),
+    "rslora": (lambda f: _edit_json(f / "adapter_config.json", use_rslora=True),
+               r"adapter_config.json: use_rslora is True"),
+    "bias": (lambda f: _edit_json(f / "adapter_config.json", bias="all"),
+             r"adapter_config.json: bias is 'all'"),
+    "rank pattern": (lambda f: _edit_json(f / "adapter_config.json", rank_pattern={"q_proj": 4}),
+                     r"adapter_config.json: rank_pattern is \{'q_proj': 4\}"),
+    "rank zero": (lambda f: _edit_json(f / "adapter_config.json", r=0),
+                  r"adapter_config.json: r must be a positive integer"),
+    "alpha a string": (lambda f: _edit_json(f / "adapter_config.json", lora_alpha="8"),
+                       r"lora_alpha a positive number, not 2 and '8'"),
+    "rank vs factors": (lambda f: _edit_json(f / "adapter_config.json", r=3),
+                        r"adapter_model.safetensors: layer 0's q_proj factors are lora_A "
+                        r"\(2, 64\), lora_B \(64, 2\); expected lora_A \(3, 64\)"),
+    "lm_head": (lambda f: _edit_factors(f, lambda t: t.update(
+                    {"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 64)})),
+                r"tensor 'base_model.model.lm_head.lora_A.weight' is not a LoRA factor"),
+    "B missing": (lambda f: _edit_factors(f, lambda t: t.pop(f"{Q0}.lora_B.weight")),
+                  r"adapter_model.safetensors: layer 0's q_proj has lora_A only"),
+    "nan": (lambda f: _edit_factors(f, lambda t: t[f"{Q0}.lora_A.weight"].fill_(float("nan"))),
+            r"adapter_model.safetensors: layer 0's q_proj holds NaN or inf"),
+    "layer beyond": (lambda f: _edit_factors(f, lambda t: t.update(
+                         {k.replace("layers.0.", "layers.7."): v.clone() for k, v in t.items()})),
+                     r"adapter_model.safetensors: q_proj of layer 7, but the base has 2 layers"),
+    "factors vs base": (lambda f: _edit_factors(f, lambda t: t.update(
+                            {k: v[:, :32].contiguous() if "lora_A" in k else v[:32]
+                             for k, v in t.items()})),
+                        r"adapter_model.safetensors: LoRA factors: q_proj deltas of shapes A "
+                        r"\(2, 2, 32\), B \(2, 32, 2\), the base needs A \(2, 2, 64\)"),
+    "prompt width": (lambda f: save_file({"prompt_embeddings": torch.zeros(3, 32)},
+                                         f / "fthss_prompt.safetensors"),
+                     r"fthss_prompt.safetensors: width 32 does not fit this base"),
+    "prompt missing": (lambda f: (f / "fthss_prompt.safetensors").unlink(),
+                       r"fthss_stage.json: says kind lora with 3 tokens, but adapter_config.json "
+                       r"and fthss_prompt.safetensors \(or its absence\) hold a lora stage of 0"),
+    "prompt without embeddings": (lambda f: save_file({"embeddings": torch.zeros(3, 64)},
+                                           f / "fthss_prompt.safetensors"),
+                       r"fthss_prompt.safetensors: no 'prompt_embeddings' tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_LORA))
+def test_a_broken_lora_folder_is_refused_naming_file_and_field(case, saved_lora):
+    breaks, message = BROKEN_LORA[case]
+    breaks(saved_lora)
+    with pytest.raises(StageLoadError, match=message) as err:
+        load_stage(saved_lora, get_base("tiny-llama"))
+    assert str(saved_lora) in str(err.value)
 
 
 def test_no_folder(tmp_path):

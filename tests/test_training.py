@@ -60,15 +60,19 @@ def multi_round(n=24, seed=1):
 
 
 def new_stages(base, kind, names=("A", "B"), tokens=4):
-    return [Stage.create(StageConfig(n, kind, tokens), base, seed=i + 1)
+    return [Stage.create(StageConfig(n, kind, tokens, lora_rank=4), base, seed=i + 1)
             for i, n in enumerate(names)]
 
 
-FAST = {"learning_rate": 0.1, "max_steps": 30, "micro_batch_size": 8, "grad_accumulation": 1,
-        "warmup_ratio": 0.0}
+def trained_state(stage):
+    return {k: v.detach().clone() for k, v in stage.state_dict().items()}
 
 
-@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+FAST = {"learning_rate": 0.1, "lora_learning_rate": 0.01, "max_steps": 30,
+        "micro_batch_size": 8, "grad_accumulation": 1, "warmup_ratio": 0.0}
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix", "lora"])
 def test_single_round_fthss_learns_and_the_engine_reproduces_training(steerable, kind, tmp_path):
     stages = new_stages(steerable, kind)
     results = train_method(steerable, two_stage(), "fthss", stages, None, TrainConfig(**FAST),
@@ -88,28 +92,33 @@ def test_single_round_fthss_learns_and_the_engine_reproduces_training(steerable,
     layout = build_layout([r.tokens for r in result], {"A": 0, "B": 1}, [4, 4], pad_id=2)
     with torch.no_grad():
         prompts = [s.prompt_cache(steerable, 4) for s in trained]
-        logits = ChainCache.forward_layout(steerable, prompts, layout)
+        logits = ChainCache.forward_layout(steerable, prompts, layout,
+                                           engine.lora_bank(["A", "B"]))
     for i, r in enumerate(result):
         targets = (layout.meta.kind[i] == Kind.OUTPUT).nonzero().squeeze(1)
         torch.testing.assert_close(torch.cat([s.scores for s in r.steps]),
                                    logits[i, targets - 1], atol=1e-4, rtol=0)
 
 
-def test_gradients_reach_only_the_trained_stage(steerable):
-    a, b = new_stages(steerable, "prompt")
+@pytest.mark.parametrize("kind", ["prompt", "lora"])
+def test_gradients_reach_only_the_trained_stage(steerable, kind):
+    a, b = new_stages(steerable, kind)
     codec = SegmentCodec(steerable.tokenizer)
     chains = [c for s in two_stage(4) for c in training_chains("fthss", codec.encode(s), {"B"})]
     loss, tokens = StageSet(steerable, [b], [a])(chains)
     loss.backward()
     assert b.weight.grad is not None and b.weight.grad.abs().sum() > 0
-    assert a.weight.grad is None
+    if kind == "lora":  # B's factor only: A's gradient passes through B, zero when new
+        assert all(p.grad.abs().sum() > 0 for p in b.lora_B.values())
+    assert all(p.grad is None for p in a.parameters())
     assert all(p.grad is None for p in steerable.model.parameters())
     assert tokens == sum(len(c.shared_ids) + sum(len(s.input_ids) + len(s.output_ids)
                                                  for s in c.steps) for c in chains)
 
 
-def test_multi_round_joint_training(steerable, tmp_path):
-    stages = new_stages(steerable, "prefix")
+@pytest.mark.parametrize("kind", ["prefix", "lora"])
+def test_multi_round_joint_training(steerable, kind, tmp_path):
+    stages = new_stages(steerable, kind)
     [result] = train_method(steerable, multi_round(), "fthss", stages, None,
                             TrainConfig(**FAST), tmp_path, rounds="multi", progress=False)
     assert result.trained == ["A", "B"]
@@ -147,24 +156,27 @@ RESUMABLE = TrainConfig(**{**FAST, "max_steps": 8, "save_every": 2, "micro_batch
                            "grad_accumulation": 2, "warmup_ratio": 0.25})
 
 
-def train_b(base, out, config=RESUMABLE, tokens=4):
+def train_b(base, out, config=RESUMABLE, tokens=4, kind="prompt"):
     """Train stage B of `two_stage()` into `out`, from fresh stages (so that whatever a resumed
-    run knows comes from its checkpoint); B's trained weight."""
+    run knows comes from its checkpoint); B's trained parameters."""
     codec = SegmentCodec(base.tokenizer)
     chains = [c for s in two_stage() for c in training_chains("fthss", codec.encode(s), {"B"})]
-    stages = new_stages(base, "prompt", tokens=tokens)
+    stages = new_stages(base, kind, tokens=tokens)
     Trainer(base, stages, ["B"], chains, config, out, progress=False).train()
-    return stages[1].weight.detach().clone()
+    return trained_state(stages[1])
 
 
-def assert_resumed_like_straight(base, resumed, out):
-    assert torch.equal(resumed, train_b(base, out.parent / "straight"))
+def assert_resumed_like_straight(base, resumed, out, kind="prompt"):
+    straight = train_b(base, out.parent / "straight", kind=kind)
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     log = (out / "train-B" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in log] == list(range(1, 9))
     assert not list((out / "train-B" / "checkpoints").glob(".partial-*"))
 
 
-def test_interrupted_run_resumes_to_the_same_prompts(steerable, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["prompt", "lora"])
+def test_interrupted_run_resumes_to_the_same_prompts(steerable, kind, tmp_path, monkeypatch):
     saves = []
     original = Trainer._save_checkpoint
 
@@ -176,13 +188,13 @@ def test_interrupted_run_resumes_to_the_same_prompts(steerable, tmp_path, monkey
 
     monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
-        train_b(steerable, tmp_path / "resumed")
+        train_b(steerable, tmp_path / "resumed", kind=kind)
     monkeypatch.setattr(Trainer, "_save_checkpoint", original)
     assert saves == [2, 4]
     with open(tmp_path / "resumed" / "train-B" / "metrics.jsonl", "a") as log:
         log.write('{"step": 5, "lo')  # as if killed while logging step 5
-    assert_resumed_like_straight(steerable, train_b(steerable, tmp_path / "resumed"),
-                                 tmp_path / "resumed")
+    assert_resumed_like_straight(steerable, train_b(steerable, tmp_path / "resumed", kind=kind),
+                                 tmp_path / "resumed", kind)
 
 
 # (what dies, after how many calls) while the step-4 checkpoint is being written
@@ -374,33 +386,41 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     torch.testing.assert_close(rank0, one, atol=1e-5, rtol=1e-4)
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+@pytest.mark.parametrize("kind", ["prefix", "lora"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind):
     base = preset_base("tiny-llama", init_std=0.2)
     codec = SegmentCodec(base.tokenizer)
     chains = [c for s in two_stage(4) for c in training_chains("fthss", codec.encode(s), {"A", "B"})]
-    grads, attention_calls = [], []
+    grads, attention_calls, calls = [], [], []
     attention = base.model.base_model.layers[0].self_attn
     attention.register_forward_hook(lambda *_: attention_calls.append(1))
     for recompute in (False, True):
-        stages = new_stages(base, "prefix")
+        stages = new_stages(base, kind)
+        if kind == "lora":  # B factors that are not zero, so that A's gradients are not
+            for stage in stages:
+                for factor in stage.lora_B.values():
+                    torch.nn.init.normal_(factor, std=0.1, generator=torch.Generator().manual_seed(1))
         if recompute:
             from fthss.training.checkpoint import enable_layer_recompute
             enable_layer_recompute(base)
         attention_calls.clear()
         loss, _ = StageSet(base, stages, [])(chains)
         loss.backward()
-        grads.append((loss.detach(), [s.weight.grad.clone() for s in stages]))
-        assert len(attention_calls) == (2 if recompute else 1)  # recomputed in the backward
+        grads.append((loss.detach(), [p.grad.clone() for s in stages for p in s.parameters()]))
+        calls.append(len(attention_calls))
+    assert calls[1] == 2 * calls[0]  # every forward (a lora stage's prompt's too) recomputed
     torch.testing.assert_close(grads[0][0], grads[1][0])
-    for a, b in zip(grads[0][1], grads[1][1]):
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
         torch.testing.assert_close(a, b)
+    assert all(g.abs().sum() > 0 for g in grads[1][1])
 
 
 @pytest.mark.parametrize("method", ["distill", "single"])
-def test_one_prompt_baselines_train_and_run(steerable, method, tmp_path):
+@pytest.mark.parametrize("kind", ["prompt", "lora"])
+def test_one_prompt_baselines_train_and_run(steerable, method, kind, tmp_path):
     from fthss.training.methods import method_view
 
-    stage = Stage.create(StageConfig(method, "prompt", 4), steerable, seed=3)
+    stage = Stage.create(StageConfig(method, kind, 4, lora_rank=4), steerable, seed=3)
     [result] = train_method(steerable, two_stage(), method, [stage], None, TrainConfig(**FAST),
                             tmp_path, progress=False)
     assert result.trained == [method] and result.final_loss < 0.8 * result.first_loss
@@ -430,6 +450,34 @@ def test_cli_train_then_run(tmp_path):
     # adapt starts from given stages only
     assert main(["train", "--arch", "tiny-llama", "--method", "adapt", "--data", str(data),
                  "--out", str(tmp_path / "adapt"), "--max-steps", "1"]) == 2
+
+
+def test_cli_trains_lora_stages_with_every_method(tmp_path, capsys):
+    from fthss.cli import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(s.to_json()) + "\n" for s in two_stage(4)))
+    common = ["--arch", "tiny-llama", "--data", str(data), "--max-steps", "1",
+              "--grad-accumulation", "1", "--micro-batch-size", "2"]
+    lora = ["--kind", "lora", "--lora-rank", "2", "--lora-targets", "q_proj", "down_proj"]
+    for method, rounds in [("fthss", "single"), ("fthss", "multi"), ("chain", "multi"),
+                           ("distill", "multi"), ("single", "multi")]:
+        out = tmp_path / f"{method}-{rounds}"
+        assert main(["train", *common, *lora, "--method", method, "--rounds", rounds,
+                     "--out", str(out)]) == 0, capsys.readouterr().err
+        for folder in out.glob("*/adapter_config.json"):
+            stage = Stage.from_pretrained(folder.parent)
+            assert (stage.config.kind, stage.num_virtual_tokens, stage.config.lora_rank,
+                    stage.config.lora_targets) == ("lora", 0, 2, ("q_proj", "down_proj"))
+    fthss = tmp_path / "fthss-single"
+    assert main(["train", *common, "--method", "adapt", "--stage", str(fthss / "A"),
+                 "--stage", str(fthss / "B"), "--out", str(tmp_path / "adapt")]) == 0
+    assert Stage.from_pretrained(tmp_path / "adapt" / "B").config.kind == "lora"
+    results = tmp_path / "results.jsonl"
+    assert main(["run", "--arch", "tiny-llama", "--stage", str(tmp_path / "adapt" / "A"),
+                 "--stage", str(tmp_path / "adapt" / "B"), "--input", str(data), "--output",
+                 str(results), "--max-new-tokens", "2"]) == 0
+    assert len(results.read_text().splitlines()) == 4
 
 
 def test_a_bf16_base_trains_fp32_prompts(tmp_path):

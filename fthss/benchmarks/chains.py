@@ -40,6 +40,7 @@ from fthss.prompts.stage import Stage, StageConfig
 QUESTION = "What does the passage say?"
 MODES = ("text", "shared")
 SYSTEMS = ("shared", "text", "hf-peft")  # the latency benchmark's
+BENCH_KINDS = ("prompt", "lora")  # stage kinds a benchmark can run: lora adds the routing
 
 
 def filler_text(base: BaseModel, length: int, seed: int = 0) -> str:
@@ -63,10 +64,12 @@ def bytes_per_token(base: BaseModel) -> int:
 
 
 def bench_engine(base: BaseModel, names: list[str], prompt_tokens: int, batch_size: int = 8,
-                 compile: bool = False) -> ChainEngine:
-    """The engine every benchmark runs, with untrained prompt stages `names` (weights change
-    neither speed nor memory); `compile`: a compiled decode step (CUDA graphs on a GPU)."""
-    stages = [Stage.create(StageConfig(name, "prompt", prompt_tokens), base, seed=i)
+                 compile: bool = False, kind: str = "prompt") -> ChainEngine:
+    """The engine every benchmark runs, with untrained stages `names` (weights change neither
+    speed nor memory): prompt stages, or lora stages (StageConfig's default rank and targets,
+    and the same soft prompt) whose every own token runs through its deltas; `compile`: a
+    compiled decode step (CUDA graphs on a GPU)."""
+    stages = [Stage.create(StageConfig(name, kind, prompt_tokens), base, seed=i)
               for i, name in enumerate(names)]
     return ChainEngine(base, stages, batch_size=batch_size, compile=compile)
 
@@ -86,10 +89,11 @@ def stage_b_request(base: BaseModel, intermediate_tokens: int, new_tokens: int,
         Step("B", max_new_tokens=new_tokens, min_new_tokens=new_tokens)])
 
 
-def latency_row(length: int, mode: str, new_tokens: int, wall_s: list[float],
+def latency_row(length: int, mode: str, kind: str, new_tokens: int, wall_s: list[float],
                 ttft_s: list[float], prefilled_tokens: int) -> dict:
-    """One system at one intermediate length: medians of the timed runs."""
-    return {"intermediate_tokens": length, "mode": mode, "new_tokens": new_tokens,
+    """One system with stages of one kind at one intermediate length: medians of the timed
+    runs."""
+    return {"intermediate_tokens": length, "mode": mode, "kind": kind, "new_tokens": new_tokens,
             "latency_s": statistics.median(wall_s), "ttft_s": statistics.median(ttft_s),
             "prefilled_tokens": prefilled_tokens, "repeats": len(wall_s)}
 
@@ -109,38 +113,47 @@ def engine_system(engine: ChainEngine, mode: str) -> Callable[[ChainSample], Sta
 
 def stage_b_latency(base: BaseModel, lengths: list[int], new_tokens: int = 16, repeats: int = 3,
                     prompt_tokens: int = 16, systems: tuple[str, ...] = MODES,
-                    progress: bool = False, compile: bool = False) -> list[dict]:
-    """One row per (intermediate length, system): stage B's median latency and time to first
-    token over `repeats` runs, after one warm-up run, batch 1. Systems: "shared" and "text"
-    (the engine's modes) and "hf-peft" (PEFT + `generate`, `fthss.benchmarks.hf_peft`). The
-    systems take turns, run by run, so a machine whose load drifts during the benchmark slows
-    them alike."""
-    unknown = set(systems) - set(SYSTEMS)
+                    progress: bool = False, compile: bool = False,
+                    kinds: tuple[str, ...] = ("prompt",)) -> list[dict]:
+    """One row per (intermediate length, stage kind, system): stage B's median latency and
+    time to first token over `repeats` runs, after one warm-up run, batch 1. Systems: "shared"
+    and "text" (the engine's modes) and "hf-peft" (PEFT + `generate`,
+    `fthss.benchmarks.hf_peft`; prompt stages only: with lora stages, text mode is the chain of
+    LoRA models). The systems and kinds take turns, run by run, so a machine whose load
+    drifts during the benchmark slows them alike."""
+    unknown = set(systems) - set(SYSTEMS) or set(kinds) - set(BENCH_KINDS)
     if unknown:
-        raise ValueError(f"unknown latency system(s) {sorted(unknown)}; choose from {SYSTEMS}")
-    engine = bench_engine(base, ["A", "B"], prompt_tokens, compile=compile)
-    runners = {system: engine_system(engine, system) if system in MODES
-               else hf_peft.peft_system(base, prompt_tokens) for system in systems}
+        raise ValueError(f"unknown latency system(s) or kind(s) {sorted(unknown)}; choose "
+                         f"from {SYSTEMS} and {BENCH_KINDS}")
+    runners = {}
+    for kind in kinds:
+        engine = bench_engine(base, ["A", "B"], prompt_tokens, compile=compile, kind=kind)
+        for system in systems:
+            if system in MODES:
+                runners[system, kind] = engine_system(engine, system)
+            elif kind == "prompt":
+                runners[system, kind] = hf_peft.peft_system(base, prompt_tokens)
     rows = []
     for length in tqdm(lengths, desc="stage-B latency", disable=not progress):
         request = stage_b_request(base, length, new_tokens, prompt_tokens)
-        runs = {system: [] for system in systems}
+        runs = {key: [] for key in runners}
         for _ in range(repeats + 1):  # the first run of each system warms it up
-            for system, run in runners.items():
-                runs[system].append(run(request))
-        for system, (_, *timed) in runs.items():
-            rows.append(latency_row(length, system, new_tokens, [wall for wall, _, _ in timed],
+            for key, run in runners.items():
+                runs[key].append(run(request))
+        for (system, kind), (_, *timed) in runs.items():
+            rows.append(latency_row(length, system, kind, new_tokens,
+                                    [wall for wall, _, _ in timed],
                                     [first for _, first, _ in timed], timed[0][2]))
     return rows
 
 
 def latency_ratios(rows: list[dict]) -> list[dict]:
-    """Per intermediate length: each other system's latency and time to first token over
-    shared mode's, taken from the same run, and the strongest baseline's (the fastest other
-    system, for latency and for time to first token apart), named."""
+    """Per intermediate length and stage kind: each other system's latency and time to first
+    token over shared mode's, taken from the same run, and the strongest baseline's (the
+    fastest other system, for latency and for time to first token apart), named."""
     ratios = []
-    for length in dict.fromkeys(r["intermediate_tokens"] for r in rows):
-        at = {r["mode"]: r for r in rows if r["intermediate_tokens"] == length}
+    for length, kind in dict.fromkeys((r["intermediate_tokens"], r["kind"]) for r in rows):
+        at = {r["mode"]: r for r in rows if (r["intermediate_tokens"], r["kind"]) == (length, kind)}
         if "shared" not in at or len(at) < 2:
             continue
         shared = at.pop("shared")  # `at` keeps the other systems
@@ -148,11 +161,25 @@ def latency_ratios(rows: list[dict]) -> list[dict]:
                  for what, key in (("latency", "latency_s"), ("ttft", "ttft_s"))}
         strongest = {what: min(by_system.items(), key=lambda item: item[1])
                      for what, by_system in ratio.items()}
-        ratios.append({"intermediate_tokens": length, "latency_ratio": ratio["latency"],
+        ratios.append({"intermediate_tokens": length, "kind": kind,
+                       "latency_ratio": ratio["latency"],
                        "ttft_ratio": ratio["ttft"],
                        "strongest_baseline": {what: {"system": system, "ratio": value}
                                               for what, (system, value) in strongest.items()}})
     return ratios
+
+
+def routing_cost(rows: list[dict], where: str, figures: tuple[str, ...]) -> list[dict]:
+    """What routing each token through its stage's deltas costs: per value of `where` (and per
+    system, for rows that name one), lora stages' `figures` over prompt stages' from the same
+    run (`{figure}_ratio`). Nothing when the rows hold one kind only."""
+    cost = []
+    for value, mode in dict.fromkeys((r[where], r.get("mode")) for r in rows):
+        at = {r["kind"]: r for r in rows if (r[where], r.get("mode")) == (value, mode)}
+        if set(BENCH_KINDS) <= set(at):
+            cost.append({where: value, "mode": mode or "shared",
+                         **{f"{f}_ratio": at["lora"][f] / at["prompt"][f] for f in figures}})
+    return cost
 
 
 def throughput(base: BaseModel, batch_sizes: list[int], intermediate_tokens: int = 1000,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fthss.benchmarks.chains import SYSTEMS
+from fthss.benchmarks.chains import BENCH_KINDS, SYSTEMS
 from fthss.cli import add_base_arguments, load_base, positive_float, positive_int
 
 
@@ -57,23 +57,30 @@ def cmd_bench_latency(args) -> int:
     base = load_base(args)
     rows = chains.stage_b_latency(base, args.lengths, args.new_tokens, args.repeats,
                                   args.prompt_tokens, tuple(args.systems), progress=True,
-                                  compile=args.compile)
+                                  compile=args.compile, kinds=tuple(args.kinds))
     ratios = chains.latency_ratios(rows)
+    routing = chains.routing_cost(rows, "intermediate_tokens", ("latency_s", "ttft_s"))
     others = [s for s in args.systems if s != "shared"]
-    ratio_columns = [("intermediate", _cell("intermediate_tokens"))] + [
-        (f"{mode}/shared {what}", lambda r, m=mode, k=key: f"{r[k][m]:.2f}x")
+    ratio_columns = [("intermediate", _cell("intermediate_tokens")), ("kind", _cell("kind"))] + [
+        (f"{mode}/shared {what}", lambda r, m=mode, k=key: f"{r[k][m]:.2f}x" if m in r[k] else "-")
         for mode in others for what, key in (("latency", "latency_ratio"), ("TTFT", "ttft_ratio"))
     ] + [(f"strongest/shared {label}",
           lambda r, w=what: "{ratio:.2f}x ({system})".format(**r["strongest_baseline"][w]))
          for label, what in (("latency", "latency"), ("TTFT", "ttft"))]
-    tables = [table(rows, [("system", _cell("mode")),
+    tables = [table(rows, [("system", _cell("mode")), ("kind", _cell("kind")),
                            ("intermediate", _cell("intermediate_tokens")),
                            ("latency ms", _ms("latency_s")), ("TTFT ms", _ms("ttft_s")),
                            ("prefilled", _cell("prefilled_tokens"))])]
     if ratios:
         tables.append(table(ratios, ratio_columns))
+    if routing:
+        tables.append(table(routing, [("intermediate", _cell("intermediate_tokens")),
+                                      ("system", _cell("mode")),
+                                      ("lora/prompt latency", _cell("latency_s_ratio", ".2f")),
+                                      ("lora/prompt TTFT", _cell("ttft_s_ratio", ".2f"))]))
     figures.latency(rows, Path(args.out).with_suffix(".png"))
-    emit(_bench_result(args, base, rows=rows, ratios=ratios), tables, args.out)
+    emit(_bench_result(args, base, rows=rows, ratios=ratios, routing_cost=routing), tables,
+         args.out)
     return 0
 
 
@@ -121,25 +128,36 @@ def cmd_bench_throughput(args) -> int:
 
 
 def cmd_bench_decode(args) -> int:
+    from fthss.benchmarks.chains import routing_cost
     from fthss.benchmarks.decode import decode_speed, known_bandwidth_gbs
     from fthss.benchmarks.output import emit, table
 
     base = load_base(args)
     bandwidth = args.bandwidth_gbs or known_bandwidth_gbs(base.device)
     rows = decode_speed(base, args.contexts, args.new_tokens, args.repeats, args.prompt_tokens,
-                        bandwidth, progress=True, compile=args.compile)
+                        bandwidth, progress=True, compile=args.compile, kinds=tuple(args.kinds))
+    routing = routing_cost(rows, "context_tokens", ("ms_per_token",))
     note = None if bandwidth else (f"memory bandwidth of {base.device} unknown: pass "
                                    "--bandwidth-gbs for the floor")
-    tables = [table(rows, [("context", _cell("context_tokens")),
+    tables = [table(rows, [("context", _cell("context_tokens")), ("kind", _cell("kind")),
                            ("ms/token", _cell("ms_per_token", ".2f")),
                            ("weights MB", lambda r: f"{r['weight_bytes'] / 1e6:.1f}"),
                            ("KV MB", lambda r: f"{r['kv_bytes'] / 1e6:.1f}"),
                            ("floor ms", _cell("floor_ms_per_token", ".2f")),
                            ("share of floor", _cell("share_of_floor", ".1%"))])]
+    if routing:
+        tables.append(table(routing, [("context", _cell("context_tokens")),
+                                      ("lora/prompt ms/token", _cell("ms_per_token_ratio", ".2f"))]))
     if note:
         tables.append(note)
-    emit(_bench_result(args, base, rows=rows, note=note), tables, args.out)
+    emit(_bench_result(args, base, rows=rows, routing_cost=routing, note=note), tables, args.out)
     return 0
+
+
+def _add_kinds(parser) -> None:
+    parser.add_argument("--kinds", nargs="+", choices=BENCH_KINDS, default=["prompt"],
+                        help="stage kinds, side by side in one run: 'prompt lora' measures "
+                        "what routing every token through its stage's LoRA deltas costs")
 
 
 def add_bench_commands(commands) -> None:
@@ -172,6 +190,7 @@ def add_bench_commands(commands) -> None:
     latency.add_argument("--lengths", type=positive_int, nargs="+",
                          default=[250, 500, 1000, 3000], help="intermediate tokens")
     latency.add_argument("--new-tokens", type=positive_int, default=16)
+    _add_kinds(latency)
     latency.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
                          help="shared and text: the engine's modes; hf-peft: PEFT + generate")
 
@@ -199,5 +218,6 @@ def add_bench_commands(commands) -> None:
     decode.add_argument("--contexts", type=positive_int, nargs="+", default=[1000],
                         help="context tokens before the decoded ones")
     decode.add_argument("--new-tokens", type=positive_int, default=64)
+    _add_kinds(decode)
     decode.add_argument("--bandwidth-gbs", type=positive_float, default=None,
                         help="device memory bandwidth, GB/s (default: known GPUs by name)")

@@ -44,28 +44,40 @@ def weight_bytes_read(base: BaseModel) -> int:
 
 def decode_speed(base: BaseModel, contexts: list[int], new_tokens: int = 64, repeats: int = 3,
                  prompt_tokens: int = 16, bandwidth_gbs: float | None = None,
-                 progress: bool = False, compile: bool = False) -> list[dict]:
-    """One row per context length: shared mode's milliseconds per decoded token at batch 1
-    (stage B's time after its first token over the tokens after the first; median of `repeats`
-    runs after a warm-up run) and the bandwidth floor for the bytes each step reads."""
+                 progress: bool = False, compile: bool = False,
+                 kinds: tuple[str, ...] = ("prompt",)) -> list[dict]:
+    """One row per (context length, stage kind): shared mode's milliseconds per decoded token
+    at batch 1 (stage B's time after its first token over the tokens after the first; median
+    of `repeats` runs after a warm-up run) and the bandwidth floor for the bytes each step
+    reads (the base's: a lora stage's deltas add a few MB more). The kinds take turns, run by
+    run."""
     if new_tokens < 2:
         raise ValueError(f"new tokens {new_tokens}: the time per token needs at least 2")
-    engine = bench_engine(base, ["A", "B"], prompt_tokens, compile=compile)
+    engines = {kind: bench_engine(base, ["A", "B"], prompt_tokens, compile=compile, kind=kind)
+               for kind in kinds}
     weights = weight_bytes_read(base)
     rows = []
     for context in tqdm(contexts, desc="decode", disable=not progress):
         request = stage_b_request(base, context, new_tokens, prompt_tokens)
-        runs = [engine.run([request], "shared")[0].steps[1].stats
-                for _ in range(repeats + 1)][1:]
-        ms = statistics.median(1000 * (r.wall_s - r.time_to_first_token_s) / (new_tokens - 1)
-                               for r in runs)
-        # the context grows by one token a step: on average the cache held at the end of the
-        # step less half the new tokens
-        kv = runs[0].kv_bytes - new_tokens // 2 * bytes_per_token(base)
-        floor = None if bandwidth_gbs is None else 1000 * (weights + kv) / (bandwidth_gbs * 1e9)
-        rows.append({"context_tokens": context, "new_tokens": new_tokens, "ms_per_token": ms,
-                     "weight_bytes": weights, "kv_bytes": kv, "bandwidth_gbs": bandwidth_gbs,
-                     "floor_ms_per_token": floor,
-                     "share_of_floor": None if floor is None else floor / ms,
-                     "repeats": repeats})
+        by_kind = {kind: [] for kind in kinds}
+        for _ in range(repeats + 1):
+            for kind, engine in engines.items():
+                by_kind[kind].append(engine.run([request], "shared")[0].steps[1].stats)
+        rows += [_decode_row(base, context, kind, new_tokens, runs[1:], weights, bandwidth_gbs)
+                 for kind, runs in by_kind.items()]
     return rows
+
+
+def _decode_row(base: BaseModel, context: int, kind: str, new_tokens: int, runs: list,
+                weights: int, bandwidth_gbs: float | None) -> dict:
+    """One (context, kind) row of `decode_speed` from its timed runs' step statistics."""
+    ms = statistics.median(1000 * (r.wall_s - r.time_to_first_token_s) / (new_tokens - 1)
+                           for r in runs)
+    # the context grows by one token a step: on average the cache held at the end of the step
+    # less half the new tokens
+    kv = runs[0].kv_bytes - new_tokens // 2 * bytes_per_token(base)
+    floor = None if bandwidth_gbs is None else 1000 * (weights + kv) / (bandwidth_gbs * 1e9)
+    return {"context_tokens": context, "kind": kind, "new_tokens": new_tokens,
+            "ms_per_token": ms, "weight_bytes": weights, "kv_bytes": kv,
+            "bandwidth_gbs": bandwidth_gbs, "floor_ms_per_token": floor,
+            "share_of_floor": None if floor is None else floor / ms, "repeats": len(runs)}

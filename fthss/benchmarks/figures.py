@@ -12,13 +12,16 @@ COLOURS = {"text": "#c55", "shared": "#3a7", "hf-peft": "#57a"}
 
 def _latency_panel(ax, rows: list[dict]) -> None:
     """Latency (solid) and time to first token (dashed) of every system in `rows`."""
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        mine = [r for r in rows if r["mode"] == mode]
+    kinds = set(r["kind"] for r in rows)
+    for mode, kind in dict.fromkeys((r["mode"], r["kind"]) for r in rows):
+        mine = [r for r in rows if (r["mode"], r["kind"]) == (mode, kind)]
         lengths = [r["intermediate_tokens"] for r in mine]
-        ax.plot(lengths, [1000 * r["latency_s"] for r in mine], "o-", color=COLOURS[mode],
-                label=f"{mode}: latency")
+        name = f"{mode} ({kind})" if len(kinds) > 1 else mode
+        marker = "s" if kind == "lora" else "o"
+        ax.plot(lengths, [1000 * r["latency_s"] for r in mine], f"{marker}-",
+                color=COLOURS[mode], label=f"{name}: latency")
         ax.plot(lengths, [1000 * r["ttft_s"] for r in mine], "x--", color=COLOURS[mode],
-                label=f"{mode}: first token")
+                label=f"{name}: first token")
     ax.set(xlabel="intermediate tokens (stage A's output)", ylabel="stage B, ms",
            title="Stage-B latency")
     ax.legend(fontsize=8)
@@ -29,12 +32,16 @@ def latency(rows: list[dict], path) -> None:
     fig, (left, right) = plots.subplots(1, 2, figsize=(10, 3.8))
     _latency_panel(left, rows)
     ratios = latency_ratios(rows)
-    lengths = [r["intermediate_tokens"] for r in ratios]
-    for mode in dict.fromkeys(m for r in ratios for m in r["latency_ratio"]):
-        right.plot(lengths, [r["latency_ratio"][mode] for r in ratios], "o-",
-                   color=COLOURS[mode], label=f"{mode}/shared: latency")
-        right.plot(lengths, [r["ttft_ratio"][mode] for r in ratios], "x--",
-                   color=COLOURS[mode], label=f"{mode}/shared: first token")
+    kinds = set(r["kind"] for r in ratios)
+    for mode, kind in dict.fromkeys((m, r["kind"]) for r in ratios for m in r["latency_ratio"]):
+        mine = [r for r in ratios if r["kind"] == kind and mode in r["latency_ratio"]]
+        lengths = [r["intermediate_tokens"] for r in mine]
+        name = f"{mode}/shared ({kind})" if len(kinds) > 1 else f"{mode}/shared"
+        marker = "s" if kind == "lora" else "o"
+        right.plot(lengths, [r["latency_ratio"][mode] for r in mine], f"{marker}-",
+                   color=COLOURS[mode], label=f"{name}: latency")
+        right.plot(lengths, [r["ttft_ratio"][mode] for r in mine], "x--",
+                   color=COLOURS[mode], label=f"{name}: first token")
     right.axhline(1, color="grey", linewidth=0.8)
     right.set(xlabel="intermediate tokens", ylabel="× shared mode", yscale="log",
               title="Slower than shared mode by")

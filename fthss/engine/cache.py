@@ -23,6 +23,7 @@ from transformers import DynamicCache
 from fthss.layout.sequence import Layout, positions, prompt_slots
 from fthss.layout.visibility import Kind, TokenMeta, visibility
 from fthss.models.base import BaseModel
+from fthss.models.lora import LoraBank, Route
 from fthss.prompts.stage import LayerKV
 
 BLOCK = 256  # columns the cache grows by: few distinct shapes, so few CUDA graphs
@@ -89,11 +90,11 @@ def compiled_decode_step(base: BaseModel, backend: str = "inductor", fullgraph: 
     forward = torch.compile(base.forward, backend=backend, fullgraph=fullgraph, dynamic=None,
                             mode="reduce-overhead" if cuda and backend == "inductor" else None)
 
-    def step(cache, position_ids, *, input_ids, attention_mask):
+    def step(cache, position_ids, *, input_ids, attention_mask, route=None):
         if cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        return forward(cache, position_ids, input_ids=input_ids,
-                       attention_mask=attention_mask).clone()
+        return forward(cache, position_ids, input_ids=input_ids, attention_mask=attention_mask,
+                       route=route).clone()
     return step
 
 
@@ -116,10 +117,13 @@ def _fields(meta: TokenMeta) -> tuple[torch.Tensor, ...]:
 
 class ChainCache:
     def __init__(self, base: BaseModel, prompts: list[list[LayerKV]], batch_size: int,
-                 decode_step=None):
+                 decode_step=None, bank: LoraBank | None = None):
         """`prompts[s]` is stage s's prompt cache (stage id = index), all made for the same C.
-        `decode_step` replaces `BaseModel.forward` for decode steps (a compiled one)."""
+        `decode_step` replaces `BaseModel.forward` for decode steps (a compiled one). `bank`:
+        the LoRA deltas of the stages by the same ids (None: no lora stage), through which
+        every token is computed by the stage that owns it."""
         self.base, self.batch_size, self._decode_step = base, batch_size, decode_step
+        self.bank = bank
         prompt_meta, self.first_position = prompt_slots([layers[0][0].shape[2] for layers in prompts])
         prompt_meta = prompt_meta.to(base.device)
         self.length, self.capacity = 0, 0  # columns written, columns allocated
@@ -145,11 +149,16 @@ class ChainCache:
         return [(torch.cat([p[i][0] for p in prompts], dim=2), torch.cat([p[i][1] for p in prompts], dim=2))
                 for i in range(layers)]
 
+    def _route(self, owners: torch.Tensor) -> Route | None:
+        """Each token through its owner's deltas (`owners`: stage ids, -1 for none)."""
+        return None if self.bank is None else Route(self.bank, owners)
+
     @classmethod
-    def forward_layout(cls, base: BaseModel, prompts: list[list[LayerKV]], layout: Layout
-                       ) -> torch.Tensor:
+    def forward_layout(cls, base: BaseModel, prompts: list[list[LayerKV]], layout: Layout,
+                       bank: LoraBank | None = None) -> torch.Tensor:
         """The one-pass forward (training): the whole layout as one chunk, logits
-        `[B, T, vocab]`. Differentiable through the prompt caches."""
+        `[B, T, vocab]`. Differentiable through the prompt caches and the LoRA `bank` (the
+        stages' deltas by the layout's stage ids)."""
         if layout.first_position != max((p[0][0].shape[2] for p in prompts), default=0):
             raise ValueError("layout and prompt caches disagree on the first content position")
         batch = layout.input_ids.shape[0]
@@ -161,7 +170,8 @@ class ChainCache:
         _check_positions(base, pos)
         mask = visibility(layout.prompt.to(base.device).cat(meta), meta.length)
         return base.forward(cache, pos, input_ids=layout.input_ids.to(base.device),
-                            attention_mask=base.attention_mask(mask))
+                            attention_mask=base.attention_mask(mask),
+                            route=None if bank is None else Route(bank, meta.stage))
 
     def _resize(self, needed: int) -> None:
         """Make the capacity the smallest multiple of BLOCK that holds `needed` columns,
@@ -233,7 +243,8 @@ class ChainCache:
         mask = visibility(written, meta.length)
         self.store.read = self.length
         logits = self._logits(self.store, pos, at, input_ids=input_ids,
-                              attention_mask=self.base.attention_mask(mask))
+                              attention_mask=self.base.attention_mask(mask),
+                              route=self._route(meta.stage))
         self.next_position = self.next_position + meta.is_real.sum(dim=1)
         return logits
 
@@ -248,8 +259,8 @@ class ChainCache:
 
     def append_causal(self, prompt: torch.Tensor, input_ids: torch.Tensor, meta: TokenMeta
                       ) -> torch.Tensor:
-        """Text mode's prefill, on the causal path: the cache holds one prompt-kind stage's
-        prompt slots and nothing else, and the chunk (`[batch, q]`, right-padded) is plain
+        """Text mode's prefill, on the causal path: the cache holds one stage's prompt slots
+        (a prompt or lora stage: embeddings) and nothing else, and the chunk (`[batch, q]`, right-padded) is plain
         text after it, so every real token sees exactly the tokens before it. Then the prompt
         embeddings (`prompt`, `[N, hidden]`) are re-encoded together with the chunk in one
         forward with no mask, as PEFT + `generate` runs a prompt-tuned model: SDPA takes its
@@ -276,9 +287,11 @@ class ChainCache:
             ids = input_ids[group]
             embeds = torch.cat([prompt.expand(ids.shape[0], -1, -1), self.base.embed(ids)], 1)
             cache = DynamicCache()  # fresh: no mask to build, so attention runs causal
+            owners = torch.cat([self.slots.stage[group, :n], meta.stage[group]], dim=1)
             logits.append(self._logits(cache, torch.cat([prompt_pos.expand(ids.shape[0], -1),
                                                          pos[group]], dim=1),
-                                       last[group], inputs_embeds=embeds))
+                                       last[group], inputs_embeds=embeds,
+                                       route=self._route(owners)))
             for i, layer in enumerate(cache.layers):
                 self.store.keys[i][group, :, :columns] = layer.keys
                 self.store.values[i][group, :, :columns] = layer.values
@@ -324,8 +337,9 @@ class ChainCache:
         if step is None:  # eager: read only the columns written
             step, mask = self.base.forward, mask[..., : self.length]
             self.store.read = self.length
+        owners = torch.where(live, query.stage[:, 0], -1)[:, None]
         logits = step(self.store, pos, input_ids=tokens[:, None],
-                      attention_mask=self.base.attention_mask(mask))
+                      attention_mask=self.base.attention_mask(mask), route=self._route(owners))
         self.next_position = self.next_position + live.long()
         return logits[:, -1]
 

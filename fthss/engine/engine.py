@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from tqdm.auto import tqdm
@@ -30,6 +31,7 @@ from fthss.layout.chain import ChainSample
 from fthss.layout.sequence import SegmentCodec, TokenChain, TokenStep
 from fthss.layout.visibility import Kind, TokenMeta
 from fthss.models.base import BaseModel
+from fthss.models.lora import LoraBank
 from fthss.prompts.stage import LayerKV, Stage
 
 MODES = ("shared", "text")
@@ -127,6 +129,7 @@ class ChainEngine:
         self.max_request_tokens = max_request_tokens
         self.decode_step = compiled_decode_step(base) if compile else None
         self._prompt_caches: dict[tuple[str, int], list[LayerKV]] = {}
+        self._lora_banks: dict[tuple[str, ...], LoraBank | None] = {}
 
     def prompt_caches(self, names: list[str]) -> list[list[LayerKV]]:
         """Prompt caches of `names` (stage id = index) for C = their longest prompt; each is
@@ -137,6 +140,24 @@ class ChainEngine:
                 with torch.no_grad():
                     self._prompt_caches[name, first] = self.stages[name].prompt_cache(self.base, first)
         return [self._prompt_caches[name, first] for name in names]
+
+    def lora_bank(self, names: list[str]) -> LoraBank | None:
+        """The LoRA deltas of `names` by stage id (= index). One bank holds every lora stage of
+        the engine, renumbered per list of names: a compiled step then sees the same shapes
+        whichever stages a run uses (a stage outside `names` costs a few columns, no more)."""
+        key, every = tuple(names), self._every_lora
+        if key not in self._lora_banks:
+            order = list(self.stages)
+            self._lora_banks[key] = (None if every is None else
+                                     every.renumbered([order.index(n) for n in names]))
+        return self._lora_banks[key]
+
+    @cached_property
+    def _every_lora(self) -> LoraBank | None:
+        """The deltas of every lora stage, by the engine's order of stages (None: none)."""
+        with torch.no_grad():
+            return LoraBank.of([s.lora_weights for s in self.stages.values()], self.base.dtype,
+                               self.base.device)
 
     def run(self, requests: list[ChainSample], mode: str = "shared",
             sampling: SamplingConfig | None = None, step_input: StepInput | None = None,
@@ -165,7 +186,7 @@ class ChainEngine:
         shared_cache = None
         if mode == "shared":
             shared_cache = ChainCache(self.base, self.prompt_caches(names), len(rows),
-                                      self.decode_step)
+                                      self.decode_step, self.lora_bank(names))
         held: dict[str, ChainCache] = {}  # text mode: each stage's latest cache
         started = time.perf_counter()  # step 0's clock includes encoding the shared content
         for row in rows:
@@ -182,7 +203,7 @@ class ChainEngine:
             else:  # a fresh cache with the prompts of this step's stages only
                 step_names = list(dict.fromkeys(row.request.steps[k].stage for row in active))
                 cache = ChainCache(self.base, self.prompt_caches(step_names), len(rows),
-                                   self.decode_step)
+                                   self.decode_step, self.lora_bank(step_names))
                 cache_ids = {name: i for i, name in enumerate(step_names)}
                 held.update({name: cache for name in step_names})
             chunks = {id(row): self._step_chunk(row, k, mode, cache_ids) for row in active}
@@ -219,10 +240,10 @@ class ChainEngine:
 
     def _causal_prompt(self, names: list[str]) -> torch.Tensor | None:
         """Text mode: the prompt embeddings to re-encode with the step's text on the causal
-        path (`ChainCache.append_causal`), when every row runs the same prompt-kind stage. A
+        path (`ChainCache.append_causal`), when every row runs the same prompt or lora stage. A
         prefix stage's prompt is K/V, not embeddings, and rows of different stages each see
         their own prompt only: those take the masked path (same logits, more work)."""
-        if len(names) != 1 or self.stages[names[0]].config.kind != "prompt":
+        if len(names) != 1 or self.stages[names[0]].config.kind == "prefix":
             return None
         return self.stages[names[0]].weight.detach()
 

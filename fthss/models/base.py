@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from fthss.models.lora import LoraRouting, Route
+
 # Attention implementations that apply a caller's 4D mask as given. FlashAttention kernels only
 # know causal and padding masks, so they cannot express the cascade.
 MASKABLE_ATTENTION = {"sdpa", "eager"}
@@ -136,16 +138,24 @@ class BaseModel:
         names = inspect.signature(self.model.forward).parameters
         return "cache" if "cache" in names else "past_key_values"
 
+    @cached_property
+    def lora(self) -> LoraRouting:
+        """The per-token LoRA routing of `lora` stages (hooks installed at first use)."""
+        return LoraRouting(self.model)
+
     def forward(self, cache, position_ids: torch.Tensor, *, input_ids=None, inputs_embeds=None,
-                attention_mask=None, logits: bool = True, logits_at: torch.Tensor | None = None):
+                attention_mask=None, logits: bool = True, logits_at: torch.Tensor | None = None,
+                route: Route | None = None):
         """One forward that appends to `cache`; returns logits (at the sequence indices
-        `logits_at` only, if given), or nothing for `logits=False` (prompt caches)."""
+        `logits_at` only, if given), or nothing for `logits=False` (prompt caches). `route`:
+        each token through the LoRA deltas of the stage that owns it (`fthss.models.lora`)."""
         module = self.model if logits else self.model.base_model
         extra = {self._cache_argument: cache}
         if logits and logits_at is not None:
             extra["logits_to_keep"] = logits_at
-        out = module(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
-                     attention_mask=attention_mask, use_cache=True, **extra)
+        out = self.lora.run(route, module, input_ids=input_ids, inputs_embeds=inputs_embeds,
+                            position_ids=position_ids, attention_mask=attention_mask,
+                            use_cache=True, **extra)
         return out.logits if logits else None
 
     def attention_mask(self, visible: torch.Tensor) -> torch.Tensor:

@@ -1,19 +1,30 @@
-"""Stages on disk, in PEFT's adapter format plus one file of fthss's own.
+"""Stages on disk, in PEFT's adapter format plus files of fthss's own.
 
-    adapter_config.json         PEFT's config: PROMPT_TUNING (a `prompt` stage) or PREFIX_TUNING
-                                with prefix_projection false (a `prefix` stage)
-    adapter_model.safetensors   `prompt_embeddings`: [N, hidden] or [N, layers*2*kv_heads*head_dim]
+    adapter_config.json         PEFT's config: PROMPT_TUNING (a `prompt` stage), PREFIX_TUNING
+                                with prefix_projection false (a `prefix` stage) or LORA (a
+                                `lora` stage: r, lora_alpha, target_modules)
+    adapter_model.safetensors   `prompt_embeddings`: [N, hidden] or [N, layers*2*kv_heads*head_dim];
+                                for a lora stage PEFT's keys instead,
+                                `base_model.model.<module path>.lora_A.weight` [r, in] and
+                                `...lora_B.weight` [out, r]
+    fthss_prompt.safetensors    a lora stage's soft prompt, when it has one (`prompt_embeddings`,
+                                [N, hidden]): PEFT's LORA cannot hold it, and ignores the file
     fthss_stage.json            name, kind, init, and the base model's fingerprint
 
-PEFT loads such a folder unchanged, and a PEFT prompt-learning adapter loads as a stage (its
-base cannot then be checked beyond shapes). That includes PREFIX_TUNING with
-prefix_projection true: PEFT saves such a prefix already projected, so it loads as a plain
-prefix. Only safetensors are read: no pickle runs.
+PEFT loads such a folder unchanged, and a PEFT prompt-learning, LoRA or activated-LoRA (aLoRA)
+adapter loads as a stage (its base cannot then be checked beyond shapes). That includes
+PREFIX_TUNING with prefix_projection true: PEFT saves such a prefix already projected, so it
+loads as a plain prefix. A LoRA adapter's layers are read from its weights' keys, so any
+`target_modules` spelling and `layers_to_transform` load (a layer it leaves alone gets zero
+deltas); what a stage cannot compute per token is refused (DoRA, rsLoRA, biases, per-module
+ranks or alphas, modules other than attention and MLP projections). Only safetensors are read:
+no pickle runs.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -23,10 +34,22 @@ from safetensors.torch import load_file
 
 from fthss.atomic import atomic_save_safetensors, atomic_write_text
 from fthss.models.base import BaseModel
+from fthss.models.lora import LORA_TARGETS, LoraShapeError, module_paths
 from fthss.prompts.stage import Stage, StageConfig, prefix_width
 
 CONFIG, WEIGHTS, FTHSS_FILE = "adapter_config.json", "adapter_model.safetensors", "fthss_stage.json"
-PEFT_TYPES = {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}
+PROMPT_FILE = "fthss_prompt.safetensors"
+PEFT_TYPES = {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "lora": "LORA"}
+# PEFT's key of one LoRA factor: base_model.model.<path>.lora_A.weight, <path> ending in
+# layers.<i>.<...>.<target name>
+_LORA_KEY = re.compile(r"^base_model\.model\.(?:.+\.)?layers\.(\d+)\.(?:.+\.)?(\w+)"
+                       r"\.lora_([AB])\.weight$")
+# LoraConfig settings a stage cannot honour (per-token routing of plain low-rank deltas), with
+# the value they must have; a missing one takes PEFT's default, which is this value.
+_LORA_PLAIN = {"use_dora": False, "use_rslora": False, "bias": "none", "lora_bias": False,
+               "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
+               "modules_to_save": None, "trainable_token_indices": None,
+               "target_parameters": None, "layer_replication": None}
 
 
 class StageLoadError(ValueError):
@@ -38,31 +61,58 @@ def save_stage(stage: Stage, directory: str | Path, base: BaseModel) -> Path:
     stage.check_fits(base)
     directory = Path(directory)
     kind, n = stage.config.kind, stage.num_virtual_tokens
-    common = {
+    peft_config = {
         "task_type": "CAUSAL_LM", "peft_type": PEFT_TYPES[kind], "auto_mapping": None,
         "base_model_name_or_path": getattr(base.config, "_name_or_path", None) or None,
-        "revision": None, "inference_mode": True, "num_virtual_tokens": n,
-        "num_transformer_submodules": 1, "num_layers": base.num_layers, "modules_to_save": None,
-    }
-    if kind == "prompt":
-        specific = {"token_dim": base.hidden_size,
-                    "num_attention_heads": base.config.num_attention_heads,
-                    # RANDOM: PEFT then needs no tokenizer to load it; the real init is ours
-                    "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
-                    "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
-    else:  # PEFT's GQA convention: one "head" per KV head
-        width = base.num_kv_heads * base.head_dim
-        specific = {"token_dim": width, "num_attention_heads": base.num_kv_heads,
-                    "encoder_hidden_size": width, "prefix_projection": False,
-                    "init_weights": None}
+        "revision": None, "inference_mode": True, **_peft_specific(stage, base)}
     ours = {"format": "fthss-stage", "version": 1, "name": stage.name, "kind": kind,
             "num_virtual_tokens": n, "init": stage.config.init,
             "init_text": stage.config.init_text, "base": base.fingerprint}
-    atomic_save_safetensors({"prompt_embeddings": stage.current_weight.detach().float().cpu()},
-                            directory / WEIGHTS)
-    atomic_write_text(directory / CONFIG, json.dumps({**common, **specific}, indent=2))
+    prompt = {"prompt_embeddings": stage.current_weight.detach().float().cpu()}
+    if kind == "lora":
+        atomic_save_safetensors(_lora_tensors(stage, base), directory / WEIGHTS)
+        if n:
+            atomic_save_safetensors(prompt, directory / PROMPT_FILE)
+        else:  # a stale prompt from an earlier save would load with this stage
+            (directory / PROMPT_FILE).unlink(missing_ok=True)
+    else:
+        atomic_save_safetensors(prompt, directory / WEIGHTS)
+    atomic_write_text(directory / CONFIG, json.dumps(peft_config, indent=2))
     atomic_write_text(directory / FTHSS_FILE, json.dumps(ours, indent=2))
     return directory
+
+
+def _peft_specific(stage: Stage, base: BaseModel) -> dict:
+    """The kind's own fields of PEFT's config."""
+    config = stage.config
+    if config.kind == "lora":
+        return {"r": config.lora_rank, "lora_alpha": config.lora_alpha,
+                "target_modules": sorted(config.lora_targets), "lora_dropout": 0.0,
+                "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+                **_LORA_PLAIN}
+    prompt_learning = {"num_virtual_tokens": config.num_virtual_tokens,
+                       "num_transformer_submodules": 1, "num_layers": base.num_layers,
+                       "modules_to_save": None}
+    if config.kind == "prompt":
+        return {**prompt_learning, "token_dim": base.hidden_size,
+                "num_attention_heads": base.config.num_attention_heads,
+                # RANDOM: PEFT then needs no tokenizer to load it; the real init is ours
+                "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
+                "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
+    width = base.num_kv_heads * base.head_dim  # PEFT's GQA convention: one "head" per KV head
+    return {**prompt_learning, "token_dim": width, "num_attention_heads": base.num_kv_heads,
+            "encoder_hidden_size": width, "prefix_projection": False, "init_weights": None}
+
+
+def _lora_tensors(stage: Stage, base: BaseModel) -> dict[str, torch.Tensor]:
+    """A lora stage's factors under PEFT's keys, one [r, in] / [out, r] pair per module."""
+    tensors = {}
+    for (layer, name), path in module_paths(base.model).items():
+        if name in stage.lora_A:
+            key = f"base_model.model.{path}"
+            tensors[f"{key}.lora_A.weight"] = stage.lora_A[name][layer].detach().float().cpu().clone()
+            tensors[f"{key}.lora_B.weight"] = stage.lora_B[name][layer].detach().float().cpu().clone()
+    return tensors
 
 
 def _read_json(path: Path) -> dict:
@@ -80,29 +130,36 @@ def _read_json(path: Path) -> dict:
 def load_stage(directory: str | Path, base: BaseModel | None = None,
                name: str | None = None) -> Stage:
     """The stage saved in `directory` (by fthss or by PEFT). With `base`, also check that it
-    was made for that base: its width always, its fingerprint when fthss_stage.json is there."""
+    was made for that base: its shapes always, its fingerprint when fthss_stage.json is there."""
     directory = Path(directory)
     if not directory.is_dir():
         raise StageLoadError(f"{directory}: no such stage folder")
     config = _read_json(directory / CONFIG)
     kind = _kind(directory / CONFIG, config)
     ours = _read_ours(directory / FTHSS_FILE) if (directory / FTHSS_FILE).is_file() else None
-    weight = _read_weight(directory, config, kind)
+    lora, settings = _read_lora(directory, config, base) if kind == "lora" else (None, {})
+    if lora is None:
+        weight = _read_weight(directory, config, kind)
+    elif (directory / PROMPT_FILE).exists():
+        weight = _prompt_embeddings(directory / PROMPT_FILE)
+    else:  # no soft prompt: N = 0
+        weight = torch.zeros(0, base.hidden_size if base is not None else _lora_width(lora))
     n = weight.shape[0]
     if ours is not None and (ours.get("kind"), ours.get("num_virtual_tokens")) != (kind, n):
+        holds = f"{PROMPT_FILE} (or its absence)" if lora else WEIGHTS
         raise StageLoadError(f"{directory / FTHSS_FILE}: says kind {ours.get('kind')} with "
                              f"{ours.get('num_virtual_tokens')} tokens, but {CONFIG} and "
-                             f"{WEIGHTS} hold a {kind} stage of {n}")
+                             f"{holds} hold a {kind} stage of {n}")
     meta = ours or {}  # a plain PEFT adapter: named after its folder, random init
     try:  # a folder name or a hand-edited file can break StageConfig's rules
         stage_config = StageConfig(name or meta.get("name") or directory.name, kind, n,
-                                   meta.get("init", "random"), meta.get("init_text"))
+                                   meta.get("init", "random"), meta.get("init_text"), **settings)
     except ValueError as err:
         source = ("the name given" if name else FTHSS_FILE if meta.get("name") else "folder name")
         if not str(err).startswith("stage name"):  # init or init_text: only ours sets those
             source = FTHSS_FILE
         raise StageLoadError(f"{directory}: {err} (from {source})") from err
-    stage = Stage(stage_config, weight)
+    stage = Stage(stage_config, weight, lora)
     if base is not None:
         _check_base(directory, stage, base, ours)
     return stage
@@ -112,16 +169,89 @@ def _kind(path: Path, config: dict) -> str:
     kind = {v: k for k, v in PEFT_TYPES.items()}.get(config.get("peft_type"))
     if kind is None:
         raise StageLoadError(f"{path}: peft_type {config.get('peft_type')!r} is not a stage "
-                             "(expected PROMPT_TUNING or PREFIX_TUNING)")
+                             "(expected PROMPT_TUNING, PREFIX_TUNING or LORA)")
+    if kind == "lora":
+        return kind
     # Encoder-decoder adapters hold one prompt per submodule (2N rows): not a decoder's stage.
     if config.get("num_transformer_submodules", 1) not in (None, 1):
         raise StageLoadError(f"{path}: num_transformer_submodules is "
                              f"{config['num_transformer_submodules']}; fthss needs 1 "
                              "(decoder-only)")
     n = config.get("num_virtual_tokens")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    if not _positive(n, int):
         raise StageLoadError(f"{path}: num_virtual_tokens must be a positive integer, not {n!r}")
     return kind
+
+
+def _positive(value, kind: type) -> bool:
+    """`value` is a positive `kind` (an int also counts as a float; a bool never counts)."""
+    types = (int, float) if kind is float else (int,)
+    return isinstance(value, types) and not isinstance(value, bool) and value > 0
+
+
+def _read_lora(directory: Path, config: dict, base: BaseModel | None
+               ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+    """A LoRA adapter's factors as a stage holds them, {target: (A [layers, r, in],
+    B [layers, out, r])}, and its StageConfig settings. The layers and targets are the weights'
+    keys (whatever `target_modules` says); a layer the adapter leaves alone gets zeros."""
+    path, weights = directory / CONFIG, directory / WEIGHTS
+    for field, plain in _LORA_PLAIN.items():
+        value = config.get(field, plain)
+        if value != plain and (value or plain):  # None, {} and [] all say "none"
+            raise StageLoadError(f"{path}: {field} is {value!r}; a stage holds plain LoRA "
+                                 f"deltas only ({field} {plain!r})")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if not _positive(rank, int) or not _positive(alpha, float):
+        raise StageLoadError(f"{path}: r must be a positive integer and lora_alpha a positive "
+                             f"number, not {rank!r} and {alpha!r}")
+    factors: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for key, tensor in _read_tensors(weights).items():
+        match = _LORA_KEY.match(key)
+        if match is None or match.group(2) not in LORA_TARGETS:
+            raise StageLoadError(f"{weights}: tensor {key!r} is not a LoRA factor of a decoder "
+                                 f"layer's {'/'.join(LORA_TARGETS)}")
+        layer, target, factor = int(match.group(1)), match.group(2), match.group(3)
+        factors.setdefault(target, {}).setdefault(layer, {})[factor] = tensor
+    if not factors:
+        raise StageLoadError(f"{weights}: no LoRA factors")
+    layers = base.num_layers if base is not None else 1 + max(max(f) for f in factors.values())
+    lora = {}
+    for target in sorted(factors, key=LORA_TARGETS.index):
+        lora[target] = _stacked(weights, target, factors[target], layers, rank)
+    targets = tuple(lora)
+    return lora, {"lora_rank": rank, "lora_alpha": float(alpha), "lora_targets": targets}
+
+
+def _stacked(weights: Path, target: str, by_layer: dict[int, dict[str, torch.Tensor]],
+             layers: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One target's per-layer factors stacked to A [layers, r, in], B [layers, out, r]."""
+    first = by_layer[min(by_layer)]
+    if set(first) != {"A", "B"}:
+        raise StageLoadError(f"{weights}: layer {min(by_layer)}'s {target} has lora_"
+                             f"{''.join(first)} only")
+    a = torch.zeros(layers, rank, first["A"].shape[-1])
+    b = torch.zeros(layers, first["B"].shape[0], rank)
+    for layer, pair in by_layer.items():
+        if layer >= layers:
+            raise StageLoadError(f"{weights}: {target} of layer {layer}, but the base has "
+                                 f"{layers} layers")
+        if set(pair) != {"A", "B"} or tuple(pair["A"].shape) != tuple(a.shape[1:]) or \
+                tuple(pair["B"].shape) != tuple(b.shape[1:]):
+            raise StageLoadError(
+                f"{weights}: layer {layer}'s {target} factors are "
+                + ", ".join(f"lora_{f} {tuple(t.shape)}" for f, t in sorted(pair.items()))
+                + f"; expected lora_A {tuple(a.shape[1:])} and lora_B {tuple(b.shape[1:])} "
+                f"(r = {rank} in {CONFIG})")
+        if not (torch.isfinite(pair["A"]).all() and torch.isfinite(pair["B"]).all()):
+            raise StageLoadError(f"{weights}: layer {layer}'s {target} holds NaN or inf values")
+        a[layer], b[layer] = pair["A"], pair["B"]
+    return a, b
+
+
+def _lora_width(lora: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """The hidden size, as the factors show it: every target reads or writes the residual."""
+    name, (a, b) = next(iter(lora.items()))
+    return b.shape[1] if name in ("o_proj", "down_proj") else a.shape[2]
 
 
 def _read_ours(path: Path) -> dict:
@@ -133,22 +263,39 @@ def _read_ours(path: Path) -> dict:
     return ours
 
 
-def _read_weight(directory: Path, config: dict, kind: str) -> torch.Tensor:
-    path = directory / WEIGHTS
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a missing, pickled or broken one is refused."""
     if not path.is_file():
-        pickled = directory / "adapter_model.bin"
+        pickled = path.with_name("adapter_model.bin")
         why = (f"; {pickled.name} exists but pickle files are not loaded (they can run code): "
-               "convert it to safetensors" if pickled.is_file() else "")
+               "convert it to safetensors" if path.name == WEIGHTS and pickled.is_file() else "")
         raise StageLoadError(f"{path}: missing{why}")
     try:
-        tensors = load_file(path)
+        return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise StageLoadError(f"{path}: unreadable or truncated safetensors file ({err})") from err
+
+
+def _prompt_embeddings(path: Path) -> torch.Tensor:
+    """The `prompt_embeddings` tensor of `path`: 2-D and finite."""
+    tensors = _read_tensors(path)
     if "prompt_embeddings" not in tensors:
         raise StageLoadError(f"{path}: no 'prompt_embeddings' tensor (found {sorted(tensors)})")
     weight = tensors["prompt_embeddings"]
+    if weight.ndim != 2:
+        raise StageLoadError(f"{path}: prompt_embeddings has shape {tuple(weight.shape)}, not "
+                             "[tokens, width]")
+    if not torch.isfinite(weight).all():
+        raise StageLoadError(f"{path}: prompt_embeddings holds NaN or inf values")
+    return weight
+
+
+def _read_weight(directory: Path, config: dict, kind: str) -> torch.Tensor:
+    """A prompt or prefix stage's weight, checked against PEFT's config."""
+    path = directory / WEIGHTS
+    weight = _prompt_embeddings(path)
     n = config["num_virtual_tokens"]
-    if weight.ndim != 2 or weight.shape[0] != n:
+    if weight.shape[0] != n:
         raise StageLoadError(f"{path}: prompt_embeddings has shape {tuple(weight.shape)}, but "
                              f"{CONFIG} says num_virtual_tokens={n}")
     # PEFT's layout: token_dim per virtual token, times layers*2 for a prefix (K and V).
@@ -167,18 +314,23 @@ def _read_weight(directory: Path, config: dict, kind: str) -> torch.Tensor:
             how = "token_dim" if kind == "prompt" else "num_layers*2*token_dim"
             raise StageLoadError(f"{path}: prompt_embeddings has width {weight.shape[1]}, but "
                                  f"{CONFIG} says {how}={width}")
-    if not torch.isfinite(weight).all():
-        raise StageLoadError(f"{path}: prompt_embeddings holds NaN or inf values")
     return weight
 
 
 def _check_base(directory: Path, stage: Stage, base: BaseModel, ours: dict | None) -> None:
-    expected = base.hidden_size if stage.config.kind == "prompt" else prefix_width(base)
+    prefix = stage.config.kind == "prefix"
+    expected = prefix_width(base) if prefix else base.hidden_size
     if stage.weight.shape[1] != expected:
-        what = "hidden_size" if stage.config.kind == "prompt" else "layers*2*kv_heads*head_dim"
-        raise StageLoadError(f"{directory / WEIGHTS}: width {stage.weight.shape[1]} does not fit "
+        what = "layers*2*kv_heads*head_dim" if prefix else "hidden_size"
+        path = directory / (PROMPT_FILE if stage.config.kind == "lora" else WEIGHTS)
+        raise StageLoadError(f"{path}: width {stage.weight.shape[1]} does not fit "
                              f"this base (a {stage.config.kind} stage needs its {what} = "
                              f"{expected})")
+    if stage.lora_weights is not None:
+        try:
+            stage.lora_weights.check_fits(base.model, "LoRA factors")
+        except LoraShapeError as err:
+            raise StageLoadError(f"{directory / WEIGHTS}: {err}") from err
     if ours is None:
         warnings.warn(f"{directory}: a PEFT adapter without {FTHSS_FILE}; only its shapes can "
                       "be checked against the base", stacklevel=3)

@@ -1,6 +1,6 @@
-"""Stages: named soft prompts on the frozen base, each ending up as a prompt cache.
+"""Stages: named soft prompts (and LoRA deltas) on the frozen base.
 
-Two kinds (DESIGN.md, "Vocabulary"):
+Three kinds (docs/design.md, "Vocabulary" and "Stage kind lora"):
 - `prompt`: N input-level embeddings (PEFT's PROMPT_TUNING). Its prompt cache is the base's K/V
   for those embeddings, placed at positions C-N ... C-1.
 - `prefix`: a learned K/V per layer (P-Tuning v2, PEFT's PREFIX_TUNING without projection). Its
@@ -8,8 +8,12 @@ Two kinds (DESIGN.md, "Vocabulary"):
   chain's C is larger (a longer prompt in the chain), the keys are rotated by C - N, so that the
   prefix keeps the same offset to the content whatever chain it runs in: without this, a prefix
   stage would answer differently alone and beside a stage with a longer prompt.
-Both are stored in PEFT's layout, so one weight tensor per stage:
-`[N, hidden]` for a prompt, `[N, layers * 2 * kv_heads * head_dim]` for a prefix.
+- `lora`: low-rank deltas on the base's linear layers (attention and MLP by default), applied
+  only to the tokens the stage owns (`fthss.models.lora`), and optionally N input-level
+  embeddings as a `prompt` stage has (N may be 0), computed under the deltas.
+The prompt or prefix is one weight tensor in PEFT's layout: `[N, hidden]` for a prompt (a lora
+stage's too), `[N, layers * 2 * kv_heads * head_dim]` for a prefix. A lora stage's deltas are
+`lora_A[name]` `[layers, r, in]` and `lora_B[name]` `[layers, out, r]` per target name.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from transformers import DynamicCache
 
 from fthss.layout.chain import is_stage_name
 from fthss.models.base import BaseModel
+from fthss.models.lora import LORA_TARGETS, LoraBank, LoraWeights, Route, target_layers
 
-KINDS = ("prompt", "prefix")
+KINDS = ("prompt", "prefix", "lora")
 INITS = ("random", "vocab", "text")
 
 # One layer's (keys, values), each [batch, kv_heads, tokens, head_dim].
@@ -33,11 +38,20 @@ LayerKV = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class StageConfig:
+    """What a stage is. `num_virtual_tokens`: N (>= 1; a lora stage may have 0). `init`: how a
+    new prompt starts: random (scaled to the embedding table), vocab (embeddings of random
+    tokens) or text (`init_text`'s embeddings, repeated). The `lora_*` fields are the lora
+    kind's: rank r, alpha (the deltas are scaled by alpha / r, as in PEFT) and the target
+    module names."""
+
     name: str
-    kind: Literal["prompt", "prefix"] = "prompt"
+    kind: Literal["prompt", "prefix", "lora"] = "prompt"
     num_virtual_tokens: int = 100
     init: Literal["random", "vocab", "text"] = "random"
     init_text: str | None = None
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self):
         if not is_stage_name(self.name):
@@ -48,8 +62,17 @@ class StageConfig:
             raise ValueError(f"stage {self.name}: init must be one of {INITS}, not {self.init!r}")
         if self.init == "text" and not self.init_text:
             raise ValueError(f"stage {self.name}: init 'text' needs init_text")
-        if self.num_virtual_tokens < 1:
-            raise ValueError(f"stage {self.name}: num_virtual_tokens must be >= 1")
+        least = 0 if self.kind == "lora" else 1
+        if self.num_virtual_tokens < least:
+            raise ValueError(f"stage {self.name}: num_virtual_tokens must be >= {least}")
+        self.lora_targets = tuple(self.lora_targets)
+        if self.kind == "lora":
+            if self.lora_rank < 1 or not self.lora_alpha > 0:
+                raise ValueError(f"stage {self.name}: lora_rank must be >= 1 and lora_alpha > 0")
+            unknown = set(self.lora_targets) - set(LORA_TARGETS)
+            if unknown or not self.lora_targets:
+                raise ValueError(f"stage {self.name}: lora_targets must be some of "
+                                 f"{LORA_TARGETS}, not {sorted(unknown) or 'none'}")
 
 
 def prefix_width(base: BaseModel) -> int:
@@ -57,14 +80,37 @@ def prefix_width(base: BaseModel) -> int:
 
 
 class Stage(torch.nn.Module):
-    def __init__(self, config: StageConfig, weight: torch.Tensor):
+    """A stage: `weight` (the prompt or prefix, `[N, width]`, fp32 whatever the base) and, for
+    the lora kind, `lora` = {target name: (A `[layers, r, in]`, B `[layers, out, r]`)}."""
+
+    def __init__(self, config: StageConfig, weight: torch.Tensor,
+                 lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
         super().__init__()
         if weight.ndim != 2 or weight.shape[0] != config.num_virtual_tokens:
             raise ValueError(f"stage {config.name}: weight of shape {tuple(weight.shape)} does "
                              f"not hold {config.num_virtual_tokens} virtual tokens")
+        if (config.kind == "lora") != (lora is not None):
+            raise ValueError(f"stage {config.name}: LoRA weights go with the lora kind only")
         self.config = config
         self.weight = torch.nn.Parameter(weight.float())  # trained in fp32 whatever the base
         self.reparam: PrefixMLP | None = None
+        self.lora_A, self.lora_B = torch.nn.ParameterDict(), torch.nn.ParameterDict()
+        for name, (a, b) in (lora or {}).items():
+            if a.ndim != 3 or b.ndim != 3 or a.shape[1] != config.lora_rank or \
+                    b.shape[2] != config.lora_rank or a.shape[0] != b.shape[0]:
+                raise ValueError(f"stage {config.name}: {name} deltas of shapes A "
+                                 f"{tuple(a.shape)}, B {tuple(b.shape)} are not [layers, r, in] "
+                                 f"and [layers, out, r] with r = {config.lora_rank}")
+            self.lora_A[name] = torch.nn.Parameter(a.float())
+            self.lora_B[name] = torch.nn.Parameter(b.float())
+
+    @property
+    def lora_weights(self) -> LoraWeights | None:
+        """The deltas as the routing takes them (None for prompt and prefix stages)."""
+        if self.config.kind != "lora":
+            return None
+        return LoraWeights(dict(self.lora_A), dict(self.lora_B),
+                           self.config.lora_alpha / self.config.lora_rank)
 
     @property
     def current_weight(self) -> torch.Tensor:
@@ -96,8 +142,12 @@ class Stage(torch.nn.Module):
     @classmethod
     def create(cls, config: StageConfig, base: BaseModel, seed: int = 0) -> Stage:
         """A new stage initialised as `config.init` says. A prefix starts as the prompt cache
-        of the prompt-kind stage with the same initialisation."""
-        embeddings = _initial_embeddings(config, base, torch.Generator().manual_seed(seed))
+        of the prompt-kind stage with the same initialisation. LoRA deltas start as PEFT's do
+        (A Kaiming-uniform, B zero): a new lora stage computes what the base computes."""
+        generator = torch.Generator().manual_seed(seed)
+        embeddings = _initial_embeddings(config, base, generator)
+        if config.kind == "lora":
+            return cls(config, embeddings, _initial_lora(config, base, generator))
         prompt = cls(StageConfig(config.name, "prompt", config.num_virtual_tokens), embeddings)
         if config.kind == "prompt":
             return cls(config, embeddings)
@@ -117,11 +167,15 @@ class Stage(torch.nn.Module):
         return load_stage(directory, base, name)
 
     def check_fits(self, base: BaseModel) -> None:
-        expected = base.hidden_size if self.config.kind == "prompt" else prefix_width(base)
+        """Raises ValueError unless the stage's shapes are the base's."""
+        prefix = self.config.kind == "prefix"
+        expected = prefix_width(base) if prefix else base.hidden_size
         if self.weight.shape[1] != expected:
-            what = "hidden size" if self.config.kind == "prompt" else "layers*2*kv_heads*head_dim"
+            what = "layers*2*kv_heads*head_dim" if prefix else "hidden size"
             raise ValueError(f"stage {self.name} ({self.config.kind}) has width "
                              f"{self.weight.shape[1]} but the base's {what} is {expected}")
+        if self.lora_weights is not None:
+            self.lora_weights.check_fits(base.model, f"stage {self.name}")
 
     def prompt_cache(self, base: BaseModel, first_position: int) -> list[LayerKV]:
         """Per-layer K/V of this stage's prompt, batch 1, in the base's dtype. Differentiable:
@@ -138,10 +192,20 @@ class Stage(torch.nn.Module):
                     for i in range(base.num_layers)]
         if first_position < n:
             raise ValueError(f"stage {self.name}: first content position {first_position} < N={n}")
+        if n == 0:  # a lora stage without a prompt
+            empty = weight.new_zeros(1, base.num_kv_heads, 0, base.head_dim)
+            return [(empty, empty)] * base.num_layers
         cache = DynamicCache()
         positions = torch.arange(first_position - n, first_position, device=base.device)
-        base.forward(cache, positions[None], inputs_embeds=weight[None], logits=False)
+        base.forward(cache, positions[None], inputs_embeds=weight[None], logits=False,
+                     route=self.own_route(base, n))
         return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def own_route(self, base: BaseModel, tokens: int) -> Route | None:
+        """`tokens` tokens of one row, all owned by this stage (its deltas; None without)."""
+        bank = LoraBank.of([self.lora_weights], base.dtype, base.device)
+        owners = torch.zeros(1, tokens, dtype=torch.long, device=base.device)
+        return None if bank is None else Route(bank, owners)
 
 
 class PrefixMLP(torch.nn.Module):
@@ -161,9 +225,28 @@ class PrefixMLP(torch.nn.Module):
         return self.mlp(self.embedding)
 
 
+def _initial_lora(config: StageConfig, base: BaseModel, generator: torch.Generator
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT's initialisation: A as nn.Linear's default (Kaiming-uniform, a = sqrt(5)), B zero."""
+    layers = target_layers(base.model)
+    missing = [name for name in config.lora_targets if name not in layers]
+    if missing:
+        raise ValueError(f"stage {config.name}: the base has no {missing} layers")
+    lora = {}
+    for name in config.lora_targets:
+        linear = layers[name][0]
+        a = torch.empty(len(layers[name]), config.lora_rank, linear.in_features)
+        for layer in a:
+            torch.nn.init.kaiming_uniform_(layer, a=math.sqrt(5), generator=generator)
+        lora[name] = (a, torch.zeros(len(layers[name]), linear.out_features, config.lora_rank))
+    return lora
+
+
 def _initial_embeddings(config: StageConfig, base: BaseModel, generator: torch.Generator):
     table = base.model.get_input_embeddings().weight.detach().float().cpu()
     n = config.num_virtual_tokens
+    if n == 0:
+        return table.new_zeros(0, table.shape[1])
     if config.init == "random":
         return torch.randn(n, table.shape[1], generator=generator) * table.std()
     if config.init == "vocab":

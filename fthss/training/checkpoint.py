@@ -143,7 +143,9 @@ def enable_layer_recompute(base) -> None:
         def recomputed(*args, _forward=forward, **kwargs):
             if not torch.is_grad_enabled():
                 return _forward(*args, **kwargs)
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            # the backward pass recomputes the layer after the routed forward has returned:
+            # bind the lora stages' route in effect now, or the recompute would differ
+            return checkpoint(base.lora.bound(_forward), *args, use_reentrant=False, **kwargs)
 
         layer.forward = recomputed
         layer._fthss_recompute = True

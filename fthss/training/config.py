@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 @dataclass
 class TrainConfig:
     learning_rate: float = 2e-4
+    lora_learning_rate: float | None = None  # lora stages' deltas (None: learning_rate)
     epochs: float = 3.0
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     micro_batch_size: int = 1  # sequences per process per forward
@@ -26,6 +27,7 @@ class TrainConfig:
 
     def __post_init__(self):
         positive = {"learning_rate": self.learning_rate, "epochs": self.epochs,
+                    "lora_learning_rate": self.lora_learning_rate or self.learning_rate,
                     "micro_batch_size": self.micro_batch_size,
                     "grad_accumulation": self.grad_accumulation}
         for name, value in positive.items():

@@ -28,6 +28,7 @@ from transformers import get_linear_schedule_with_warmup
 from fthss.engine.cache import ChainCache
 from fthss.layout.sequence import TokenChain, build_layout
 from fthss.models.base import BaseModel
+from fthss.models.lora import LoraBank
 from fthss.prompts.stage import Stage
 from fthss.training import checkpoint
 from fthss.training.config import TrainConfig
@@ -66,7 +67,10 @@ class StageSet(torch.nn.Module):
         ids = {n: i for i, n in enumerate(names)}
         layout = build_layout(chains, ids, [s.num_virtual_tokens for s in stages],
                               pad_id=base.tokenizer.pad_token_id or 0)
-        logits = ChainCache.forward_layout(base, prompts, layout)
+        lora = [s.lora_weights if s.name in self.trained or s.lora_weights is None
+                else s.lora_weights.detach() for s in stages]
+        bank = LoraBank.of(lora, base.dtype, base.device)
+        logits = ChainCache.forward_layout(base, prompts, layout, bank)
         labels = layout.labels({ids[n] for n in names if n in self.trained}).to(logits.device)
         token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                      labels[:, 1:].flatten(), reduction="none").view(len(chains), -1)
@@ -148,8 +152,13 @@ class Trainer:
         self.global_batch = config.micro_batch_size * world * config.grad_accumulation
         self.steps_per_epoch = math.ceil(len(chains) / self.global_batch)
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
-        params = [p for p in self.stage_set.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
+        params = [(n, p) for n, p in self.stage_set.named_parameters() if p.requires_grad]
+        lora = [p for n, p in params if ".lora_" in n]
+        groups = [{"params": [p for n, p in params if ".lora_" not in n]}]
+        if lora:  # deltas on the weights want a learning rate of their own (--lora-lr)
+            groups.append({"params": lora,
+                           "lr": config.lora_learning_rate or config.learning_rate})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, math.ceil(config.warmup_ratio * self.total_steps), self.total_steps)
