@@ -21,6 +21,7 @@ def demo(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # the quick demo, a few minutes
 def test_the_report_covers_every_task_method_and_measurement(demo):
     report = json.loads((demo / "report.json").read_text())
     assert [t["task"] for t in report["tasks"]] == ["compress_qa", "rewrite_qa",
@@ -45,6 +46,7 @@ def test_the_report_covers_every_task_method_and_measurement(demo):
         assert (demo / "stages" / "compress_qa" / method).is_dir()
 
 
+@pytest.mark.slow  # the quick demo, a few minutes
 def test_a_rerun_reuses_the_stages_and_refuses_other_settings(demo, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a rerun must not train again")
@@ -62,6 +64,7 @@ def test_a_damaged_settings_file_is_named(tmp_path):
         run_demo(TINY, tmp_path, device="cpu")
 
 
+@pytest.mark.slow  # the quick demo, a few minutes
 def test_adapt_trains_copies_of_the_stages_it_starts_from(demo, tmp_path):
     import torch
 
@@ -80,6 +83,7 @@ def test_adapt_trains_copies_of_the_stages_it_starts_from(demo, tmp_path):
     assert any(not torch.equal(b, s.weight) for b, s in zip(before, adapted))
 
 
+@pytest.mark.slow  # the quick demo, a few minutes
 def test_each_fthss_stage_gets_as_many_updates_as_in_the_chains_joint_phase(demo):
     def updates(task, method, phase):
         return len((demo / "stages" / task / method / f"train-{phase}" / "metrics.jsonl")

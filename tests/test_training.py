@@ -365,6 +365,7 @@ def test_cli_train_skips_bad_samples_when_asked(tmp_path, capsys):
 DDP_WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
+@pytest.mark.slow  # two processes under accelerate launch
 def test_two_process_ddp_matches_one_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     # --multi_gpu picks accelerate's torchrun launcher, which on a machine without GPUs starts

@@ -80,6 +80,7 @@ def test_splits_do_not_leak_and_tasks_read_them(built):
         assert ids("rewrite_qa", split) == ids("active_rag", split)
 
 
+@pytest.mark.slow  # pretrains a base
 def test_pretraining_instructions_come_from_train_splits_only(built):
     from transformers import AutoTokenizer
 
@@ -111,6 +112,7 @@ def test_the_tokenizer_round_trips_the_corpus(built):
     assert tokenizer.bos_token == "<s>" and tokenizer.eos_token == "</s>"
 
 
+@pytest.mark.slow  # pretrains a base
 def test_pretraining_a_small_base_lowers_its_loss_and_records_the_recipe(built, tmp_path, capsys):
     from fthss.models.base import BaseModel
 
@@ -257,6 +259,7 @@ def test_the_committed_bases_were_made_by_the_recipe_the_demo_runs_for_other_see
         assert recipe["selection"]["chosen"] == best["base"] and best["seed"] == seed, path
 
 
+@pytest.mark.slow  # pretrains a base
 def test_the_demo_pretrains_draws_of_both_phases_for_a_world_without_a_committed_base(
         built, tmp_path):
     """No committed base matches this world: the demo pretrains draws of the committed bases'
