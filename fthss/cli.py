@@ -155,7 +155,7 @@ def cmd_run(args) -> int:
 
 def cmd_train(args) -> int:
     from fthss.layout.chain import load_chains
-    from fthss.prompts.stage import Stage, StageConfig
+    from fthss.prompts.stage import Stage
     from fthss.training.config import TrainConfig
     from fthss.training.methods import method_view
     from fthss.training.run import train_method
@@ -263,7 +263,7 @@ def cmd_demo(args) -> int:
 
 def cmd_stage_create(args) -> int:
     from fthss.prompts.io import save_stage
-    from fthss.prompts.stage import Stage, StageConfig
+    from fthss.prompts.stage import Stage
 
     base = load_base(args)
     config = _stage_config(args, args.name)
