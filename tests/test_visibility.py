@@ -1,5 +1,5 @@
-"""The visibility rule, checked against DESIGN.md by hand-written masks and by perturbation:
-what a token may not see must not change its logits."""
+"""The visibility rule, checked against its statement in docs/design.md by hand-written masks
+and by perturbation: what a token may not see must not change its logits."""
 
 import torch
 from hypothesis import given, settings

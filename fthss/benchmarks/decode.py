@@ -2,9 +2,9 @@
 
 At batch 1 every decoded token reads each weight once and the whole K/V of its context once,
 so (weight bytes + KV bytes) / memory bandwidth is a floor on the time per token. The share of
-that floor a decode step reaches says how much speed is left (DESIGN.md, "Measured on an H100":
-~30 ms per token for a Python loop over the HF forward, ~9.6 ms compiled, floor ~5.4 ms for
-Llama-3-8B in bf16).
+that floor a decode step reaches says how much speed is left (docs/design.md, "Measured on an
+H100 before fthss": ~30 ms per token for a Python loop over the HF forward, ~9.6 ms compiled,
+floor ~5.4 ms for Llama-3-8B in bf16).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training hyper-parameters. Defaults are the paper's (DESIGN.md): lr 2e-4, 3 epochs, linear
+"""Training hyper-parameters. Defaults are the paper's (docs/design.md): lr 2e-4, 3 epochs, linear
 warm-up over 3% of the steps then linear decay, gradient accumulation 8, sequences up to 1224
 tokens, Adam without weight decay. Prompt parameters are fp32 whatever the base's dtype."""
 
