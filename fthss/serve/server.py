@@ -1,0 +1,66 @@
+"""Running an app on uvicorn with a drain: on SIGTERM (or Ctrl-C) the scheduler stops taking
+requests (new ones get 503, `/health` 503, so a load balancer moves on), every accepted request
+finishes and is answered, then the process exits 0. A second signal exits at once."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+import uvicorn
+from fastapi import FastAPI
+
+from fthss.serve.scheduler import Scheduler
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, draining the app's scheduler before it shuts down."""
+
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler):
+        super().__init__(config)
+        self.scheduler = scheduler
+        self.draining = False
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # a signal handler: only flags here, the event loop's tick does the work
+        if self.draining:
+            self.should_exit = self.force_exit = True
+        self.draining = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.draining and not self.should_exit:
+            self.scheduler.close()
+            self.should_exit = self.scheduler.idle  # answered: uvicorn sends the replies
+        return await super().on_tick(counter)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """As uvicorn's, but a drained server exits normally (0) instead of re-raising the
+        signal it caught."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
+          log_level: str = "info") -> None:
+    """Serve `app` (from `create_app`) until SIGTERM or Ctrl-C, then drain and return.
+
+    Args:
+        app: the app; its scheduler is drained on the first signal.
+        host: the interface to bind (127.0.0.1: this machine only).
+        port: the TCP port.
+        log_level: uvicorn's log level.
+    """
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=None)
+    DrainingServer(config, app.state.scheduler).run()
