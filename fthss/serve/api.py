@@ -5,9 +5,10 @@
 `{"id", "mode", "output", "steps": [{"stage", "output", "stats"}], "error"}`: 200 when the chain
 ran, 400 when the engine failed it alone (too long for the model or the cache budget; its
 batch-mates ran on), 500 when its batch failed. `"stream": true` answers with server-sent events
-instead: `tokens` (the step, its stage, the new text and token ids; sent at each of the engine's
-looks, i.e. after the first token and then every `check_every` tokens), `step` (a finished
-step: its output and stats) and finally `done` (the whole reply). `GET /health` answers 200
+instead: `tokens` (the step, its stage, the new token ids and the text they complete; sent at
+each of the engine's looks, i.e. after the first token and then every `check_every` tokens),
+`step` (a finished step: its output, authoritative, and stats) and finally `done` (the whole
+reply). `GET /health` answers 200
 while the scheduler runs and takes requests, `GET /metrics` the Prometheus metrics.
 
 Malformed bodies get 422 naming the field, bodies over `max_body_bytes` 413, a full queue or a
@@ -221,13 +222,16 @@ async def _events(job: Job, events: asyncio.Queue, scheduler: Scheduler, engine:
             if kind == "tokens":
                 step, ids = data
                 text, count = told.get(step, ("", 0))
-                new_text = engine.codec.decode(ids)
-                # a byte tokenizer may stop inside a character: wait for its other bytes
-                if new_text.endswith("\ufffd") or not new_text.startswith(text) or len(ids) == count:
+                if len(ids) == count:
                     continue
-                told[step] = new_text, len(ids)
+                decoded = engine.codec.decode(ids)
+                # the text is told once it is stable: a byte tokenizer may stop inside a
+                # character (decoded as U+FFFD until its other bytes come)
+                if decoded.endswith("\ufffd") or not decoded.startswith(text):
+                    decoded = text
+                told[step] = decoded, len(ids)
                 yield event("tokens", {"step": step, "stage": job.request.steps[step].stage,
-                                       "text": new_text[len(text):], "token_ids": ids[count:]})
+                                       "text": decoded[len(text):], "token_ids": ids[count:]})
             elif kind == "step":
                 step, result = data
                 yield event("step", {"step": step, "stage": result.stage,
