@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from conftest import get_base
 
 from fthss.cli import build_parser, main
@@ -26,6 +25,7 @@ from fthss.engine.sampling import SamplingConfig
 from fthss.layout.chain import chain_from_json
 from fthss.prompts.stage import Stage, StageConfig
 from fthss.serve import create_app
+from fthss.serve import running as live
 
 
 @pytest.fixture(scope="module")
@@ -49,22 +49,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def live(app):
-    """`app` on uvicorn in a background thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive()
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(scope="module")

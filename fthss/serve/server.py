@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 import uvicorn
@@ -64,3 +65,32 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=None)
     DrainingServer(config, app.state.scheduler).run()
+
+
+@contextlib.contextmanager
+def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
+            log_level: str = "warning") -> Iterator[str]:
+    """`app` served by uvicorn in a background thread of this process (tests, benchmarks).
+
+    Args:
+        app: the app to serve.
+        host: the interface to bind.
+        port: the TCP port; 0 takes a free one.
+        log_level: uvicorn's log level.
+
+    Yields:
+        The server's base URL; leaving the block stops it (replies in flight are sent).
+    """
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    thread = threading.Thread(target=server.run, name="fthss-uvicorn", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server did not start (see its log)")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join()
