@@ -1,7 +1,8 @@
-"""`fthss serve` against live servers (uvicorn on a free port, in a thread; a subprocess for
-SIGTERM) on tiny-llama: replies equal to `engine.run` alone, streaming, errors naming the field,
-a too-long request failing alone, 503 on a full queue, disconnects cancelling their own work,
-the bearer token, the body limit, metrics, the drain, and a load test."""
+"""`fthss serve` against live servers (uvicorn in a thread; subprocesses for SIGTERM and for two
+servers behind a client) on tiny-llama: replies equal to `engine.run` alone, streaming, errors
+naming the field, a too-long request failing alone, 503 on a full queue, disconnects cancelling
+their own work, the bearer token, the body limit, metrics, the drain, two processes behind
+`examples/serve_pool.py`, and a load test."""
 
 import asyncio
 import contextlib
@@ -294,6 +295,7 @@ def test_the_api_key_is_required_as_a_bearer_token(stages):
     with live(create_app(new_engine(stages), api_key="s3cret")) as base_url:
         post = f"{base_url}/v1/chains"
         assert httpx.post(post, json=request()).status_code == 401
+        assert httpx.post(post, json={"steps": 1}).status_code == 401  # not even validated
         wrong = httpx.post(post, json=request(), headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
         good = httpx.post(post, json=request(), headers={"Authorization": "Bearer s3cret"},
@@ -350,22 +352,32 @@ def test_the_command_binds_localhost_and_reads_the_key_from_the_env(stage_dirs, 
     assert client.post("/v1/chains", json=request()).status_code == 401
 
 
-def test_sigterm_drains_then_exits_0(stage_dirs):
-    """Accepted requests finish; a request after SIGTERM gets 503; the process exits 0."""
+@contextlib.contextmanager
+def server_process(stage_dirs: list[str], *options: str):
+    """`fthss serve` on tiny-llama in a subprocess; yields (process, base URL) once healthy."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fthss.cli", "serve", "--arch", "tiny-llama", "--device", "cpu",
-         "--stage", stage_dirs[0], "--stage", stage_dirs[1], "--port", str(port),
-         "--max-batch-size", "2", "--log-level", "warning"], env=env)
+    stages = [option for path in stage_dirs for option in ("--stage", path)]
+    process = subprocess.Popen([sys.executable, "-m", "fthss.cli", "serve", "--arch",
+                                "tiny-llama", "--device", "cpu", *stages, "--port", str(port),
+                                "--log-level", "warning", *options], env=env)
     base_url = f"http://127.0.0.1:{port}"
     try:
         def up():
-            assert process.poll() is None
+            assert process.poll() is None, "the server exited"
             with contextlib.suppress(httpx.TransportError):
                 return httpx.get(f"{base_url}/health").status_code == 200
         wait_for(up, timeout=120)
-        # 6 requests of 150 forced tokens per step, 2 per batch: a few seconds of work
+        yield process, base_url
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_sigterm_drains_then_exits_0(stage_dirs):
+    """Accepted requests finish; a request after SIGTERM gets 503; the process exits 0."""
+    with server_process(stage_dirs, "--max-batch-size", "2") as (process, base_url):
+        # 6 requests of 150 forced tokens, 2 per batch: a few seconds of work
         body = {"shared": "q", "steps": [{"stage": "A", "max_new_tokens": 150,
                                           "min_new_tokens": 150}]}
         accepted = [post_in_thread(base_url, {**body, "id": str(i)}) for i in range(6)]
@@ -380,9 +392,25 @@ def test_sigterm_drains_then_exits_0(stage_dirs):
             assert box["reply"].status_code == 200
             assert box["reply"].json()["steps"][0]["stats"]["decoded_tokens"] == 150
         assert process.wait(30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
+
+
+def test_two_server_processes_behind_the_example_client(stage_dirs, tmp_path):
+    """Beyond one device: one process each, `examples/serve_pool.py` spreading the requests;
+    every reply is what the request gives alone."""
+    from fthss.cli import load_stages
+
+    bodies = [request(i) for i in range(12)]
+    requests_file, replies_file = tmp_path / "requests.jsonl", tmp_path / "replies.jsonl"
+    requests_file.write_text("".join(json.dumps(b) + "\n" for b in bodies))
+    with server_process(stage_dirs) as (_, first), server_process(stage_dirs) as (_, second):
+        subprocess.run([sys.executable, str(Path(__file__).parents[1] / "examples/serve_pool.py"),
+                        "--server", first, "--server", second, "--input", str(requests_file),
+                        "--output", str(replies_file), "--concurrency", "4"], check=True)
+    replies = [json.loads(line) for line in replies_file.read_text().splitlines()]
+    assert {r["server"] for r in replies} == {first, second}
+    engine = ChainEngine(get_base("tiny-llama"), load_stages(stage_dirs, get_base("tiny-llama")))
+    for body, reply in zip(bodies, replies, strict=True):
+        assert_reply_equals(reply, alone(engine, body))
 
 
 def test_load_1000_requests_from_64_clients(stages, reference):

@@ -7,8 +7,9 @@ posting its next request (streamed, so time to first token is seen by the client
 its last reply is in, for `rounds` × `concurrency` requests per point. Per (mode, concurrency):
 requests/s, p50/p99 latency and time to first token as clients see them, the mean batch the
 server formed, stage B's median wall time inside the server, and the ceiling: `engine.run` on
-a batch of `concurrency` requests offline (whole chain, the same engine), of which the server
-reaches `share_of_offline`.
+a batch of `concurrency` requests offline (whole chain; measured just before each point, on an
+engine of its own with the same base and stages), of which the server reaches
+`share_of_offline`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import httpx
 from tqdm.auto import tqdm
 
 from fthss.benchmarks.chains import MODES, bench_engine, stage_b_request
+from fthss.engine.engine import ChainEngine
 from fthss.layout.chain import ChainSample, Step
 from fthss.models.base import BaseModel
 
@@ -103,30 +105,31 @@ def serve_throughput(base: BaseModel, concurrencies: list[int], intermediate_tok
                      generate_intermediate: bool = False, modes: tuple[str, ...] = MODES,
                      progress: bool = False, compile: bool = False) -> list[dict]:
     """One row per (mode, concurrency): the server's figures (`drive`), the mean batch it
-    formed, and the offline ceiling at batch = concurrency (measured first, on the same engine,
-    before the server's worker owns it). The server batches up to the largest concurrency."""
+    formed, and the offline ceiling at batch = concurrency, measured just before on an engine
+    of the same base and stages (the server's worker owns its own), so that a machine whose
+    load drifts slows both alike. The server batches up to the largest concurrency."""
     from fthss.serve import create_app, running
 
     request = bench_request(base, intermediate_tokens, new_tokens, prompt_tokens,
                             generate_intermediate)
     engine = bench_engine(base, ["A", "B"], prompt_tokens, max(concurrencies), compile)
-    cases = [(mode, c) for mode in modes for c in concurrencies]
-    ceiling = {case: offline_requests_per_s(engine, request, case[1], case[0], repeats)
-               for case in tqdm(cases, desc="offline ceiling", disable=not progress)}
+    offline_engine = ChainEngine(base, list(engine.stages.values()), batch_size=max(concurrencies),
+                                 compile=compile)
     app = create_app(engine, max_batch_size=max(concurrencies), max_wait_ms=max_wait_ms,
                      max_queue=max(concurrencies) * rounds)
     body = {**request.to_json(), "id": "bench"}
+    cases = [(mode, c) for mode in modes for c in concurrencies]
     rows = []
     with running(app) as base_url:
         for mode in modes:  # a warm-up request per mode
             asyncio.run(drive(base_url, {**body, "mode": mode}, 1, 1))
-        for mode, concurrency in tqdm(cases, desc="server", disable=not progress):
+        for mode, concurrency in tqdm(cases, desc="offline, then server", disable=not progress):
+            offline = offline_requests_per_s(offline_engine, request, concurrency, mode, repeats)
             count, total = _batch_totals(app.state.metrics)
             figures = asyncio.run(drive(base_url, {**body, "mode": mode}, concurrency,
                                         rounds * concurrency))
             count, total = (now - then for now, then in
                             zip(_batch_totals(app.state.metrics), (count, total)))
-            offline = ceiling[mode, concurrency]
             rows.append({"mode": mode, "concurrency": concurrency,
                          "intermediate_tokens": intermediate_tokens, "new_tokens": new_tokens,
                          "intermediate": "generated" if generate_intermediate else "given",

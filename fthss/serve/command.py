@@ -22,8 +22,13 @@ def retrieval_step_input(retriever, passages: int):
 
 def cmd_serve(args) -> int:
     from fthss.engine.engine import ChainEngine
-    from fthss.serve.api import create_app
-    from fthss.serve.server import serve
+
+    try:
+        from fthss.serve.api import create_app
+        from fthss.serve.server import serve
+    except ImportError as err:
+        raise ModuleNotFoundError(f"fthss serve needs the serve extra: pip install "
+                                  f"'fthss[serve]' ({err})") from None
 
     base = load_base(args)
     engine = ChainEngine(base, load_stages(args.stage, base), max_new_tokens=args.max_new_tokens,

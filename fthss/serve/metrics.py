@@ -11,9 +11,9 @@ TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 
 
 class Metrics:
-    """Requests by outcome (`ok`; `failed`: the engine failed the request alone, e.g. too long;
-    `error`: the server failed; `cancelled`: the client left; `rejected`: 503; `invalid`:
-    400/413/422), queue length, batch sizes, tokens prefilled and decoded, request latency and
+    """Requests by outcome (`ok`; `failed`: the engine failed the request alone, e.g. too long,
+    400; `error`: its batch failed, 500; `cancelled`: the client left; `rejected`: 503;
+    `invalid`: 422), queue length, batch sizes, tokens prefilled and decoded, request latency and
     time to first token (both from arrival), and the K/V bytes the running batch holds."""
 
     def __init__(self):

@@ -46,9 +46,10 @@ class Job:
 
     @property
     def batch_key(self) -> tuple:
-        """Jobs with equal keys can run in one `engine.run` call (seeds are per request)."""
+        """Jobs with equal keys can run in one `engine.run` call (seeds are per request; greedy
+        jobs ignore the sampling settings)."""
         s = self.sampling
-        return self.mode, s.temperature, s.top_k, s.top_p
+        return (self.mode,) if s.greedy else (self.mode, s.temperature, s.top_k, s.top_p)
 
 
 class _Listener:

@@ -63,7 +63,7 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
         log_level: uvicorn's log level.
     """
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=None)
+                            timeout_graceful_shutdown=None)  # every accepted reply is sent
     DrainingServer(config, app.state.scheduler).run()
 
 
