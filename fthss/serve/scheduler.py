@@ -1,13 +1,18 @@
 """The scheduler: one worker thread owns the engine and runs queued requests in batches.
 
-Dynamic batching: the worker takes the oldest queued job, waits up to `max_wait_ms` for more
-(requests arriving while a batch runs are queued meanwhile, so under load the next batch forms
-at once), and runs every queued job that can share a batch with it (same mode and sampling
-settings; each brings its own seed) up to `max_batch_size`. The queue is bounded: a full queue
-refuses a job (the API answers 503). A cancelled job (its client left) leaves the queue; if it
-is already running, it ends at its next step boundary (the between-steps callable returns
-`END` for it), so batch-mates are never touched. A between-steps callable that raises fails
-that request alone. `close` drains: new jobs are refused, accepted ones still run.
+Dynamic batching: requests arriving while a batch runs queue for the next one. The worker takes
+the oldest queued job, waits for batch-mates until `max_wait_ms` after that job's arrival or
+after the last batch's end, whichever is later, and runs every queued job that can share a
+batch with it (same mode and sampling settings; each brings its own seed) up to
+`max_batch_size`. Waiting after a batch's end too lets its clients' next requests join the
+requests queued meanwhile: under steady load, batches started from the oldest's arrival alone
+split the clients into two groups that alternate, each half a batch, for good.
+
+The queue is bounded: a full queue refuses a job (the API answers 503). A cancelled job (its
+client left) leaves the queue; if it is already running, it ends at its next step boundary (the
+between-steps callable returns `END` for it), so batch-mates are never touched. A between-steps
+callable that raises fails that request alone. `close` drains: new jobs are refused, accepted
+ones still run.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ class Scheduler:
         self._closed = False  # draining: no new jobs
         self._stopped = False  # the worker exits once the queue is empty
         self._running = 0  # jobs in the batch being run
+        self._last_end = 0.0  # when the last batch ended (perf_counter)
         self._thread = threading.Thread(target=self._work, name="fthss-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -154,14 +160,15 @@ class Scheduler:
 
     def _next_batch(self) -> list[Job]:
         """The oldest job and every queued job that can share its batch, after waiting up to
-        `max_wait_s` (from the oldest's arrival) for a full batch; [] when stopped."""
+        `max_wait_s` (from the oldest's arrival or the last batch's end, the later) for a full
+        batch; [] when stopped."""
         with self._changed:
             while True:
                 while not self._queue:
                     if self._stopped:
                         return []
                     self._changed.wait()
-                deadline = self._queue[0].arrived + self.max_wait_s
+                deadline = max(self._queue[0].arrived, self._last_end) + self.max_wait_s
                 while (len(self._queue) < self.max_batch_size and not self._stopped
                        and (left := deadline - time.perf_counter()) > 0):
                     self._changed.wait(left)
@@ -206,6 +213,7 @@ class Scheduler:
             self._finish(job, result)
         with self._changed:
             self._running = 0
+            self._last_end = time.perf_counter()
 
     def _finish(self, job: Job, result: ChainResult | Exception) -> None:
         if job.cancelled:
