@@ -352,6 +352,21 @@ def test_the_command_binds_localhost_and_reads_the_key_from_the_env(stage_dirs, 
     assert client.post("/v1/chains", json=request()).status_code == 401
 
 
+def test_the_corpus_option_retrieves_for_a_step_without_input(tmp_path):
+    from fthss.retrieval.bm25 import BM25Retriever
+    from fthss.serve.command import retrieval_step_input
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": 1, "text": "Winter was shot in Oslo."}) + "\n"
+                      + json.dumps({"id": 2, "text": "Rome has old bridges."}) + "\n")
+    retrieve = retrieval_step_input(BM25Retriever.from_file(corpus), passages=1)
+    chain = chain_from_json({"steps": [{"stage": "A"}, {"stage": "B"},
+                                       {"stage": "B", "input": "given"}]}, "test")
+    assert retrieve(chain, 0, []) is None  # the first step keeps its own input
+    assert retrieve(chain, 1, ["film\nOslo"]) == "Winter was shot in Oslo."
+    assert retrieve(chain, 2, ["Oslo", "x"]) is None  # the request gave this step's input
+
+
 @contextlib.contextmanager
 def server_process(stage_dirs: list[str], *options: str):
     """`fthss serve` on tiny-llama in a subprocess; yields (process, base URL) once healthy."""

@@ -173,7 +173,10 @@ def create_app(engine: ChainEngine, step_input: StepInput | None = None, *,
             metrics.requests.labels("rejected").inc()
             raise HTTPException(503, str(err), headers={"Retry-After": str(RETRY_AFTER_S)})
         if body.stream:
-            return EventSourceResponse(_events(job, events, scheduler, engine))
+            # no caching, and no buffering by a proxy in front (nginx reads X-Accel-Buffering)
+            return EventSourceResponse(_events(job, events, scheduler, engine),
+                                       headers={"Cache-Control": "no-cache",
+                                                "X-Accel-Buffering": "no"})
         return await _answer(job, events, scheduler, request)
 
     return app

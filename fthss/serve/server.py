@@ -15,6 +15,11 @@ from fastapi import FastAPI
 
 from fthss.serve.scheduler import Scheduler
 
+# Seconds an idle keep-alive connection stays open. uvicorn's 5 s invites the keep-alive race (the
+# server closes a connection just as a client or load balancer reuses it, and that request is
+# lost); clients and balancers close theirs sooner (nginx upstream 60 s, httpx 5 s).
+KEEP_ALIVE_S = 75
+
 
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, draining the app's scheduler before it shuts down."""
@@ -63,6 +68,7 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
         log_level: uvicorn's log level.
     """
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_keep_alive=KEEP_ALIVE_S,
                             timeout_graceful_shutdown=None)  # every accepted reply is sent
     DrainingServer(config, app.state.scheduler).run()
 
@@ -81,7 +87,8 @@ def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
     Yields:
         The server's base URL; leaving the block stops it (replies in flight are sent).
     """
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_keep_alive=KEEP_ALIVE_S))
     thread = threading.Thread(target=server.run, name="fthss-uvicorn", daemon=True)
     thread.start()
     while not server.started:
