@@ -391,21 +391,23 @@ def server_process(stage_dirs: list[str], *options: str):
 
 def test_sigterm_drains_then_exits_0(stage_dirs):
     """Accepted requests finish; a request after SIGTERM gets 503; the process exits 0."""
-    with server_process(stage_dirs, "--max-batch-size", "2") as (process, base_url):
-        # 6 requests of 150 forced tokens, 2 per batch: a few seconds of work
-        body = {"shared": "q", "steps": [{"stage": "A", "max_new_tokens": 150,
-                                          "min_new_tokens": 150}]}
-        accepted = [post_in_thread(base_url, {**body, "id": str(i)}) for i in range(6)]
-        wait_for(lambda: metric(base_url, "fthss_batch_size_count") >= 1)
+    with server_process(stage_dirs, "--max-batch-size", "1") as (process, base_url):
+        # 4 requests of 300 forced tokens, one per batch: seconds of work
+        body = {"shared": "q", "steps": [{"stage": "A", "max_new_tokens": 300,
+                                          "min_new_tokens": 300}]}
+        accepted = [post_in_thread(base_url, {**body, "id": str(i)}) for i in range(4)]
+        wait_for(lambda: metric(base_url, "fthss_queue_length") == 3)  # all 4 accepted
         process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        # the server acts on the signal at its next tick (0.1 s): /health turns 503 first
+        wait_for(lambda: httpx.get(f"{base_url}/health").status_code == 503, timeout=10)
         refused = httpx.post(f"{base_url}/v1/chains", json=body)
         assert refused.status_code == 503 and "shutting down" in refused.json()["detail"]
-        assert httpx.get(f"{base_url}/health").status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert sum("reply" in box for box in accepted) < 4  # refused while work remained
         for box in accepted:
             box["thread"].join(60)
             assert box["reply"].status_code == 200
-            assert box["reply"].json()["steps"][0]["stats"]["decoded_tokens"] == 150
+            assert box["reply"].json()["steps"][0]["stats"]["decoded_tokens"] == 300
         assert process.wait(30) == 0
 
 

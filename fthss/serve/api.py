@@ -8,8 +8,8 @@ batch-mates ran on), 500 when its batch failed. `"stream": true` answers with se
 instead: `tokens` (the step, its stage, the new token ids and the text they complete; sent at
 each of the engine's looks, i.e. after the first token and then every `check_every` tokens),
 `step` (a finished step: its output, authoritative, and stats) and finally `done` (the whole
-reply). `GET /health` answers 200
-while the scheduler runs and takes requests, `GET /metrics` the Prometheus metrics.
+reply). `GET /health` answers 200 while the scheduler runs and takes requests, `GET /metrics`
+the Prometheus metrics.
 
 Malformed bodies get 422 naming the field, bodies over `max_body_bytes` 413, a full queue or a
 draining server 503 with `Retry-After`; with `api_key`, `/v1/chains` and `/metrics` want
@@ -40,7 +40,7 @@ from fthss.layout.chain import ChainFormatError, ChainSample, chain_from_json
 from fthss.serve.metrics import Metrics
 from fthss.serve.scheduler import Job, Refused, Scheduler
 
-RETRY_AFTER_S = 1  # what a refused client is told to wait: batches last about that long
+RETRY_AFTER_S = 1  # what a refused client is told to wait: room frees as each batch ends
 
 
 class StepBody(BaseModel):
@@ -68,7 +68,7 @@ class ChainBody(BaseModel):
     temperature: float = Field(0.0, ge=0, description="0: greedy")
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="the request's own sampling seed, whatever its batch")
     stream: bool = False
 
     def chain(self, stages: set[str]) -> ChainSample:
@@ -143,7 +143,7 @@ def create_app(engine: ChainEngine, step_input: StepInput | None = None, *,
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         metrics.requests.labels("invalid").inc()
-        return JSONResponse({"detail": jsonable_errors(err)}, status_code=422)
+        return JSONResponse({"detail": _validation_errors(err)}, status_code=422)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -182,7 +182,7 @@ def create_app(engine: ChainEngine, step_input: StepInput | None = None, *,
     return app
 
 
-def jsonable_errors(err: RequestValidationError) -> list[dict]:
+def _validation_errors(err: RequestValidationError) -> list[dict]:
     """Pydantic's errors with what JSON can hold (`loc` names the field)."""
     return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in err.errors()]
 
