@@ -7,7 +7,8 @@ shared: one `ChainCache` per batch (one cache per request row). Shared content i
 A step whose request carries an `output` is not generated: its text is used as given (teacher
 forcing at inference: the gold-intermediate ablation feeds a downstream stage the gold upstream
 output this way). The between-steps callable may return `END` to end a request's chain early
-(a multi-round chain that has reached its answer).
+(a multi-round chain that has reached its answer). A `RunListener` is told of each step's tokens
+and of finished steps while the batch runs (`fthss serve` streams them).
 
 text: the chain-of-models baseline. Each step starts a fresh cache holding only its stage's
   prompt and re-encodes, as plain causal text, what it would see in shared mode (shared content,

@@ -62,7 +62,8 @@ def add_serve_command(commands) -> None:
     parser.add_argument("--max-queue", type=positive_int, default=1024,
                         help="requests waiting beyond this get 503 with Retry-After")
     parser.add_argument("--api-key", default=None, help="bearer token required on /v1/chains "
-                        "and /metrics (default: env FTHSS_API_KEY; none: no token needed)")
+                        "and /metrics (default: env FTHSS_API_KEY, better: a command line is "
+                        "visible to other users; neither: no token needed)")
     parser.add_argument("--max-body-bytes", type=positive_int, default=1 << 20,
                         help="larger request bodies get 413")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64,
