@@ -1,6 +1,6 @@
 """The `fthss` command line: the `demo`, `train` stages, `run` chains over a JSONL file, `eval`
 methods on a task, `verify` a model family, build the `world`, pretrain its `base` and select
-one of several draws, `stage` tools, `bench` speed and memory."""
+one of several draws, `stage` tools, `bench` speed and memory, `serve` chains over HTTP."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _given_stages(request, where: str, names: set[str]):
     return request
 
 
-def _load_stages(paths, base) -> list:
+def load_stages(paths, base) -> list:
     """Stage folders; two with one name would silently shadow each other, so refuse them."""
     from fthss.prompts.io import load_stage
 
@@ -128,7 +128,7 @@ def cmd_run(args) -> int:
     from fthss.layout.chain import ChainFormatError, load_chains
 
     base = load_base(args)
-    stages = _load_stages(args.stage, base)
+    stages = load_stages(args.stage, base)
     skips = _skip_report(args)
     names = {s.name for s in stages}
     requests = parse_each(((r.source, r) for r in load_chains(args.input, skips)),
@@ -163,7 +163,7 @@ def cmd_train(args) -> int:
     base = load_base(args)
     skips = _skip_report(args)
     samples = [s for path in args.data for s in load_chains(path, skips)]
-    stages = {s.name: s for s in _load_stages(args.stage or [], base)}
+    stages = {s.name: s for s in load_stages(args.stage or [], base)}
     used = dict.fromkeys(st.stage for s in samples[: args.max_samples]
                          for st in method_view(args.method, s).steps)
     for i, name in enumerate(n for n in used if n not in stages):
@@ -449,8 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(func=cmd_stage_create)
 
     from fthss.benchmarks.commands import add_bench_commands
+    from fthss.serve.command import add_serve_command
 
     add_bench_commands(commands)
+    add_serve_command(commands)
     return parser
 
 

@@ -204,3 +204,19 @@ def test_large_presets_have_the_real_shapes_and_build_on_meta(preset, parameters
     assert all(p.is_meta for p in weights)  # nothing allocated
     assert sum(p.numel() for p in weights) == parameters
     assert base.dtype == torch.bfloat16 and base.position_limit >= 8192
+
+
+def test_bench_serve_rows_against_the_offline_ceiling(tmp_path, capsys):
+    result = bench(tmp_path, capsys, "serve", "--concurrency", "1", "3", "--rounds", "2",
+                   "--intermediate-tokens", "16", "--new-tokens", "2", "--max-wait-ms", "50")
+    rows = {(r["mode"], r["concurrency"]): r for r in result["rows"]}
+    assert set(rows) == {(m, c) for m in ("text", "shared") for c in (1, 3)}
+    for (_, concurrency), row in rows.items():
+        assert row["requests"] == 2 * concurrency
+        assert row["requests_per_s"] == pytest.approx(row["requests"] / row["seconds"])
+        assert 0 < row["ttft_p50_s"] <= row["latency_p50_s"] <= row["latency_p99_s"]
+        assert 1 <= row["mean_batch"] <= concurrency
+        assert row["share_of_offline"] == pytest.approx(
+            row["requests_per_s"] / row["offline_requests_per_s"])
+    assert rows["shared", 3]["mean_batch"] > 1  # three clients at once share batches
+    assert [r["concurrency"] for r in result["ratios"]] == [1, 3]

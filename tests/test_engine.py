@@ -348,3 +348,37 @@ def test_text_mode_prefills_on_the_causal_path_with_the_masked_paths_logits(
         assert len(causal_calls) == (0 if prefill is None else 1)
     for name in ("causal", "row groups"):
         assert_same_generations(runs[name], runs["masked"])
+
+
+def test_a_listener_is_told_prefixes_of_the_outputs_and_the_finished_steps(llama, three_stages):
+    class Recorder:
+        def __init__(self):
+            self.told, self.steps = [], {}
+
+        def tokens(self, request, step, ids):
+            self.told.append((request, step, ids))
+
+        def step_done(self, request, step, result):
+            self.steps[request, step] = result
+
+    requests = [multi_round(1), ChainSample("other?", [Step("A", max_new_tokens=9, stop=["a"]),
+                                                      Step("C", max_new_tokens=5)])]
+    recorder = Recorder()
+    results = ChainEngine(llama, three_stages, check_every=2).run(requests, listener=recorder)
+    for i, result in enumerate(results):
+        for k, step in enumerate(result.steps):
+            assert recorder.steps[i, k] is step
+            told = [ids for r, s, ids in recorder.told if (r, s) == (i, k)]
+            assert told and told[-1] == step.output_ids  # the last tells the whole output
+            assert all(step.output_ids[: len(ids)] == ids for ids in told)
+
+
+def test_requests_with_their_own_seeds_sample_as_alone(llama, three_stages):
+    from fthss.engine.sampling import SamplingConfig
+
+    engine = ChainEngine(llama, three_stages)
+    requests = [multi_round(1), ChainSample("other?", [Step("A", max_new_tokens=6)])]
+    batched = engine.run(requests, sampling=SamplingConfig(temperature=1.0), seeds=[5, 7])
+    for request, seed, result in zip(requests, (5, 7), batched):
+        [alone] = engine.run([request], sampling=SamplingConfig(temperature=1.0, seed=seed))
+        assert [s.output_ids for s in result.steps] == [s.output_ids for s in alone.steps]

@@ -1,6 +1,6 @@
-"""`fthss bench latency | memory | throughput | decode`: the command-line side of the
+"""`fthss bench latency | memory | throughput | decode | serve`: the command-line side of the
 benchmarks (options, tables, the JSON record and plots); the measurements live in `chains`,
-`hf_peft` and `decode`."""
+`hf_peft`, `decode` and `serve`."""
 
 from __future__ import annotations
 
@@ -160,6 +160,30 @@ def _add_kinds(parser) -> None:
                         "what routing every token through its stage's LoRA deltas costs")
 
 
+def cmd_bench_serve(args) -> int:
+    from fthss.benchmarks.output import emit, table
+    from fthss.benchmarks.serve import mode_ratios, serve_throughput
+
+    base = load_base(args)
+    rows = serve_throughput(base, args.concurrency, args.intermediate_tokens, args.new_tokens,
+                            args.prompt_tokens, args.rounds, args.max_wait_ms, args.repeats,
+                            args.generate_intermediate, progress=True, compile=args.compile)
+    ratios = mode_ratios(rows)
+    tables = [table(rows, [("mode", _cell("mode")), ("clients", _cell("concurrency")),
+                           ("requests/s", _cell("requests_per_s", ".2f")),
+                           ("p50 ms", _ms("latency_p50_s")), ("p99 ms", _ms("latency_p99_s")),
+                           ("TTFT p50 ms", _ms("ttft_p50_s")), ("TTFT p99 ms", _ms("ttft_p99_s")),
+                           ("mean batch", _cell("mean_batch", ".1f")),
+                           ("stage B ms", _ms("stage_b_s")),
+                           ("offline requests/s", _cell("offline_requests_per_s", ".2f")),
+                           ("of offline", _cell("share_of_offline", ".0%"))]),
+              table(ratios, [("clients", _cell("concurrency")),
+                             ("shared/text requests/s", _cell("requests_ratio", ".2f")),
+                             ("text/shared stage B", _cell("stage_b_ratio", ".2f"))])]
+    emit(_bench_result(args, base, rows=rows, ratios=ratios), tables, args.out)
+    return 0
+
+
 def add_bench_commands(commands) -> None:
     bench = commands.add_parser("bench", help="speed and memory: text vs shared mode (and "
                                 "PEFT + generate), JSON and plots")
@@ -221,3 +245,17 @@ def add_bench_commands(commands) -> None:
     _add_kinds(decode)
     decode.add_argument("--bandwidth-gbs", type=positive_float, default=None,
                         help="device memory bandwidth, GB/s (default: known GPUs by name)")
+
+    serve = add("serve", cmd_bench_serve, "a live `fthss serve` under 1, 8, 32, 64 concurrent "
+                "clients against offline engine.run throughput", 1)
+    serve.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 8, 32, 64],
+                       help="concurrent clients (the offline ceiling runs batches this size)")
+    serve.add_argument("--intermediate-tokens", type=positive_int, default=1000,
+                       help="stage A's output: given, unless --generate-intermediate")
+    serve.add_argument("--generate-intermediate", action="store_true",
+                       help="stage A writes its intermediate instead of having it given")
+    serve.add_argument("--new-tokens", type=positive_int, default=16)
+    serve.add_argument("--rounds", type=positive_int, default=3,
+                       help="requests per point: rounds × concurrency")
+    serve.add_argument("--max-wait-ms", type=float, default=10.0,
+                       help="the server's wait for batch-mates")

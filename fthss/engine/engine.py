@@ -7,7 +7,8 @@ shared: one `ChainCache` per batch (one cache per request row). Shared content i
 A step whose request carries an `output` is not generated: its text is used as given (teacher
 forcing at inference: the gold-intermediate ablation feeds a downstream stage the gold upstream
 output this way). The between-steps callable may return `END` to end a request's chain early
-(a multi-round chain that has reached its answer).
+(a multi-round chain that has reached its answer). A `RunListener` is told of each step's tokens
+and of finished steps while the batch runs (`fthss serve` streams them).
 
 text: the chain-of-models baseline. Each step starts a fresh cache holding only its stage's
   prompt and re-encodes, as plain causal text, what it would see in shared mode (shared content,
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -90,11 +92,25 @@ class ChainResult:
                            "stats": vars(s.stats)} for s in self.steps]}
 
 
+class RunListener(Protocol):
+    """Told of a run's progress while it happens (a server streams it to its clients).
+    `request` is the request's index in the list given to `ChainEngine.run`."""
+
+    def tokens(self, request: int, step: int, ids: list[int]) -> None:
+        """Step `step` of `request` has generated `ids` so far: always a prefix of the step's
+        final `output_ids` (told at each of the host's looks: after the first token, then every
+        `check_every` tokens, and at the end)."""
+
+    def step_done(self, request: int, step: int, result: StepResult) -> None:
+        """Step `step` of `request` is complete; `result` is what `run` will return for it."""
+
+
 @dataclass(eq=False)  # rows compare by identity: two identical requests are two rows
 class _Row:
     """One request's state during a batch."""
 
     slot: int  # row index in the batch's cache
+    index: int  # the request's index in `run`'s list (what a RunListener is told)
     request: ChainSample
     generator: torch.Generator | None
     tokens: TokenChain
@@ -161,7 +177,26 @@ class ChainEngine:
 
     def run(self, requests: list[ChainSample], mode: str = "shared",
             sampling: SamplingConfig | None = None, step_input: StepInput | None = None,
-            output_scores: bool = False, progress: bool = False) -> list[ChainResult]:
+            output_scores: bool = False, progress: bool = False,
+            listener: RunListener | None = None,
+            seeds: list[int] | None = None) -> list[ChainResult]:
+        """Run `requests` in batches of `batch_size`; one result per request, in order.
+
+        Args:
+            requests: the chains; every stage they name must be loaded.
+            mode: "shared" (one cache per request) or "text" (the chain-of-models baseline).
+            sampling: greedy when None.
+            step_input: between-steps callable (retrieval, tools), see `StepInput`.
+            output_scores: keep the logits each generated token was chosen from.
+            progress: a progress bar over batches.
+            listener: told of tokens and finished steps as they come (streaming).
+            seeds: request i samples from a generator seeded `seeds[i]` instead of
+                `sampling.seed + i` (a server's requests each bring their own seed, and one
+                must sample the same in any batch).
+
+        Returns:
+            One `ChainResult` per request; a request that failed alone carries its `error`.
+        """
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}'; choose one of {MODES}")
         for i, request in enumerate(requests):
@@ -170,18 +205,22 @@ class ChainEngine:
                 raise ValueError(f"request {request.id or i}: unknown stage(s) {sorted(unknown)}; "
                                  f"loaded: {sorted(self.stages)}")
         sampling = sampling or SamplingConfig()
+        if seeds is not None and len(seeds) != len(requests):
+            raise ValueError(f"{len(seeds)} seeds for {len(requests)} requests")
         results = []
         with torch.no_grad():
             starts = range(0, len(requests), self.batch_size)
             for start in tqdm(starts, desc=f"{mode} chains", unit="batch", disable=not progress):
-                rows = [_Row(i, r, sampling.generator(start + i), TokenChain([], []))
-                        for i, r in enumerate(requests[start:start + self.batch_size])]
-                self._run_batch(rows, mode, sampling, step_input, output_scores)
+                indices = range(start, min(start + self.batch_size, len(requests)))
+                rows = [_Row(slot, i, requests[i], sampling.generator(
+                             sampling.seed + i if seeds is None else seeds[i]), TokenChain([], []))
+                        for slot, i in enumerate(indices)]
+                self._run_batch(rows, mode, sampling, step_input, output_scores, listener)
                 results += [ChainResult(r.request.id, mode, r.results, r.tokens, r.error)
                             for r in rows]
         return results
 
-    def _run_batch(self, rows, mode, sampling, step_input, output_scores):
+    def _run_batch(self, rows, mode, sampling, step_input, output_scores, listener):
         names = list(dict.fromkeys(s for row in rows for s in row.request.stages))
         shared_cache = None
         if mode == "shared":
@@ -220,7 +259,7 @@ class ChainEngine:
             if not active:
                 continue
             outputs = self._decode(cache, logits, rows, generating, k, sampling, output_scores,
-                                   cache_ids)
+                                   cache_ids, listener)
             caches = [shared_cache] if mode == "shared" else list(dict.fromkeys(held.values()))
             kv_bytes = sum(c.kv_bytes for c in caches)
             allocated = sum(c.kv_bytes_allocated for c in caches)
@@ -237,6 +276,8 @@ class ChainEngine:
                 row.results.append(StepResult(step.stage, row.tokens.steps[k].input_text,
                                               self._output_text(out_ids, step.stop), out_ids,
                                               stats, scores))
+                if listener is not None:
+                    listener.step_done(row.index, k, row.results[-1])
 
     def _causal_prompt(self, names: list[str]) -> torch.Tensor | None:
         """Text mode: the prompt embeddings to re-encode with the step's text on the causal
@@ -313,13 +354,15 @@ class ChainEngine:
             ids[i, : len(c)] = torch.tensor([t for t, _ in c], dtype=torch.long)
         return ids, meta
 
-    def _decode(self, cache, logits, rows, active, k, sampling, output_scores, cache_ids):
+    def _decode(self, cache, logits, rows, active, k, sampling, output_scores, cache_ids,
+                listener=None):
         """Generate step k's outputs for the active rows into `row.tokens`. The whole batch
         decodes on the device: tokens, per-row limits and stop tokens stay there, and the host
         looks only after the first token and every `check_every` tokens (for stop strings and
         to end the loop); a row found past its stop string takes its extra tokens back. A
         row's last token is not encoded here: the next step does it. Returns per row (scores
-        or None, time of its first token). `cache_ids` number the stages as the cache does."""
+        or None, time of its first token). `cache_ids` number the stages as the cache does;
+        `listener` is told each row's tokens so far at every look."""
         if not active:
             return {}
         device, batch = logits.device, len(rows)
@@ -363,6 +406,8 @@ class ChainEngine:
             if t == 0 or not sampling.greedy or (t + 1) % self.check_every == 0 or t + 1 == longest:
                 first_token_at = first_token_at or time.perf_counter()
                 live = self._stop_strings(cache, chosen, counts, live, unchecked, steps, k)
+                if listener is not None:  # after the stop strings: what is told stays
+                    self._tell_tokens(listener, active, chosen, counts, unchecked, k)
                 unchecked = live.clone()
                 if not bool(live.any()):
                     break
@@ -376,6 +421,15 @@ class ChainEngine:
             kept = torch.stack([s[row.slot] for s in scores[: len(ids)]]) if output_scores else None
             out[id(row)] = (kept, first_token_at)
         return out
+
+    @staticmethod
+    def _tell_tokens(listener, active, chosen, counts, unchecked, k) -> None:
+        """Tell `listener` the tokens of the rows live at the last look (the others have
+        been told all theirs)."""
+        flags, lengths, ids = unchecked.tolist(), counts.tolist(), chosen.tolist()
+        for row in active:
+            if flags[row.slot]:
+                listener.tokens(row.index, k, ids[row.slot][: lengths[row.slot]])
 
     def _stop_strings(self, cache, chosen, counts, live, unchecked, steps, k) -> torch.Tensor:
         """End the rows whose text now holds a stop string at the token that completed it

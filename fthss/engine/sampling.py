@@ -22,9 +22,10 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def generator(self, request_index: int) -> torch.Generator | None:
-        """One generator per request, so what a request samples does not depend on its batch."""
-        return None if self.greedy else torch.Generator().manual_seed(self.seed + request_index)
+    def generator(self, seed: int) -> torch.Generator | None:
+        """One generator per request (seeded `seed`), so what a request samples does not
+        depend on its batch."""
+        return None if self.greedy else torch.Generator().manual_seed(seed)
 
     def choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
         """The next token from one row of logits `[vocab]`."""

@@ -30,7 +30,8 @@ def passages_text(retriever, queries: list[str], k: int) -> str:
     return "\n".join(lines)
 
 
-def _queries(text: str) -> list[str]:
+def search_queries(text: str) -> list[str]:
+    """A stage's output as search queries: one per non-empty line (the text itself if none)."""
     return [q.strip() for q in text.splitlines() if q.strip()] or [text.strip() or "?"]
 
 
@@ -80,7 +81,7 @@ class RewriteQA(_RetrievalTask):
         def retrieve(request, k, outputs):
             if k % 2 == 0 or request.steps[k].input is not None:
                 return None
-            return passages_text(retriever, _queries(outputs[-1]), self.k)
+            return passages_text(retriever, search_queries(outputs[-1]), self.k)
         return retrieve
 
 
@@ -97,7 +98,7 @@ class ActiveRAG(_RetrievalTask):
                 return END
             if k % 2 == 0 or request.steps[k].input is not None:
                 return None
-            return passages_text(retriever, _queries(outputs[-1]), self.k)
+            return passages_text(retriever, search_queries(outputs[-1]), self.k)
         return retrieve
 
     def prediction(self, result) -> str:
