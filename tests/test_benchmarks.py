@@ -75,7 +75,12 @@ def bench(tmp_path, capsys, *options) -> dict:
             "--out", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    printed = capsys.readouterr().out
+    assert printed.strip().splitlines()[-1] == f"-> {out}" and "{" not in printed  # tables
+    if options[0] in ("latency", "memory", "throughput"):  # plots beside the record
+        assert (tmp_path / "bench.png").stat().st_size > 0
+    assert main(argv + ["--json"]) == 0  # the record alone, for a pipe
+    assert json.loads(capsys.readouterr().out) == json.loads(out.read_text())
     assert RECORD_KEYS <= set(result)
     assert result["benchmark"] == options[0] and result["command"] == "fthss " + " ".join(argv)
     assert result["settings"]["arch"] == "tiny-llama" and result["dtype"] == "float32"

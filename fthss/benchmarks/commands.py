@@ -21,6 +21,15 @@ def _bench_result(args, base, **results) -> dict:
     return {**record(args.bench_command, args.argv, options, base), **results}
 
 
+def _emit(args, base, tables: list[str], **results) -> int:
+    """Print the tables and where the record went (or, with --json, the record alone) and write
+    the JSON record to --out."""
+    from fthss.benchmarks.output import emit
+
+    emit(_bench_result(args, base, **results), tables, args.out, as_json=args.json)
+    return 0
+
+
 def _ms(key: str) -> Callable[[dict], str]:
     return lambda row: f"{1000 * row[key]:.1f}"
 
@@ -52,7 +61,7 @@ def _timed(func: Callable) -> Callable:
 
 def cmd_bench_latency(args) -> int:
     from fthss.benchmarks import chains, figures
-    from fthss.benchmarks.output import emit, table
+    from fthss.benchmarks.output import table
 
     base = load_base(args)
     rows = chains.stage_b_latency(base, args.lengths, args.new_tokens, args.repeats,
@@ -79,14 +88,13 @@ def cmd_bench_latency(args) -> int:
                                       ("lora/prompt latency", _cell("latency_s_ratio", ".2f")),
                                       ("lora/prompt TTFT", _cell("ttft_s_ratio", ".2f"))]))
     figures.latency(rows, Path(args.out).with_suffix(".png"))
-    emit(_bench_result(args, base, rows=rows, ratios=ratios, routing_cost=routing), tables,
-         args.out)
-    return 0
+    return _emit(args, base, tables, rows=rows, ratios=ratios, routing_cost=routing)
 
 
 def cmd_bench_memory(args) -> int:
+    from fthss.benchmarks import figures
     from fthss.benchmarks.chains import compress_qa_memory, kv_memory
-    from fthss.benchmarks.output import emit, table
+    from fthss.benchmarks.output import table
 
     base = load_base(args)
     multi = kv_memory(base, args.stages, args.total_tokens, args.rounds, args.prompt_tokens,
@@ -102,13 +110,13 @@ def cmd_bench_memory(args) -> int:
                          ("KV MiB during B", _mib("kv_bytes_during_b")),
                          ("passage tokens held after A", _cell("passage_tokens_held_after_a")),
                          ("during B", _cell("passage_tokens_held_during_b"))])]
-    emit(_bench_result(args, base, multi_round=multi, compress_qa=compress), tables, args.out)
-    return 0
+    figures.memory(multi, compress, Path(args.out).with_suffix(".png"))
+    return _emit(args, base, tables, multi_round=multi, compress_qa=compress)
 
 
 def cmd_bench_throughput(args) -> int:
     from fthss.benchmarks import chains, figures
-    from fthss.benchmarks.output import emit, table
+    from fthss.benchmarks.output import table
 
     base = load_base(args)
     rows = chains.throughput(base, args.batch_sizes, args.intermediate_tokens, args.new_tokens,
@@ -123,14 +131,13 @@ def cmd_bench_throughput(args) -> int:
               table(ratios, [("batch", _cell("batch")),
                              ("shared/text requests/s", _cell("requests_ratio", ".2f"))])]
     figures.throughput(rows, Path(args.out).with_suffix(".png"))
-    emit(_bench_result(args, base, rows=rows, ratios=ratios), tables, args.out)
-    return 0
+    return _emit(args, base, tables, rows=rows, ratios=ratios)
 
 
 def cmd_bench_decode(args) -> int:
     from fthss.benchmarks.chains import routing_cost
     from fthss.benchmarks.decode import decode_speed, known_bandwidth_gbs
-    from fthss.benchmarks.output import emit, table
+    from fthss.benchmarks.output import table
 
     base = load_base(args)
     bandwidth = args.bandwidth_gbs or known_bandwidth_gbs(base.device)
@@ -150,8 +157,7 @@ def cmd_bench_decode(args) -> int:
                                       ("lora/prompt ms/token", _cell("ms_per_token_ratio", ".2f"))]))
     if note:
         tables.append(note)
-    emit(_bench_result(args, base, rows=rows, routing_cost=routing, note=note), tables, args.out)
-    return 0
+    return _emit(args, base, tables, rows=rows, routing_cost=routing, note=note)
 
 
 def _add_kinds(parser) -> None:
@@ -161,7 +167,7 @@ def _add_kinds(parser) -> None:
 
 
 def cmd_bench_serve(args) -> int:
-    from fthss.benchmarks.output import emit, table
+    from fthss.benchmarks.output import table
     from fthss.benchmarks.serve import mode_ratios, serve_throughput
 
     base = load_base(args)
@@ -180,8 +186,7 @@ def cmd_bench_serve(args) -> int:
               table(ratios, [("clients", _cell("concurrency")),
                              ("shared/text requests/s", _cell("requests_ratio", ".2f")),
                              ("text/shared stage B", _cell("stage_b_ratio", ".2f"))])]
-    emit(_bench_result(args, base, rows=rows, ratios=ratios), tables, args.out)
-    return 0
+    return _emit(args, base, tables, rows=rows, ratios=ratios)
 
 
 def add_bench_commands(commands) -> None:
@@ -205,7 +210,9 @@ def add_bench_commands(commands) -> None:
                                 "run short: one length, --repeats 1)")
             func = _timed(func)
         parser.add_argument("--out", default=f"runs/bench/{name}.json",
-                            help="JSON record (a plot, if any, beside it as .png)")
+                            help="JSON record (a plot beside it as .png)")
+        parser.add_argument("--json", action="store_true",
+                            help="print the JSON record instead of the tables")
         parser.set_defaults(func=func)
         return parser
 

@@ -71,17 +71,41 @@ def throughput(rows: list[dict], path) -> None:
     plots.save(fig, path)
 
 
+def _memory_panel(ax, memory: list[dict]) -> None:
+    """KV MiB held by text and shared mode against the number of stages of a multi-round
+    chain."""
+    counts = sorted({r["stages"] for r in memory})
+    for offset, mode in zip((-0.2, 0.2), ("text", "shared"), strict=True):
+        rows = {r["stages"]: r for r in memory if r["mode"] == mode}
+        ax.bar([c + offset for c in counts], [rows[c]["kv_bytes"] / 2**20 for c in counts],
+               width=0.4, color=COLOURS[mode], label=mode)
+    ax.set(xticks=counts, xlabel="stages in the multi-round chain", ylabel="KV MiB held",
+           title="KV memory")
+    ax.legend(fontsize=8)
+
+
 def latency_memory(latency: list[dict], memory: list[dict], path) -> None:
     """The demo's figure: stage-B latency against intermediate length, KV memory against
     stages."""
     fig, (left, right) = plots.subplots(1, 2, figsize=(10, 3.8))
     _latency_panel(left, latency)
-    counts = sorted({r["stages"] for r in memory})
-    for offset, mode in zip((-0.2, 0.2), ("text", "shared")):
-        rows = {r["stages"]: r for r in memory if r["mode"] == mode}
-        right.bar([c + offset for c in counts], [rows[c]["kv_bytes"] / 2**20 for c in counts],
-                  width=0.4, color=COLOURS[mode], label=mode)
-    right.set(xticks=counts, xlabel="stages in the multi-round chain", ylabel="KV MiB held",
-              title="KV memory")
-    right.legend(fontsize=8)
+    _memory_panel(right, memory)
+    plots.save(fig, path)
+
+
+def memory(multi_round: list[dict], compress_qa: list[dict], path) -> None:
+    """`fthss bench memory`: KV held against the number of stages, and compress → QA's KV
+    during stage B per mode, split into the passages held and the rest."""
+    fig, (left, right) = plots.subplots(1, 2, figsize=(10, 3.8))
+    _memory_panel(left, multi_round)
+    for x, row in enumerate(compress_qa):
+        total = row["kv_bytes_during_b"] / 2**20
+        passages = total * row["passage_tokens_held_during_b"] / max(row["kv_tokens_during_b"], 1)
+        right.bar(x, total - passages, color=COLOURS[row["mode"]])
+        right.bar(x, passages, bottom=total - passages, color=COLOURS[row["mode"]], alpha=0.4,
+                  hatch="//", label="passages held" if passages else None)
+    right.set(xticks=range(len(compress_qa)), xticklabels=[r["mode"] for r in compress_qa],
+              ylabel="KV MiB during stage B", title="compress → QA")
+    if any(r["passage_tokens_held_during_b"] for r in compress_qa):
+        right.legend(fontsize=8)
     plots.save(fig, path)

@@ -61,13 +61,16 @@ def table(rows: list[dict], columns: list[Column]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
 
 
-def emit(result: dict, tables: list[str], out: str | Path) -> None:
-    """Print the tables, write `result` to `out` atomically, print it as the last line."""
+def emit(result: dict, tables: list[str], out: str | Path, as_json: bool = False) -> None:
+    """Write `result` to `out` atomically; print the tables and the path, or with `as_json`
+    the record alone (for a pipe)."""
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    if as_json:
+        print(json.dumps(result))
+        return
     for text in tables:
         print(text + "\n")
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"-> {out}")
-    print(json.dumps(result))
 
 
 @contextmanager
