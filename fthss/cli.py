@@ -12,21 +12,19 @@ from pathlib import Path
 
 import torch
 
+from fthss.errors import ConfigError, EmptyDataError, FthssError
+from fthss.ranges import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    NON_NEGATIVE_FLOAT,
+    POSITIVE,
+    PROBABILITY,
+    SEED,
+)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+positive_int, positive_float = COUNT.arg, POSITIVE.arg  # the argparse types most options take
 
 
 def _skip_report(args):
@@ -61,7 +59,7 @@ def _load_stages(paths, base) -> list:
     for path in paths:
         stage = load_stage(path, base)
         if stage.name in seen:
-            raise ValueError(f"stages {seen[stage.name]} and {path} are both named "
+            raise ConfigError(f"stages {seen[stage.name]} and {path} are both named "
                              f"'{stage.name}'")
         seen[stage.name] = path
         stages.append(stage)
@@ -168,7 +166,7 @@ def cmd_train(args) -> int:
                          for st in method_view(args.method, s).steps)
     for i, name in enumerate(n for n in used if n not in stages):
         if args.method == "adapt":
-            raise ValueError(f"adapt starts from trained stages: pass --stage DIR for '{name}'")
+            raise ConfigError(f"adapt starts from trained stages: pass --stage DIR for '{name}'")
         config = StageConfig(name, args.kind, args.tokens, args.init, args.init_text)
         stages[name] = Stage.create(config, base, seed=args.seed + i)
     config = TrainConfig(
@@ -202,11 +200,14 @@ def cmd_eval(args) -> int:
     for spec in args.stages:
         method, _, folder = spec.partition("=")
         if method not in {trained for trained, _ in RUNS.values()} or not folder:
-            raise ValueError(f"--stages {spec!r}: expected METHOD=DIR with METHOD one of "
+            raise ConfigError(f"--stages {spec!r}: expected METHOD=DIR with METHOD one of "
                              "single, distill, chain, fthss, adapt")
+        if not Path(folder).is_dir():
+            raise ConfigError(f"--stages {spec!r}: {folder} is not a folder (it holds one "
+                              "folder per stage)")
         found = sorted(p for p in Path(folder).iterdir() if (p / "adapter_config.json").is_file())
         if not found:
-            raise ValueError(f"{folder}: no stage folders (with adapter_config.json) inside")
+            raise ConfigError(f"{folder}: no stage folders (with adapter_config.json) inside")
         stage_sets[method] = [load_stage(p, base) for p in found]
     retriever = None
     if args.corpus:
@@ -280,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole method on the embedded default: world, "
                                "base, every method on the four tasks, evaluation, report")
     demo.add_argument("--quick", action="store_true", help="a smoke run (a few minutes)")
-    demo.add_argument("--seed", type=int, default=0, help="the world's seed")
+    demo.add_argument("--seed", type=SEED.arg, default=0, help="the world's seed")
     demo.add_argument("--out", default="runs/demo", help="folder for the world, stages, report")
     demo.add_argument("--base", default=None, help="a base pretrained on this seed's world "
                       "(`fthss base pretrain`), instead of the embedded one")
@@ -291,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_arguments(verify)
     verify.add_argument("--chains", type=positive_int, default=16)
     verify.add_argument("--batch-size", type=positive_int, default=4)
-    verify.add_argument("--seed", type=int, default=0)
-    verify.add_argument("--tol", type=float, default=None,
+    verify.add_argument("--seed", type=SEED.arg, default=0)
+    verify.add_argument("--tol", type=NON_NEGATIVE_FLOAT.arg, default=None,
                         help="largest logit difference allowed (default 1e-4 fp32, 5e-2 else)")
     verify.set_defaults(func=cmd_verify)
 
@@ -312,10 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "alone (its error in the output), as one past the base's positions does")
     run.add_argument("--max-new-tokens", type=positive_int, default=64,
                      help="per-step limit unless the request sets max_new_tokens")
-    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    run.add_argument("--top-k", type=int, default=0)
-    run.add_argument("--top-p", type=float, default=1.0)
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--temperature", type=NON_NEGATIVE_FLOAT.arg, default=0.0, help="0 = greedy")
+    run.add_argument("--top-k", type=NON_NEGATIVE.arg, default=0)
+    run.add_argument("--top-p", type=PROBABILITY.arg, default=1.0)
+    run.add_argument("--seed", type=SEED.arg, default=0)
     _add_skip_bad(run)
     run.set_defaults(func=cmd_run)
 
@@ -335,23 +336,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="output folder (rerun to resume)")
     train.add_argument("--kind", choices=("prompt", "prefix"), default="prompt",
                        help="kind of the stages created here")
-    train.add_argument("--tokens", type=int, default=100, help="virtual tokens of new stages")
+    train.add_argument("--tokens", type=COUNT.arg, default=100, help="virtual tokens of new stages")
     train.add_argument("--init", choices=("random", "vocab", "text"), default="random")
     train.add_argument("--init-text", default=None)
-    train.add_argument("--lr", type=float, default=2e-4)
-    train.add_argument("--epochs", type=float, default=3.0)
-    train.add_argument("--max-steps", type=int, default=None)
-    train.add_argument("--micro-batch-size", type=int, default=1)
-    train.add_argument("--grad-accumulation", type=int, default=8)
-    train.add_argument("--warmup-ratio", type=float, default=0.03)
-    train.add_argument("--max-grad-norm", type=float, default=None)
-    train.add_argument("--max-length", type=int, default=1224)
+    train.add_argument("--lr", type=POSITIVE.arg, default=2e-4)
+    train.add_argument("--epochs", type=POSITIVE.arg, default=3.0)
+    train.add_argument("--max-steps", type=COUNT.arg, default=None)
+    train.add_argument("--micro-batch-size", type=COUNT.arg, default=1)
+    train.add_argument("--grad-accumulation", type=COUNT.arg, default=8)
+    train.add_argument("--warmup-ratio", type=FRACTION.arg, default=0.03)
+    train.add_argument("--max-grad-norm", type=POSITIVE.arg, default=None)
+    train.add_argument("--max-length", type=COUNT.arg, default=1224)
     train.add_argument("--gradient-checkpointing", action="store_true")
-    train.add_argument("--reparam-hidden", type=int, default=0,
+    train.add_argument("--reparam-hidden", type=NON_NEGATIVE.arg, default=0,
                        help="prefix stages: train through a P-Tuning v2 MLP of this width")
-    train.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps")
-    train.add_argument("--max-samples", type=int, default=None)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--save-every", type=NON_NEGATIVE.arg, default=0, help="checkpoint every K steps")
+    train.add_argument("--max-samples", type=NON_NEGATIVE.arg, default=None)
+    train.add_argument("--seed", type=SEED.arg, default=0)
     _add_skip_bad(train)
     train.set_defaults(func=cmd_train)
 
@@ -365,9 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "one folder per stage inside DIR; repeatable")
     evaluate.add_argument("--corpus", help="retrieval corpus JSONL (rewrite_qa, active_rag)")
     evaluate.add_argument("--out", default="runs/eval", help="report folder")
-    evaluate.add_argument("--max-records", type=int, default=None)
-    evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+    evaluate.add_argument("--max-records", type=NON_NEGATIVE.arg, default=None)
+    evaluate.add_argument("--batch-size", type=COUNT.arg, default=16)
+    evaluate.add_argument("--max-new-tokens", type=COUNT.arg, default=None,
                           help="cap every step's generation (the tasks' own limits otherwise)")
     evaluate.add_argument("--no-gold-upstream", action="store_true",
                           help="skip the gold-intermediate ablation")
@@ -378,12 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     world_commands = world.add_subparsers(dest="world_command", required=True)
     build = world_commands.add_parser("build", help="generate world, corpus, tasks, tokenizer")
     build.add_argument("--out", default="runs/world")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--renderings", type=int, default=8,
+    build.add_argument("--seed", type=SEED.arg, default=0)
+    build.add_argument("--renderings", type=COUNT.arg, default=8,
                        help="pretraining renderings of each entity's facts")
-    build.add_argument("--test-size", type=int, default=1000)
-    build.add_argument("--dev-size", type=int, default=200)
-    build.add_argument("--vocab-size", type=int, default=2048)
+    build.add_argument("--test-size", type=COUNT.arg, default=1000)
+    build.add_argument("--dev-size", type=COUNT.arg, default=200)
+    build.add_argument("--vocab-size", type=COUNT.arg, default=2048)
     build.set_defaults(func=cmd_world_build)
 
     base_parser = commands.add_parser("base", help="the demo's small base model")
@@ -412,10 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_arguments(create)
     create.add_argument("--name", required=True)
     create.add_argument("--kind", choices=("prompt", "prefix"), default="prompt")
-    create.add_argument("--tokens", type=int, default=100, help="number of virtual tokens")
+    create.add_argument("--tokens", type=COUNT.arg, default=100, help="number of virtual tokens")
     create.add_argument("--init", choices=("random", "vocab", "text"), default="random")
     create.add_argument("--init-text", default=None)
-    create.add_argument("--seed", type=int, default=0)
+    create.add_argument("--seed", type=SEED.arg, default=0)
     create.add_argument("--out", required=True)
     create.set_defaults(func=cmd_stage_create)
 
@@ -425,14 +426,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_os_error(err: OSError) -> str:
+    """`PATH: REASON` (both paths of a failed rename), as the user needs it: which file, and
+    what the system said (permission denied, no space left on device, ...)."""
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    reason = err.strerror or str(err)
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user's error (`FthssError`: a bad file, option or folder) exits 2 and
+    a failing file system (`OSError`: permissions, a full disk) exits 1, each as one line
+    `fthss CMD: error: ...`; anything else is a bug and keeps its traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        # a file name or option that is not valid Unicode must not turn the message about it
+        # into a UnicodeEncodeError
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `fthss bench`
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as err:
+    except FthssError as err:
         print(f"fthss {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"fthss {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from fthss.benchmarks import hf_peft
 from fthss.engine.engine import ChainEngine, StepStats
+from fthss.errors import ConfigError
 from fthss.layout.chain import ChainSample, Step
 from fthss.models.base import BaseModel
 from fthss.prompts.stage import Stage, StageConfig
@@ -79,7 +80,7 @@ def stage_b_request(base: BaseModel, intermediate_tokens: int, new_tokens: int,
     needed = (prompt_tokens + len(base.tokenizer.encode(QUESTION, add_special_tokens=False))
               + intermediate_tokens + new_tokens + 4)
     if needed > base.position_limit:
-        raise ValueError(f"intermediate length {intermediate_tokens}: the chain needs {needed} "
+        raise ConfigError(f"intermediate length {intermediate_tokens}: the chain needs {needed} "
                          f"positions, the base has {base.position_limit}")
     return ChainSample(QUESTION, [
         Step("A", output=filler_text(base, intermediate_tokens)),
@@ -117,7 +118,7 @@ def stage_b_latency(base: BaseModel, lengths: list[int], new_tokens: int = 16, r
     them alike."""
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
-        raise ValueError(f"unknown latency system(s) {sorted(unknown)}; choose from {SYSTEMS}")
+        raise ConfigError(f"unknown latency system(s) {sorted(unknown)}; choose from {SYSTEMS}")
     engine = bench_engine(base, ["A", "B"], prompt_tokens, compile=compile)
     runners = {system: engine_system(engine, system) if system in MODES
                else hf_peft.peft_system(base, prompt_tokens) for system in systems}

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from fthss.benchmarks.chains import bench_engine, bytes_per_token, stage_b_request
 from fthss.benchmarks.output import device_name
+from fthss.errors import ConfigError
 from fthss.models.base import BaseModel
 
 # Peak memory bandwidth, GB/s, by a fragment of torch.cuda.get_device_name; the first match
@@ -49,7 +50,7 @@ def decode_speed(base: BaseModel, contexts: list[int], new_tokens: int = 64, rep
     (stage B's time after its first token over the tokens after the first; median of `repeats`
     runs after a warm-up run) and the bandwidth floor for the bytes each step reads."""
     if new_tokens < 2:
-        raise ValueError(f"new tokens {new_tokens}: the time per token needs at least 2")
+        raise ConfigError(f"new tokens {new_tokens}: the time per token needs at least 2")
     engine = bench_engine(base, ["A", "B"], prompt_tokens, compile=compile)
     weights = weight_bytes_read(base)
     rows = []

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from fthss.engine.cache import ChainCache, compiled_decode_step
 from fthss.engine.sampling import SamplingConfig
+from fthss.errors import ConfigError
 from fthss.layout.chain import ChainSample
 from fthss.layout.sequence import SegmentCodec, TokenChain, TokenStep
 from fthss.layout.visibility import Kind, TokenMeta
@@ -115,14 +116,14 @@ class ChainEngine:
         self.stages = {stage.name: stage for stage in stages}
         if len(self.stages) != len(stages):
             names = [s.name for s in stages]
-            raise ValueError(f"two stages share a name: {sorted({n for n in names if names.count(n) > 1})}")
+            raise ConfigError(f"two stages share a name: {sorted({n for n in names if names.count(n) > 1})}")
         for stage in stages:
             stage.check_fits(base)
         self.codec = SegmentCodec(base.tokenizer, step_marker_id)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         if check_every < 1:
-            raise ValueError(f"check_every must be >= 1, got {check_every}")
+            raise ConfigError(f"check_every must be >= 1, got {check_every}")
         self.check_every = check_every
         self.max_request_tokens = max_request_tokens
         self.decode_step = compiled_decode_step(base) if compile else None
@@ -142,11 +143,11 @@ class ChainEngine:
             sampling: SamplingConfig | None = None, step_input: StepInput | None = None,
             output_scores: bool = False, progress: bool = False) -> list[ChainResult]:
         if mode not in MODES:
-            raise ValueError(f"unknown mode '{mode}'; choose one of {MODES}")
+            raise ConfigError(f"unknown mode '{mode}'; choose one of {MODES}")
         for i, request in enumerate(requests):
             unknown = set(request.stages) - set(self.stages)
             if unknown:
-                raise ValueError(f"request {request.id or i}: unknown stage(s) {sorted(unknown)}; "
+                raise ConfigError(f"request {request.id or i}: unknown stage(s) {sorted(unknown)}; "
                                  f"loaded: {sorted(self.stages)}")
         sampling = sampling or SamplingConfig()
         results = []

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fthss.errors import ConfigError
+
 
 @dataclass
 class SamplingConfig:
@@ -16,7 +18,7 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("sampling: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+            raise ConfigError("sampling: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
 
     @property
     def greedy(self) -> bool:

@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fthss.datafiles import OnBad, json_document, jsonl_records, parse_each
+from fthss.errors import FthssError
 
 
-class ChainFormatError(ValueError):
+class ChainFormatError(FthssError):
     """A chain file or record that cannot be read; the message names the file, line and field."""
 
 

@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from fthss.errors import FthssError
 from fthss.atomic import atomic_save_safetensors, atomic_write_text
 from fthss.models.base import BaseModel
 from fthss.prompts.stage import Stage, StageConfig, prefix_width
@@ -29,7 +30,7 @@ CONFIG, WEIGHTS, FTHSS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPES = {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}
 
 
-class StageLoadError(ValueError):
+class StageLoadError(FthssError):
     """A stage folder that cannot be used; the message names the file and what differs."""
 
 

@@ -41,15 +41,15 @@ class StageConfig:
 
     def __post_init__(self):
         if not is_stage_name(self.name):
-            raise ValueError(f"stage name {self.name!r}: use letters, digits, '-' and '_'")
+            raise ConfigError(f"stage name {self.name!r}: use letters, digits, '-' and '_'")
         if self.kind not in KINDS:
-            raise ValueError(f"stage {self.name}: kind must be one of {KINDS}, not {self.kind!r}")
+            raise ConfigError(f"stage {self.name}: kind must be one of {KINDS}, not {self.kind!r}")
         if self.init not in INITS:
-            raise ValueError(f"stage {self.name}: init must be one of {INITS}, not {self.init!r}")
+            raise ConfigError(f"stage {self.name}: init must be one of {INITS}, not {self.init!r}")
         if self.init == "text" and not self.init_text:
-            raise ValueError(f"stage {self.name}: init 'text' needs init_text")
+            raise ConfigError(f"stage {self.name}: init 'text' needs init_text")
         if self.num_virtual_tokens < 1:
-            raise ValueError(f"stage {self.name}: num_virtual_tokens must be >= 1")
+            raise ConfigError(f"stage {self.name}: num_virtual_tokens must be >= 1")
 
 
 def prefix_width(base: BaseModel) -> int:
@@ -137,7 +137,7 @@ class Stage(torch.nn.Module):
             return [(base.rotate_keys(kv[2 * i], shift) if shift else kv[2 * i], kv[2 * i + 1])
                     for i in range(base.num_layers)]
         if first_position < n:
-            raise ValueError(f"stage {self.name}: first content position {first_position} < N={n}")
+            raise ConfigError(f"stage {self.name}: first content position {first_position} < N={n}")
         cache = DynamicCache()
         positions = torch.arange(first_position - n, first_position, device=base.device)
         base.forward(cache, positions[None], inputs_embeds=weight[None], logits=False)
@@ -170,7 +170,7 @@ def _initial_embeddings(config: StageConfig, base: BaseModel, generator: torch.G
         return table[torch.randint(0, table.shape[0], (n,), generator=generator)].clone()
     ids = base.tokenizer.encode(config.init_text, add_special_tokens=False)
     if not ids:
-        raise ValueError(f"stage {config.name}: init_text encodes to no tokens")
+        raise ConfigError(f"stage {config.name}: init_text encodes to no tokens")
     ids = (ids * math.ceil(n / len(ids)))[:n]  # as PEFT's TEXT init: repeat, then cut
     return table[torch.tensor(ids)].clone()
 

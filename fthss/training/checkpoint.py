@@ -25,12 +25,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fthss.atomic import atomic_write_text
+from fthss.errors import FthssError
 
 STAGES = "stages.safetensors"
 _FOLDER = re.compile(r"step-(\d{6})")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FthssError):
     """A checkpoint this run cannot resume from; the message names the file and what differs."""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fthss.datafiles import OnBad, parse_each
+from fthss.errors import ConfigError
 from fthss.layout.chain import ChainFormatError, ChainSample
 from fthss.layout.sequence import SegmentCodec
 from fthss.models.base import BaseModel
@@ -48,9 +49,9 @@ def train_method(base: BaseModel, samples: list[ChainSample], method: str, stage
     method trains on, or with a training sequence longer than the positions allowed, raises an
     error naming it (its `source`, file and line), or goes to `on_bad` and is left out."""
     if method not in METHODS:
-        raise ValueError(f"unknown method '{method}'; choose one of {METHODS}")
+        raise ConfigError(f"unknown method '{method}'; choose one of {METHODS}")
     if rounds not in ROUNDS:
-        raise ValueError(f"unknown rounds '{rounds}'; choose one of {ROUNDS}")
+        raise ConfigError(f"unknown rounds '{rounds}'; choose one of {ROUNDS}")
     if method == "adapt" and max_samples is None:
         max_samples = 5000  # the paper's section 4.4
     samples = samples[:max_samples]
@@ -60,7 +61,7 @@ def train_method(base: BaseModel, samples: list[ChainSample], method: str, stage
     by_name = {s.name: s for s in stages}
     missing = set(in_chain_order) - set(by_name)
     if missing:
-        raise ValueError(f"the {method} chains use stage(s) {sorted(missing)} that were neither "
+        raise ConfigError(f"the {method} chains use stage(s) {sorted(missing)} that were neither "
                          "given nor created")
     codec = SegmentCodec(base.tokenizer)
     limit = length_limit(config, base)

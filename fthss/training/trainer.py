@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from fthss.engine.cache import ChainCache
+from fthss.errors import ConfigError, EmptyDataError
 from fthss.layout.sequence import TokenChain, build_layout
 from fthss.models.base import BaseModel
 from fthss.prompts.stage import Stage
@@ -119,9 +120,9 @@ class Trainer:
 
         unknown = set(trained) - {s.name for s in stages}
         if unknown:
-            raise ValueError(f"cannot train unknown stage(s) {sorted(unknown)}")
+            raise ConfigError(f"cannot train unknown stage(s) {sorted(unknown)}")
         if not chains:
-            raise ValueError("no training sequences (does any sample contain a trained stage?)")
+            raise EmptyDataError("no training sequences (does any sample contain a trained stage?)")
         self.base, self.config, self.progress = base, config, progress
         # final stages land in output_dir/<name>; checkpoints, metrics and the loss curve in
         # a working folder of this run's own
