@@ -49,3 +49,33 @@ def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict | No
     from safetensors.torch import save
 
     atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata))
+
+
+class PartialFile:
+    """A text file written piece by piece: each piece goes to `PATH.partial` and onto the disk
+    as it comes, and the file is renamed to PATH once complete (`commit`). A run that fails
+    part way, or whose last rename fails (a full disk, a folder made read-only), leaves every
+    finished piece in `PATH.partial`. Opening it fails at once where the file cannot be
+    written, before any work it would hold is done."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.partial, "w", encoding="utf-8")  # noqa: SIM115 (closed in commit)
+
+    def write(self, text: str) -> None:
+        self._file.write(text)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def commit(self) -> None:
+        self._file.close()
+        os.replace(self.partial, self.path)
+        _fsync_directory(self.path.parent)
+
+    def __enter__(self) -> PartialFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()  # after a failure the partial file stays, with what was written

@@ -118,20 +118,50 @@ def cmd_verify(args) -> int:
     return 0 if ok else 1
 
 
+def output_file(path: str, option: str, *inputs: str) -> Path:
+    """The file an option names for output, refused before any work where it cannot be one:
+    empty, an existing folder, or one of the command's inputs."""
+    if not path:
+        raise ConfigError(f"{option}: empty; name a file")
+    out = Path(path)
+    if out.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; name a file")
+    for given in inputs:
+        if Path(given).exists() and out.resolve() == Path(given).resolve():
+            raise ConfigError(f"{option} {path}: is the input; writing it would destroy it")
+    return out
+
+
+def output_folder(path: str, option: str) -> Path:
+    """The folder an option names for output, created; refused where it cannot be one."""
+    if not path:
+        raise ConfigError(f"{option}: empty; name a folder")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{option} {path}: is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)  # under a file, or read-only: an OSError naming it
+    return out
+
+
 def cmd_run(args) -> int:
-    from fthss.atomic import atomic_write_text
+    from fthss.atomic import PartialFile
     from fthss.datafiles import parse_each
     from fthss.engine.engine import ChainEngine
     from fthss.engine.sampling import SamplingConfig
-    from fthss.layout.chain import ChainFormatError, load_chains
+    from fthss.layout.chain import ChainFormatError, check_request, load_chains
 
+    output = output_file(args.output, "--output", args.input)
     base = load_base(args)
     stages = _load_stages(args.stage, base)
     skips = _skip_report(args)
     names = {s.name for s in stages}
-    requests = parse_each(((r.source, r) for r in load_chains(args.input, skips)),
-                          lambda r, where: _given_stages(r, where, names), ChainFormatError,
-                          skips)
+
+    def runnable(request, where):
+        check_request(_given_stages(request, where, names), base.vocab_size, where)
+        return request
+
+    requests = parse_each(((r.source, r) for r in load_chains(args.input, skips)), runnable,
+                          ChainFormatError, skips)
     if not args.given_outputs:  # gold outputs in the file are for scoring, not for forcing
         for request in requests:
             for step in request.steps:
@@ -139,8 +169,16 @@ def cmd_run(args) -> int:
     engine = ChainEngine(base, stages, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, max_request_tokens=args.max_request_tokens)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
-    results = engine.run(requests, args.mode, sampling, progress=True)
-    atomic_write_text(args.output, "".join(json.dumps(r.to_json()) + "\n" for r in results))
+    with PartialFile(output) as written:
+        try:
+            results = engine.run(requests, args.mode, sampling, progress=True, on_results=lambda
+                                 done: written.write("".join(json.dumps(r.to_json()) + "\n"
+                                                             for r in done)))
+            written.commit()
+        except OSError:
+            print(f"fthss run: the results finished so far are in {written.partial}",
+                  file=sys.stderr)
+            raise
     decoded = sum(s.stats.decoded_tokens for r in results for s in r.steps)
     failed = [(q, r) for q, r in zip(requests, results) if r.error]
     for request, result in failed:
@@ -158,6 +196,7 @@ def cmd_train(args) -> int:
     from fthss.training.methods import method_view
     from fthss.training.run import train_method
 
+    output_folder(args.out, "--out")
     base = load_base(args)
     skips = _skip_report(args)
     samples = [s for path in args.data for s in load_chains(path, skips)]
@@ -192,10 +231,15 @@ def cmd_eval(args) -> int:
     from fthss.prompts.io import load_stage
     from fthss.tasks import get_task
 
-    base = load_base(args)
+    out = output_folder(args.out, "--out")
     task = get_task(args.task)
     skips = _skip_report(args)
     records = task.records(args.data, skips)[: args.max_records]
+    if not records:
+        why = ("--max-records 0" if args.max_records == 0 else
+               "every record was skipped" if skips and skips.skipped else "it holds no record")
+        raise EmptyDataError(f"{args.data}: nothing to evaluate ({why})")
+    base = load_base(args)
     stage_sets = {}
     for spec in args.stages:
         method, _, folder = spec.partition("=")
@@ -217,7 +261,7 @@ def cmd_eval(args) -> int:
     _print_skipped(args, skips)
     results = evaluate(base, task, records, stage_sets, retriever, not args.no_gold_upstream,
                        args.batch_size, progress=True, max_new_tokens=args.max_new_tokens)
-    out = write_report([results], args.out)
+    write_report([results], out)
     print((out / "report.md").read_text())
     return 0
 

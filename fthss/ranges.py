@@ -24,8 +24,13 @@ class IntRange:
     low: int
     high: int = INT32_MAX
 
-    def describe(self) -> str:
-        return f"must be >= {self.low} and <= {self.high}"
+    def describe(self, value=None) -> str:
+        """What the range requires, naming the end `value` falls past (both if unknown)."""
+        if isinstance(value, int) and value > self.high:
+            return f"must be <= {self.high}"
+        if isinstance(value, int) and not isinstance(value, bool) and value < self.low:
+            return f"must be >= {self.low}"
+        return f"must be an integer from {self.low} to {self.high}"
 
     def contains(self, value) -> bool:
         """An int (not a bool: `true` is no count) within the range."""
@@ -35,7 +40,7 @@ class IntRange:
     def check(self, value, what: str, error: type[Exception] = ConfigError):
         """`value` if it is in range, else `error` naming `what` (a field, an option)."""
         if not self.contains(value):
-            raise error(f"{what}: {self.describe()}, got {_short(value)}")
+            raise error(f"{what}: {self.describe(value)}, got {_short(value)}")
         return value
 
     def arg(self, text: str) -> int:
@@ -45,7 +50,7 @@ class IntRange:
         except ValueError:
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
         if not self.contains(value):
-            raise argparse.ArgumentTypeError(f"{self.describe()}, got {_short(value)}")
+            raise argparse.ArgumentTypeError(f"{self.describe(value)}, got {_short(value)}")
         return value
 
 

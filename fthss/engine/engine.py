@@ -25,9 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from fthss.engine.cache import ChainCache, compiled_decode_step
-from fthss.engine.sampling import SamplingConfig
+from fthss.engine.sampling import SamplingConfig, request_key
 from fthss.errors import ConfigError
-from fthss.layout.chain import ChainSample
+from fthss.layout.chain import ChainFormatError, ChainSample, check_request
 from fthss.layout.sequence import SegmentCodec, TokenChain, TokenStep
 from fthss.layout.visibility import Kind, TokenMeta
 from fthss.models.base import BaseModel
@@ -141,24 +141,50 @@ class ChainEngine:
 
     def run(self, requests: list[ChainSample], mode: str = "shared",
             sampling: SamplingConfig | None = None, step_input: StepInput | None = None,
-            output_scores: bool = False, progress: bool = False) -> list[ChainResult]:
+            output_scores: bool = False, progress: bool = False,
+            on_results: Callable[[list[ChainResult]], None] | None = None) -> list[ChainResult]:
+        """One result per request, in order. A request the model cannot run (text that is not
+        valid Unicode, a stop token id past the vocabulary, over the positions or the cache
+        budget) fails alone: its result carries the error and its batch-mates run as without
+        it. `on_results` receives the results as they are done, in request order, batch by
+        batch (`fthss run` writes them as they come, so a failure later loses none)."""
         if mode not in MODES:
             raise ConfigError(f"unknown mode '{mode}'; choose one of {MODES}")
         for i, request in enumerate(requests):
             unknown = set(request.stages) - set(self.stages)
             if unknown:
                 raise ConfigError(f"request {request.id or i}: unknown stage(s) {sorted(unknown)}; "
-                                 f"loaded: {sorted(self.stages)}")
+                                  f"loaded: {sorted(self.stages)}")
         sampling = sampling or SamplingConfig()
-        results = []
+        results: list[ChainResult | None] = [None] * len(requests)
+        for i, request in enumerate(requests):
+            try:
+                check_request(request, self.base.vocab_size, request.source or f"request {i}")
+            except ChainFormatError as err:
+                results[i] = ChainResult(request.id, mode, [], TokenChain([], []), str(err))
+        runnable = [i for i, result in enumerate(results) if result is None]
+        done = 0  # results[:done] were handed to on_results
+
+        def hand_over(upto: int) -> None:
+            nonlocal done
+            if on_results is not None and upto > done:
+                on_results(results[done:upto])
+            done = max(done, upto)
+
         with torch.no_grad():
-            starts = range(0, len(requests), self.batch_size)
+            starts = range(0, len(runnable), self.batch_size)
             for start in tqdm(starts, desc=f"{mode} chains", unit="batch", disable=not progress):
-                rows = [_Row(i, r, sampling.generator(start + i), TokenChain([], []))
-                        for i, r in enumerate(requests[start:start + self.batch_size])]
+                batch = runnable[start:start + self.batch_size]
+                rows = [_Row(slot, requests[i], sampling.generator(request_key(requests[i])),
+                             TokenChain([], [])) for slot, i in enumerate(batch)]
                 self._run_batch(rows, mode, sampling, step_input, output_scores)
-                results += [ChainResult(r.request.id, mode, r.results, r.tokens, r.error)
-                            for r in rows]
+                for i, row in zip(batch, rows):
+                    results[i] = ChainResult(row.request.id, mode, row.results, row.tokens,
+                                             row.error)
+                # the failed requests after this batch, up to the next runnable one, are done too
+                hand_over(runnable[start + self.batch_size] if start + self.batch_size < len(runnable)
+                          else len(requests))
+        hand_over(len(requests))
         return results
 
     def _run_batch(self, rows, mode, sampling, step_input, output_scores):

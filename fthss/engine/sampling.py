@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +16,7 @@ class SamplingConfig:
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0: no top-k cut
     top_p: float = 1.0
-    seed: int = 0  # request i samples from its own generator seeded seed + i
+    seed: int = 0  # each request samples from its own generator, keyed by (seed, request)
 
     def __post_init__(self):
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
@@ -24,9 +26,14 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def generator(self, request_index: int) -> torch.Generator | None:
-        """One generator per request, so what a request samples does not depend on its batch."""
-        return None if self.greedy else torch.Generator().manual_seed(self.seed + request_index)
+    def generator(self, key: str) -> torch.Generator | None:
+        """One generator per request, seeded from the run's seed and the request's `key`
+        (`request_key`): what a request samples depends on neither its batch-mates nor its
+        place in the file, so adding or removing another request changes nothing for it."""
+        if self.greedy:
+            return None
+        digest = hashlib.sha256(f"{self.seed}\0{key}".encode("utf-8", "backslashreplace"))
+        return torch.Generator().manual_seed(int.from_bytes(digest.digest()[:8], "little") >> 1)
 
     def choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
         """The next token from one row of logits `[vocab]`."""
@@ -42,3 +49,11 @@ class SamplingConfig:
             drop = torch.cumsum(torch.softmax(ordered, -1), -1) - torch.softmax(ordered, -1) >= self.top_p
             scores[order[drop]] = float("-inf")
         return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
+
+
+def request_key(request) -> str:
+    """What a request's sampling is keyed by: its id, or its content when it has none (two
+    requests without ids and with the same content then sample alike, as one request twice)."""
+    if request.id is not None:
+        return f"id:{request.id}"
+    return "content:" + json.dumps(request.to_json(), sort_keys=True)

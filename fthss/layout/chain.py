@@ -12,8 +12,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fthss.datafiles import OnBad, json_document, jsonl_records, parse_each
+from fthss.datafiles import OnBad, check_unicode, json_document, jsonl_records, parse_each
 from fthss.errors import FthssError
+from fthss.ranges import COUNT, NON_NEGATIVE, TOKEN_ID
 
 
 class ChainFormatError(FthssError):
@@ -101,16 +102,15 @@ def chain_from_json(record: dict, where: str) -> ChainSample:
         if step.get("output") is not None and not step["output"].strip():
             raise ChainFormatError(f"{at}.output: empty; leave it out (or null) for the engine "
                                    "to generate it")
-        if step.get("max_new_tokens") is not None and step["max_new_tokens"] < 1:
+        if step.get("max_new_tokens") is not None:
             # the engine generates at least one token per step and reads 0 as "no limit set"
-            raise ChainFormatError(f"{at}.max_new_tokens: must be >= 1, got {step['max_new_tokens']}")
-        if step.get("min_new_tokens", 0) < 0:
-            raise ChainFormatError(f"{at}.min_new_tokens: must be >= 0, got {step['min_new_tokens']}")
+            COUNT.check(step["max_new_tokens"], f"{at}.max_new_tokens", ChainFormatError)
+        NON_NEGATIVE.check(step.get("min_new_tokens", 0), f"{at}.min_new_tokens", ChainFormatError)
         if not all(isinstance(s, str) and s for s in step.get("stop", [])):
             raise ChainFormatError(f"{at}.stop: must be a list of non-empty strings")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                   for t in step.get("stop_token_ids", [])):
-            raise ChainFormatError(f"{at}.stop_token_ids: must be a list of token ids")
+        for j, token in enumerate(step.get("stop_token_ids", [])):
+            # the vocabulary's size is checked where the model is known (`check_request`)
+            TOKEN_ID.check(token, f"{at}.stop_token_ids[{j}]", ChainFormatError)
         parsed.append(Step(**step))
     return ChainSample(shared=shared, steps=parsed, id=None if chain_id is None else str(chain_id),
                        source=where)
@@ -122,6 +122,7 @@ def chain_from_authors(record: dict, where: str) -> ChainSample:
     multi-round steps in (round, stage) order. An input belongs to the stage's first step."""
     if not isinstance(record, dict):
         raise ChainFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    check_unicode(record, where, ChainFormatError)  # a JSONL line was checked as it was read
     outputs, inputs = [], {}
     for key, value in record.items():
         if key == "I_ALL":
@@ -149,6 +150,18 @@ def chain_from_authors(record: dict, where: str) -> ChainSample:
     for _, stage, text in sorted(outputs, key=lambda o: (o[0], o[1])):
         steps.append(Step(stage=stage, input=inputs.pop(stage, None), output=text))
     return ChainSample(shared=shared, steps=steps, source=where)
+
+
+def check_request(sample: ChainSample, vocab_size: int, where: str) -> None:
+    """What a file's format cannot know but a model can: every stop token id within the
+    vocabulary of `vocab_size` tokens. And what Python-made requests were never checked for:
+    text that is valid Unicode. Raises ChainFormatError naming `where` and the field."""
+    check_unicode(sample.to_json(), where, ChainFormatError)
+    for k, step in enumerate(sample.steps):
+        for j, token in enumerate(step.stop_token_ids):
+            if not 0 <= token < vocab_size:
+                raise ChainFormatError(f"{where}: steps[{k}].stop_token_ids[{j}]: {token} is not a "
+                                       f"token id of this model (its vocabulary has {vocab_size})")
 
 
 def load_chains(path: str | Path, on_bad: OnBad | None = None) -> list[ChainSample]:

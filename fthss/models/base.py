@@ -99,6 +99,12 @@ class BaseModel:
                 or self.config.hidden_size // self.config.num_attention_heads)
 
     @property
+    def vocab_size(self) -> int:
+        """Rows of the logits: the token ids the model can produce (stop ids must be below)."""
+        head = self.model.get_output_embeddings()
+        return head.weight.shape[0] if head is not None else self.config.vocab_size
+
+    @property
     def max_positions(self) -> int:
         """Longest position + 1 the model is made for (RoPE works past it, but badly)."""
         return self.config.max_position_embeddings

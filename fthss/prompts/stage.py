@@ -21,6 +21,8 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
+from fthss.datafiles import is_valid_unicode
+from fthss.errors import ConfigError
 from fthss.layout.chain import is_stage_name
 from fthss.models.base import BaseModel
 
@@ -48,6 +50,9 @@ class StageConfig:
             raise ConfigError(f"stage {self.name}: init must be one of {INITS}, not {self.init!r}")
         if self.init == "text" and not self.init_text:
             raise ConfigError(f"stage {self.name}: init 'text' needs init_text")
+        if self.init_text is not None and not (isinstance(self.init_text, str)
+                                               and is_valid_unicode(self.init_text)):
+            raise ConfigError(f"stage {self.name}: init_text must be valid Unicode text")
         if self.num_virtual_tokens < 1:
             raise ConfigError(f"stage {self.name}: num_virtual_tokens must be >= 1")
 

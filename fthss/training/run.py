@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fthss.datafiles import OnBad, parse_each
-from fthss.errors import ConfigError
+from fthss.errors import ConfigError, EmptyDataError
 from fthss.layout.chain import ChainFormatError, ChainSample
 from fthss.layout.sequence import SegmentCodec
 from fthss.models.base import BaseModel
@@ -55,6 +55,9 @@ def train_method(base: BaseModel, samples: list[ChainSample], method: str, stage
     if method == "adapt" and max_samples is None:
         max_samples = 5000  # the paper's section 4.4
     samples = samples[:max_samples]
+    if not samples:
+        raise EmptyDataError("no training samples (none read, every one skipped, or "
+                             "max_samples 0)")
     views = [method_view(method, s) for s in samples]
     in_chain_order = list(dict.fromkeys(step.stage for s in views for step in s.steps))
     train = train or in_chain_order

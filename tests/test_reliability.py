@@ -1,0 +1,333 @@
+"""What a hostile tester broke (issue 26), one section per class of failure: text that is not
+Unicode, numbers out of range, nothing to evaluate, names that become paths, configs and stage
+files, numerics, file-system faults, two runs in one folder, settings changed on rerun, and
+sampling that must not depend on batch neighbours. Each test fails without its handling."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fthss.cli import main
+from fthss.datafiles import SkipReport
+from fthss.engine.engine import ChainEngine
+from fthss.engine.sampling import SamplingConfig
+from fthss.layout.chain import ChainFormatError, ChainSample, Step, load_chains
+from fthss.prompts.stage import Stage, StageConfig
+
+DATA = Path(__file__).with_name("data")
+CHAINS = DATA / "chains.jsonl"
+LLAMA = ["--arch", "tiny-llama"]
+
+
+@pytest.fixture
+def stages(tmp_path):
+    for name, kind in (("A", "prompt"), ("B", "prefix")):
+        assert main(["stage", "create", *LLAMA, "--name", name, "--kind", kind,
+                     "--tokens", "4", "--out", str(tmp_path / name)]) == 0
+    return [str(tmp_path / "A"), str(tmp_path / "B")]
+
+
+def run_command(stages, data, out, *extra):
+    return ["run", *LLAMA, "--stage", stages[0], "--stage", stages[1], "--input", str(data),
+            "--output", str(out), "--max-new-tokens", "2", *extra]
+
+
+def errors(capsys) -> list[str]:
+    """The lines fthss itself wrote to stderr (not the progress bars)."""
+    return [line for line in capsys.readouterr().err.splitlines()
+            if line.startswith(("skipped", "fthss", "/"))]
+
+
+# 1. Text that is not valid Unicode ------------------------------------------------------------
+
+@pytest.mark.parametrize("line, field", [
+    ('{"shared": "\\ud800", "steps": [{"stage": "A"}]}', "shared"),
+    ('{"shared": "q", "steps": [{"stage": "A", "input": "x\\udfff"}]}', r"steps\[0\].input"),
+    ('{"shared": "q", "steps": [{"stage": "A", "stop": ["\\ud800"]}]}', r"steps\[0\].stop\[0\]"),
+    ('{"id": "\\udc80", "shared": "q", "steps": [{"stage": "A"}]}', "id"),
+    ('{"shared": "q", "steps": [{"stage": "A", "output": "\\ud83d"}]}', r"steps\[0\].output"),
+    ('{"shared": "q", "\\ud800": 1, "steps": [{"stage": "A"}]}', "key"),
+])
+def test_text_that_is_not_unicode_is_a_bad_record_named_by_field(tmp_path, line, field):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"shared": "ok", "steps": [{"stage": "A"}]}\n' + line + "\n")
+    with pytest.raises(ChainFormatError, match=r"bad\.jsonl:2: " + field + ".*not valid Unicode"):
+        load_chains(path)
+    skips = SkipReport()
+    assert len(load_chains(path, skips)) == 1 and skips.skipped == 1
+
+
+@pytest.mark.parametrize("record, field", [({"I_ALL": "\ud800", "O_A": "a"}, "I_ALL"),
+                                           ({"I_ALL": "q", "O_A": "a\udfff"}, "O_A")])
+def test_text_that_is_not_unicode_in_the_authors_format(tmp_path, record, field):
+    path = tmp_path / "bad.json"
+    # json.dumps writes lone surrogates as \ud800 escapes, as a hostile file would hold them
+    path.write_text(json.dumps([{"I_ALL": "q", "O_A": "a"}, record]))
+    with pytest.raises(ChainFormatError, match=rf"bad\.json: record 1: {field}: not valid Unicode"):
+        load_chains(path)
+    skips = SkipReport()
+    assert len(load_chains(path, skips)) == 1 and skips.skipped == 1
+
+
+def test_text_that_is_not_unicode_in_a_test_record_and_a_corpus(tmp_path):
+    from fthss.retrieval.bm25 import BM25Retriever, CorpusFormatError
+    from fthss.tasks import get_task
+
+    test = tmp_path / "test.json"
+    test.write_text(json.dumps([{"question": "q \ud800", "answer": "A"},
+                                {"question": "Is it? Options: A. yes B. no", "answer": "B"}]))
+    with pytest.raises(ChainFormatError, match="record 0: question: not valid Unicode"):
+        get_task("memory_reasoning").records(test)
+    assert len(get_task("memory_reasoning").records(test, SkipReport())) == 1
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": "p1", "text": "Oslo is a city"}\n{"id": "p2", "text": "\\ud800"}\n')
+    with pytest.raises(CorpusFormatError, match=r"corpus\.jsonl:2: text: not valid Unicode"):
+        BM25Retriever.from_file(corpus)
+    assert BM25Retriever.from_file(corpus, SkipReport()).ids == ["p1"]
+
+
+def test_cli_run_skips_text_that_is_not_unicode(stages, tmp_path, capsys):
+    data = tmp_path / "in.jsonl"
+    data.write_text(CHAINS.read_text() + '{"shared": "\\ud800", "steps": [{"stage": "A"}]}\n')
+    out = tmp_path / "out.jsonl"
+    assert main(run_command(stages, data, out)) == 2
+    assert f"fthss run: error: {data}:3: shared: not valid Unicode" in "\n".join(errors(capsys))
+    assert main(run_command(stages, data, out, "--skip-bad")) == 0
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_engine_fails_a_request_that_is_not_unicode_alone(llama):
+    stage = Stage.create(StageConfig("A", "prompt", 2), llama, seed=0)
+    engine = ChainEngine(llama, [stage], max_new_tokens=2)
+    good = ChainSample("q", [Step("A", input="x")], id="good")
+    results = engine.run([ChainSample("\ud800", [Step("A")], id="bad"), good])
+    assert "shared: not valid Unicode" in results[0].error and results[1].error is None
+    assert results[1].steps[0].output_ids == engine.run([good])[0].steps[0].output_ids
+
+
+def test_an_init_text_that_is_not_unicode_is_an_error(tmp_path, capsys):
+    # a non-UTF-8 byte on the command line arrives as a lone surrogate (surrogateescape)
+    assert main(["stage", "create", *LLAMA, "--name", "A", "--init", "text", "--init-text",
+                 "x\udcff", "--out", str(tmp_path / "A")]) == 2
+    assert "init_text must be valid Unicode" in capsys.readouterr().err
+
+
+# 2. Numbers out of range ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("step, field", [
+    ({"min_new_tokens": 2**63}, r"min_new_tokens: must be <= 2147483647"),
+    ({"max_new_tokens": 2**64}, r"max_new_tokens: must be <= 2147483647"),
+    ({"stop_token_ids": [1, 2**63]}, r"stop_token_ids\[1\]: must be <= 2147483647"),
+    ({"stop_token_ids": [-5]}, r"stop_token_ids\[0\]: must be >= 0"),
+])
+def test_numbers_past_any_model_are_named_at_load(tmp_path, step, field):
+    path = tmp_path / "big.jsonl"
+    path.write_text(json.dumps({"shared": "q", "steps": [{"stage": "A", **step}]}) + "\n")
+    with pytest.raises(ChainFormatError, match=r"big\.jsonl:1: steps\[0\]\." + field):
+        load_chains(path)
+
+
+def test_a_stop_token_past_the_vocabulary_is_named_and_skippable(stages, tmp_path, capsys, llama):
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"id": "bad", "shared": "q", "steps": [
+        {"stage": "A", "stop_token_ids": [llama.vocab_size]}]}) + "\n" + CHAINS.read_text())
+    out = tmp_path / "out.jsonl"
+    assert main(run_command(stages, data, out)) == 2
+    assert (f"{data}:1: steps[0].stop_token_ids[0]: {llama.vocab_size} is not a token id of "
+            "this model") in "\n".join(errors(capsys))
+    assert not out.exists()
+    assert main(run_command(stages, data, out, "--skip-bad")) == 0
+    assert [json.loads(row)["id"] for row in out.read_text().splitlines()] == [
+        "compress-1", "rounds-1"]
+
+
+def test_engine_fails_a_stop_token_past_the_vocabulary_alone(llama):
+    stage = Stage.create(StageConfig("A", "prompt", 2), llama, seed=0)
+    engine = ChainEngine(llama, [stage], max_new_tokens=2)
+    bad = ChainSample("q", [Step("A", stop_token_ids=[llama.vocab_size + 7])], id="bad")
+    good = ChainSample("q", [Step("A", input="x")], id="good")
+    results = engine.run([good, bad, good])
+    assert results[1].error and "not a token id" in results[1].error
+    assert results[0].error is None and results[0].output == results[2].output
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("train", "--max-grad-norm", "-1"), ("train", "--max-samples", "-1"),
+    ("train", "--lr", "nan"), ("train", "--epochs", "inf"), ("train", "--seed", str(2**70)),
+    ("train", "--max-steps", "0"), ("train", "--warmup-ratio", "1"),
+    ("eval", "--max-records", "-1"), ("eval", "--max-new-tokens", "-3"),
+    ("run", "--temperature", "-1"), ("run", "--top-p", "0"), ("run", "--top-k", "-2"),
+    ("run", "--max-new-tokens", str(2**63)),
+])
+def test_every_numeric_option_has_its_range(command, option, value, capsys):
+    required = {"train": ["--data", "x.jsonl", "--out", "o"],
+                "eval": ["--task", "compress_qa", "--data", "x", "--stages", "fthss=x"],
+                "run": ["--stage", "x", "--input", "x", "--output", "y"]}[command]
+    with pytest.raises(SystemExit) as exit_:
+        main([command, *LLAMA, *required, option, value])
+    assert exit_.value.code == 2 and f"argument {option}: must be" in capsys.readouterr().err
+
+
+# 3. Nothing to evaluate -----------------------------------------------------------------------
+
+@pytest.fixture
+def fthss_stages(tmp_path):
+    root = tmp_path / "stages"
+    for name in ("A", "B"):
+        assert main(["stage", "create", *LLAMA, "--name", name, "--tokens", "2",
+                     "--out", str(root / name)]) == 0
+    return f"fthss={root}"
+
+
+@pytest.mark.parametrize("content, extra, why", [
+    ([], [], "it holds no record"),
+    (None, ["--max-records", "0"], "--max-records 0"),
+    ([{"I_ALL": "q", "O_B": "x"}], ["--skip-bad"], "every record was skipped"),
+])
+def test_nothing_to_evaluate_is_said(tmp_path, capsys, fthss_stages, content, extra, why):
+    data = tmp_path / "test.json"
+    if content is None:
+        data.write_text((DATA / "compress_qa_sample.json").read_text())
+    else:
+        data.write_text(json.dumps(content))
+    assert main(["eval", *LLAMA, "--task", "compress_qa", "--data", str(data), "--stages",
+                 fthss_stages, "--out", str(tmp_path / "report"), *extra]) == 2
+    assert f"fthss eval: error: {data}: nothing to evaluate ({why})" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [None, 5, "x", []])
+def test_a_bad_first_test_record_does_not_change_the_format(tmp_path, bad):
+    from fthss.tasks import get_task
+
+    data = tmp_path / "test.json"
+    good = {"question": "Is it? Options: A. yes B. no", "answer": "B"}
+    data.write_text(json.dumps([bad, good, good]))
+    task = get_task("memory_reasoning")
+    with pytest.raises(ChainFormatError, match="record 0: test records need"):
+        task.records(data)
+    skips = SkipReport()
+    records = task.records(data, skips)
+    assert [r.answer for r in records] == ["B", "B"] and skips.skipped == 1
+    assert [r.id for r in records] == ["1", "2"]  # ids are their place in the file
+
+
+# 7. File-system faults ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("output, message", [
+    ("", "--output: empty"), ("{tmp}", "is a folder"), (str(CHAINS), "is the input")])
+def test_run_refuses_an_output_it_cannot_write_before_any_work(stages, tmp_path, capsys, output,
+                                                               message, monkeypatch):
+    monkeypatch.setattr(ChainEngine, "run", lambda *a, **k: pytest.fail("ran"))
+    assert main(run_command(stages, CHAINS, output.format(tmp=tmp_path))) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_keeps_finished_results_when_the_final_write_fails(stages, tmp_path, capsys,
+                                                               monkeypatch):
+    out = tmp_path / "out.jsonl"
+    replace = os.replace
+
+    def full_disk(src, dst, *args, **kwargs):
+        if str(dst) == str(out):
+            raise OSError(28, "No space left on device", str(dst))
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    assert main(run_command(stages, CHAINS, out, "--batch-size", "1")) == 1
+    err = "\n".join(errors(capsys))
+    assert f"fthss run: error: {out}: No space left on device" in err
+    assert f"the results finished so far are in {out}.partial" in err
+    rows = [json.loads(line) for line in Path(f"{out}.partial").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["compress-1", "rounds-1"] and not out.exists()
+
+
+def test_run_writes_each_batch_as_it_is_done(stages, tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    seen = []
+    run = ChainEngine.run
+
+    def watched(self, requests, *args, on_results=None, **kwargs):
+        def record(done):
+            on_results(done)
+            seen.append(Path(f"{out}.partial").read_text().count("\n"))
+        return run(self, requests, *args, on_results=record, **kwargs)
+
+    monkeypatch.setattr(ChainEngine, "run", watched)
+    assert main(run_command(stages, CHAINS, out, "--batch-size", "1")) == 0
+    assert seen == [1, 2] and not Path(f"{out}.partial").exists()
+
+
+def test_file_system_faults_are_one_line_not_a_traceback(stages, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(run_command(stages, CHAINS, a_file / "out.jsonl")) == 1
+    assert f"fthss run: error: {a_file}" in capsys.readouterr().err
+    assert main(["stage", "create", *LLAMA, "--name", "A", "--out", str(a_file / "A")]) == 1
+    assert f"fthss stage: error: {a_file}" in capsys.readouterr().err
+    assert main(["eval", *LLAMA, "--task", "compress_qa", "--data",
+                 str(DATA / "compress_qa_sample.json"), "--stages", f"fthss={a_file}",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert f"{a_file} is not a folder" in capsys.readouterr().err
+    assert main(["train", *LLAMA, "--data", str(CHAINS), "--out", str(a_file)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spoil", ["config", "weights", "config-not-utf8"])
+def test_a_broken_base_folder_is_named(tmp_path, capsys, spoil, llama):
+    folder = tmp_path / "base"
+    llama.model.save_pretrained(folder)
+    llama.tokenizer.save_pretrained(folder)
+    if spoil == "config":
+        (folder / "config.json").write_text('{"model_type": "llama", ')
+    elif spoil == "config-not-utf8":
+        (folder / "config.json").write_bytes(b'{"model_type": "\xff"}')
+    else:
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["verify", "--base", str(folder), "--chains", "1"]) == 2
+    assert f"fthss verify: error: {folder}: cannot load the model" in capsys.readouterr().err
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    import fthss.cli
+
+    def broken(args):
+        raise ValueError("a bug, not a user's error")
+
+    monkeypatch.setattr(fthss.cli, "cmd_stage_create", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["stage", "create", *LLAMA, "--name", "A", "--out", "x"])
+
+
+# 10. Sampling does not depend on batch neighbours ---------------------------------------------
+
+def test_sampling_depends_on_the_request_not_its_place(llama):
+    stage = Stage.create(StageConfig("A", "prompt", 2), llama, seed=0)
+    engine = ChainEngine(llama, [stage], max_new_tokens=6, batch_size=2)
+    sampling = SamplingConfig(temperature=1.0, seed=3)
+    requests = [ChainSample(f"question {i}", [Step("A", input="x")], id=f"r{i}")
+                for i in range(3)] + [ChainSample("no id", [Step("A")])]
+    alone = [engine.run([r], sampling=sampling)[0].steps[0].output_ids for r in requests]
+    neighbour = ChainSample("\ud800", [Step("A")], id="bad")  # fails, but takes a place
+    extra = ChainSample("another", [Step("A")], id="x")
+    mixed = engine.run([neighbour, extra, *requests], sampling=sampling)
+    assert [r.steps[0].output_ids for r in mixed[2:]] == alone
+    assert len({tuple(ids) for ids in alone}) > 1  # requests do draw different samples
+    reseeded = engine.run(requests, sampling=SamplingConfig(temperature=1.0, seed=4))
+    assert [r.steps[0].output_ids for r in reseeded] != alone
+
+
+def test_results_reach_on_results_in_order(llama):
+    stage = Stage.create(StageConfig("A", "prompt", 2), llama, seed=0)
+    engine = ChainEngine(llama, [stage], max_new_tokens=2, batch_size=2)
+    good = [ChainSample(f"q{i}", [Step("A")], id=str(i)) for i in range(4)]
+    bad = ChainSample("q", [Step("A", stop_token_ids=[10**6])], id="bad")
+    handed = []
+    results = engine.run([bad, good[0], good[1], bad, good[2], good[3], bad],
+                         on_results=lambda done: handed.append([r.id for r in done]))
+    assert handed == [["bad", "0", "1", "bad"], ["2", "3", "bad"]]
+    assert [r.id for r in results] == ["bad", "0", "1", "bad", "2", "3", "bad"]
+    assert torch.tensor([r.error is not None for r in results]).sum() == 3
