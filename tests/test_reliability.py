@@ -214,6 +214,42 @@ def test_a_bad_first_test_record_does_not_change_the_format(tmp_path, bad):
     assert [r.id for r in records] == ["1", "2"]  # ids are their place in the file
 
 
+# 4. Names that become paths ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["a" * 65, "é" * 33, "A" * 300])
+def test_a_stage_name_too_long_for_a_folder_is_refused_everywhere(tmp_path, capsys, name):
+    jsonl = tmp_path / "long.jsonl"
+    jsonl.write_text(json.dumps({"shared": "q", "steps": [{"stage": name, "output": "x"}]}) + "\n")
+    with pytest.raises(ChainFormatError, match=r"steps\[0\].stage: .* at most 64 bytes"):
+        load_chains(jsonl)
+    authors = tmp_path / "long.json"
+    authors.write_text(json.dumps([{"I_ALL": "q", f"O_{name}": "x"}]))
+    with pytest.raises(ChainFormatError, match="record 0: (unknown )?field 'O_"):
+        load_chains(authors)
+    assert main(["stage", "create", *LLAMA, "--name", name, "--out", str(tmp_path / "s")]) == 2
+    assert "at most 64 bytes" in capsys.readouterr().err
+
+
+def test_many_long_stage_names_train_into_folders_that_fit(tmp_path):
+    names = [f"{c}" * 64 for c in "ABCDEF"]  # the longest names allowed, six of them
+    data = tmp_path / "train.jsonl"
+    steps = [{"stage": n, "output": f"out {i}"} for i, n in enumerate(names)]
+    data.write_text(json.dumps({"shared": "q", "steps": steps}) + "\n")
+    out = tmp_path / "out"
+    assert main(["train", *LLAMA, "--data", str(data), "--out", str(out), "--tokens", "1",
+                 "--max-steps", "1", "--grad-accumulation", "1"]) == 0
+    work = [p.name for p in out.iterdir() if p.name.startswith("train-")]
+    assert len(work) == 1 and len(work[0].encode()) < 100 and "~" in work[0]
+    assert all((out / n / "adapter_model.safetensors").is_file() for n in names)
+
+
+def test_authors_keys_are_matched_whole(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps([{"I_ALL": "q", "O_A\n": "x"}]))
+    with pytest.raises(ChainFormatError, match="unknown field 'O_A\\n'"):
+        load_chains(path)
+
+
 # 7. File-system faults ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("output, message", [

@@ -8,11 +8,12 @@ turns it into tokens and metadata.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fthss.datafiles import OnBad, check_unicode, json_document, jsonl_records, parse_each
+from fthss.datafiles import OnBad, check_unicode, is_valid_unicode, json_document, jsonl_records, parse_each
 from fthss.errors import FthssError
 from fthss.ranges import COUNT, NON_NEGATIVE, TOKEN_ID
 
@@ -21,10 +22,27 @@ class ChainFormatError(FthssError):
     """A chain file or record that cannot be read; the message names the file, line and field."""
 
 
+MAX_STAGE_NAME_BYTES = 64
+STAGE_NAME_RULE = f"letters, digits, '-' and '_', at most {MAX_STAGE_NAME_BYTES} bytes as UTF-8"
+
+
 def is_stage_name(name: str) -> bool:
-    """Letters, digits, '-' and '_'. A stage's name is also a folder name (`fthss train` saves
-    stage S to OUT/S), so a name read from a data file can never lead out of that folder."""
-    return bool(name) and name.replace("_", "").replace("-", "").isalnum()
+    """Letters, digits, '-' and '_', at most MAX_STAGE_NAME_BYTES. A stage's name is also a
+    folder name (`fthss train` saves stage S to OUT/S), so a name read from a data file can
+    never lead out of that folder, nor past the 255 bytes a file name may have."""
+    return (isinstance(name, str) and bool(name) and name.replace("_", "").replace("-", "").isalnum()
+            and is_valid_unicode(name) and len(name.encode("utf-8")) <= MAX_STAGE_NAME_BYTES)
+
+
+def phase_folder(names: list[str]) -> str:
+    """The folder name of a training phase over the stages `names`: `train-A+B`, or, when that
+    would be too long for a file name, its first 64 bytes and a hash of the whole (`~` is in no
+    stage name, so a shortened name never equals a whole one)."""
+    joined = "+".join(names)
+    if len(joined.encode("utf-8")) <= 2 * MAX_STAGE_NAME_BYTES:
+        return f"train-{joined}"
+    digest = hashlib.sha256(joined.encode("utf-8")).hexdigest()[:16]
+    return f"train-{joined.encode('utf-8')[:64].decode('utf-8', 'ignore')}~{digest}"
 
 
 @dataclass
@@ -97,8 +115,8 @@ def chain_from_json(record: dict, where: str) -> ChainSample:
                     isinstance(value, bool) and _STEP_FIELDS[name] is not bool):
                 raise ChainFormatError(f"{at}.{name}: wrong type {type(value).__name__}")
         if not is_stage_name(step["stage"]):
-            raise ChainFormatError(f"{at}.stage: {step['stage']!r} is not a stage name (letters, "
-                                   "digits, '-' and '_')")
+            raise ChainFormatError(f"{at}.stage: {step['stage']!r:.80} is not a stage name "
+                                   f"({STAGE_NAME_RULE})")
         if step.get("output") is not None and not step["output"].strip():
             raise ChainFormatError(f"{at}.output: empty; leave it out (or null) for the engine "
                                    "to generate it")
@@ -129,11 +147,14 @@ def chain_from_authors(record: dict, where: str) -> ChainSample:
             continue
         if not isinstance(value, str):
             raise ChainFormatError(f"{where}: field '{key}' must be a string")
-        if m := _OUTPUT_KEY.match(key):
+        if m := _OUTPUT_KEY.fullmatch(key):
+            if not is_stage_name(m.group(2)):
+                raise ChainFormatError(f"{where}: field '{key:.80}': {m.group(2)!r:.80} is not a "
+                                       f"stage name ({STAGE_NAME_RULE})")
             if not value.strip():
                 raise ChainFormatError(f"{where}: field '{key}' is empty")
             outputs.append((int(m.group(1) or 0), m.group(2), value))
-        elif m := _INPUT_KEY.match(key):
+        elif m := _INPUT_KEY.fullmatch(key):
             inputs[m.group(1)] = value
         else:
             raise ChainFormatError(f"{where}: unknown field '{key}' (expected I_ALL, I_<stage>, "

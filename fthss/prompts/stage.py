@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from fthss.datafiles import is_valid_unicode
 from fthss.errors import ConfigError
-from fthss.layout.chain import is_stage_name
+from fthss.layout.chain import STAGE_NAME_RULE, is_stage_name
 from fthss.models.base import BaseModel
 
 KINDS = ("prompt", "prefix")
@@ -43,7 +43,7 @@ class StageConfig:
 
     def __post_init__(self):
         if not is_stage_name(self.name):
-            raise ConfigError(f"stage name {self.name!r}: use letters, digits, '-' and '_'")
+            raise ConfigError(f"stage name {self.name!r:.80}: use {STAGE_NAME_RULE}")
         if self.kind not in KINDS:
             raise ConfigError(f"stage {self.name}: kind must be one of {KINDS}, not {self.kind!r}")
         if self.init not in INITS:

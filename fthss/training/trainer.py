@@ -27,6 +27,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from fthss.engine.cache import ChainCache
 from fthss.errors import ConfigError, EmptyDataError
+from fthss.layout.chain import phase_folder
 from fthss.layout.sequence import TokenChain, build_layout
 from fthss.models.base import BaseModel
 from fthss.prompts.stage import Stage
@@ -127,7 +128,7 @@ class Trainer:
         # final stages land in output_dir/<name>; checkpoints, metrics and the loss curve in
         # a working folder of this run's own
         self.output_dir = Path(output_dir)
-        self.work_dir = self.output_dir / f"train-{'+'.join(trained)}"
+        self.work_dir = self.output_dir / phase_folder(trained)
         self.accelerator = accelerator or Accelerator(cpu=base.device.type == "cpu")
         kind = self.accelerator.distributed_type.value
         if kind not in ("NO", "MULTI_GPU", "MULTI_CPU"):
