@@ -4,6 +4,7 @@ A crash leaves either the old file or the new one, never half of one. Every file
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -45,10 +46,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> str:
+    """Write `tensors` as a safetensors file; returns the sha256 of the bytes written."""
     from safetensors.torch import save
 
-    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata))
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in blocks (checkpoint states can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class PartialFile:

@@ -3,7 +3,10 @@
     adapter_config.json         PEFT's config: PROMPT_TUNING (a `prompt` stage) or PREFIX_TUNING
                                 with prefix_projection false (a `prefix` stage)
     adapter_model.safetensors   `prompt_embeddings`: [N, hidden] or [N, layers*2*kv_heads*head_dim]
-    fthss_stage.json            name, kind, init, and the base model's fingerprint
+    fthss_stage.json            name, kind, init, the base model's fingerprint, and the sha256
+                                of adapter_model.safetensors (`weights_sha256`): a byte changed
+                                in a tensor is refused. Files written before it was kept have
+                                none, and their weights are checked only for shape and NaN/inf.
 
 PEFT loads such a folder unchanged, and a PEFT prompt-learning adapter loads as a stage (its
 base cannot then be checked beyond shapes). That includes PREFIX_TUNING with
@@ -13,16 +16,18 @@ prefix. Only safetensors are read: no pickle runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 
-from fthss.errors import FthssError
 from fthss.atomic import atomic_save_safetensors, atomic_write_text
+from fthss.datafiles import json_document
+from fthss.errors import FthssError
 from fthss.models.base import BaseModel
 from fthss.prompts.stage import Stage, StageConfig, prefix_width
 
@@ -56,26 +61,39 @@ def save_stage(stage: Stage, directory: str | Path, base: BaseModel) -> Path:
         specific = {"token_dim": width, "num_attention_heads": base.num_kv_heads,
                     "encoder_hidden_size": width, "prefix_projection": False,
                     "init_weights": None}
+    digest = atomic_save_safetensors(
+        {"prompt_embeddings": stage.current_weight.detach().float().cpu()}, directory / WEIGHTS)
     ours = {"format": "fthss-stage", "version": 1, "name": stage.name, "kind": kind,
             "num_virtual_tokens": n, "init": stage.config.init,
-            "init_text": stage.config.init_text, "base": base.fingerprint}
-    atomic_save_safetensors({"prompt_embeddings": stage.current_weight.detach().float().cpu()},
-                            directory / WEIGHTS)
+            "init_text": stage.config.init_text, "base": base.fingerprint,
+            "weights_sha256": digest}
     atomic_write_text(directory / CONFIG, json.dumps({**common, **specific}, indent=2))
     atomic_write_text(directory / FTHSS_FILE, json.dumps(ours, indent=2))
     return directory
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise StageLoadError(f"{path}: missing") from err
-    except json.JSONDecodeError as err:
-        raise StageLoadError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from err
+def _read_json(path: Path, types: dict[str, type | tuple[type, ...]]) -> dict:
+    """A JSON object file (unreadable, a folder, not UTF-8, malformed or nested too deep:
+    StageLoadError naming it), each field in `types` present only with its type."""
+    if not path.exists():
+        raise StageLoadError(f"{path}: missing")
+    value = json_document(path, StageLoadError)
     if not isinstance(value, dict):
         raise StageLoadError(f"{path}: expected a JSON object")
+    for key, expected in types.items():
+        found = value.get(key)
+        # bool is an int to isinstance; `true` is no count
+        if found is not None and (not isinstance(found, expected)
+                                  or (isinstance(found, bool) and expected is not bool)):
+            raise StageLoadError(f"{path}: field '{key}' has the wrong type "
+                                 f"{type(found).__name__}")
     return value
+
+
+_CONFIG_TYPES = {"peft_type": str, "num_virtual_tokens": int, "num_transformer_submodules": int,
+                 "token_dim": int, "num_layers": int, "prefix_projection": bool}
+_OURS_TYPES = {"format": str, "version": int, "name": str, "kind": str, "num_virtual_tokens": int,
+               "init": str, "init_text": str, "base": dict, "weights_sha256": str}
 
 
 def load_stage(directory: str | Path, base: BaseModel | None = None,
@@ -85,10 +103,11 @@ def load_stage(directory: str | Path, base: BaseModel | None = None,
     directory = Path(directory)
     if not directory.is_dir():
         raise StageLoadError(f"{directory}: no such stage folder")
-    config = _read_json(directory / CONFIG)
+    config = _read_json(directory / CONFIG, _CONFIG_TYPES)
     kind = _kind(directory / CONFIG, config)
-    ours = _read_ours(directory / FTHSS_FILE) if (directory / FTHSS_FILE).is_file() else None
-    weight = _read_weight(directory, config, kind)
+    # exists, not is_file: a folder in its place is a broken stage, not a plain PEFT adapter
+    ours = _read_ours(directory / FTHSS_FILE) if (directory / FTHSS_FILE).exists() else None
+    weight = _read_weight(directory, config, kind, (ours or {}).get("weights_sha256"))
     n = weight.shape[0]
     if ours is not None and (ours.get("kind"), ours.get("num_virtual_tokens")) != (kind, n):
         raise StageLoadError(f"{directory / FTHSS_FILE}: says kind {ours.get('kind')} with "
@@ -126,7 +145,7 @@ def _kind(path: Path, config: dict) -> str:
 
 
 def _read_ours(path: Path) -> dict:
-    ours = _read_json(path)
+    ours = _read_json(path, _OURS_TYPES)
     if ours.get("format") != "fthss-stage":
         raise StageLoadError(f"{path}: format is {ours.get('format')!r}, not 'fthss-stage'")
     if ours.get("version") != 1:
@@ -134,7 +153,9 @@ def _read_ours(path: Path) -> dict:
     return ours
 
 
-def _read_weight(directory: Path, config: dict, kind: str) -> torch.Tensor:
+def _read_weight(directory: Path, config: dict, kind: str, sha256: str | None) -> torch.Tensor:
+    """The stage's tensor, checked against `sha256` (from fthss_stage.json) when there is one:
+    a changed byte inside a tensor leaves a well-formed file that only the hash can tell."""
     path = directory / WEIGHTS
     if not path.is_file():
         pickled = directory / "adapter_model.bin"
@@ -142,8 +163,15 @@ def _read_weight(directory: Path, config: dict, kind: str) -> torch.Tensor:
                "convert it to safetensors" if pickled.is_file() else "")
         raise StageLoadError(f"{path}: missing{why}")
     try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
+        data = path.read_bytes()
+    except OSError as err:
+        raise StageLoadError(f"{path}: cannot read: {err.strerror or err}") from err
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise StageLoadError(f"{path}: its sha256 is not the one {FTHSS_FILE} holds: the file "
+                             "was changed or corrupted after it was saved")
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError) as err:
         raise StageLoadError(f"{path}: unreadable or truncated safetensors file ({err})") from err
     if "prompt_embeddings" not in tensors:
         raise StageLoadError(f"{path}: no 'prompt_embeddings' tensor (found {sorted(tensors)})")
