@@ -250,6 +250,85 @@ def test_authors_keys_are_matched_whole(tmp_path):
         load_chains(path)
 
 
+# 6. Numerics ---------------------------------------------------------------------------------
+
+def _train(base, stages, out, **config):
+    from fthss.training.config import TrainConfig
+    from fthss.training.run import train_method
+
+    samples = [ChainSample(f"q{i}", [Step("A", input="x", output=f"answer {i}")])
+               for i in range(4)]
+    settings = {"learning_rate": 0.01, "max_steps": 4, "micro_batch_size": 2,
+                "grad_accumulation": 1, "warmup_ratio": 0.0, "save_every": 1, **config}
+    return train_method(base, samples, "fthss", stages, None, TrainConfig(**settings), out,
+                        progress=False)
+
+
+def test_a_stage_of_huge_values_stops_at_the_first_nan_loss(llama, tmp_path):
+    from fthss.errors import NonFiniteError
+
+    stage = Stage.create(StageConfig("A", "prompt", 2), llama, seed=0)
+    with torch.no_grad():
+        stage.weight.fill_(3e38)  # finite, as a hostile stage file can hold it
+    with pytest.raises(NonFiniteError, match="step 1: the loss is NaN or inf.*no checkpoint"):
+        _train(llama, [stage], tmp_path)
+    assert not (tmp_path / "A").exists() and not (tmp_path / "train-A" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("spoil, what", [("loss", "the loss"), ("gradient", "a gradient")])
+def test_a_non_finite_step_keeps_the_last_good_checkpoint(llama, tmp_path, monkeypatch, spoil,
+                                                          what):
+    from fthss.errors import NonFiniteError
+    from fthss.training.trainer import StageSet
+
+    forward, calls = StageSet.forward, []
+
+    def nan_on_the_third_step(self, chains):
+        loss, tokens = forward(self, chains)
+        calls.append(1)
+        if len(calls) == 3:
+            if spoil == "loss":
+                loss = loss * float("nan")
+            else:
+                self.trained["A"].weight.register_hook(lambda g: g * float("inf"))
+        return loss, tokens
+
+    monkeypatch.setattr(StageSet, "forward", nan_on_the_third_step)
+    stage = Stage.create(StageConfig("A", "prompt", 2), llama, seed=0)
+    with pytest.raises(NonFiniteError, match=f"step 3: {what} is NaN or inf.*step-000002, is kept"):
+        _train(llama, [stage], tmp_path)
+    work = tmp_path / "train-A"
+    assert (work / "checkpoints" / "latest").read_text() == "step-000002"
+    steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert torch.isfinite(stage.weight).all()  # the optimizer never stepped on it
+
+
+def test_metrics_count_on_after_a_resume(llama, tmp_path, monkeypatch):
+    from fthss.training.trainer import Trainer
+
+    stage = Stage.create(StageConfig("A", "prompt", 2), llama, seed=0)
+    _train(llama, [stage], tmp_path / "straight")
+    save = Trainer._save_checkpoint
+
+    def stop_after_two(self, step):
+        save(self, step)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        _train(llama, [Stage.create(StageConfig("A", "prompt", 2), llama, seed=0)], tmp_path / "r")
+    monkeypatch.undo()
+    _train(llama, [Stage.create(StageConfig("A", "prompt", 2), llama, seed=0)], tmp_path / "r")
+
+    def rows(out):
+        return [json.loads(line) for line in (out / "train-A" / "metrics.jsonl").read_text().splitlines()]
+    resumed, straight = rows(tmp_path / "r"), rows(tmp_path / "straight")
+    assert [r["tokens"] for r in resumed] == [r["tokens"] for r in straight]
+    assert resumed[2]["wall_s"] >= resumed[1]["wall_s"]
+
+
 # 7. File-system faults ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("output, message", [

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from fthss.engine.cache import ChainCache
-from fthss.errors import ConfigError, EmptyDataError
+from fthss.errors import ConfigError, EmptyDataError, NonFiniteError
 from fthss.layout.chain import phase_folder
 from fthss.layout.sequence import TokenChain, build_layout
 from fthss.models.base import BaseModel
@@ -183,7 +183,10 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=start_step, desc=f"train {'+'.join(self.trained)}",
                    unit="step", disable=not (self.progress and acc.is_main_process))
         micro, world, rank = config.micro_batch_size, acc.num_processes, acc.process_index
-        started, tokens_seen = time.perf_counter(), 0
+        # a resumed run counts on from the checkpoint: its tokens and its time so far
+        last = log.rows[-1] if log.rows else {}
+        tokens_seen = int(last.get("tokens", 0))
+        started = time.perf_counter() - float(last.get("wall_s", 0.0))
         for step in range(start_step, self.total_steps):
             indices = self.batch_indices(step)
             total_loss, tokens = torch.zeros((), device=self.base.device), 0
@@ -196,17 +199,19 @@ class Trainer:
                     acc.backward(loss / config.grad_accumulation)
                 total_loss += loss.detach() / config.grad_accumulation
                 tokens += n
+            mean_loss = float(acc.reduce(total_loss, "mean"))
+            self._check_finite(step + 1, mean_loss, "gradient", start_step)
             if config.max_grad_norm:
                 acc.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            mean_loss = float(acc.reduce(total_loss, "mean"))
+            self._check_finite(step + 1, mean_loss, "parameter", start_step)
             tokens_seen += int(acc.reduce(torch.tensor(tokens, device=self.base.device), "sum"))
             elapsed = time.perf_counter() - started
             log.write(step=step + 1, loss=mean_loss, lr=self.scheduler.get_last_lr()[0],
                       tokens=tokens_seen, tokens_per_s=tokens_seen / max(elapsed, 1e-9),
-                      epoch=(step + 1) / self.steps_per_epoch)
+                      wall_s=elapsed, epoch=(step + 1) / self.steps_per_epoch)
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
             done = step + 1 == self.total_steps
@@ -214,6 +219,25 @@ class Trainer:
                 self._save_checkpoint(step + 1)
         bar.close()
         return self._finish(log, tokens_seen / max(time.perf_counter() - started, 1e-9))
+
+    def _check_finite(self, step: int, loss: float, what: str, start_step: int) -> None:
+        """Stop at the first NaN or inf: in the loss or a gradient before the optimizer steps
+        (`what` "gradient"), in a parameter after (`what` "parameter"). Nothing of this step is
+        logged or saved, so the last checkpoint and the stages on disk stay the last good ones.
+        Every process decides alike: the loss is reduced, gradients all-reduced."""
+        params = [p for p in self.stage_set.parameters() if p.requires_grad]
+        tensors = [p.grad for p in params if p.grad is not None] if what == "gradient" else params
+        bad = ("the loss" if not math.isfinite(loss) else
+               f"a {what}" if not all(bool(torch.isfinite(x).all()) for x in tensors) else None)
+        if bad is None:
+            return
+        pointer = self.work_dir / "checkpoints" / "latest"
+        kept = (f"the last good checkpoint, {pointer.read_text().strip()}, is kept"
+                if pointer.is_file() else "no checkpoint was written")
+        raise NonFiniteError(
+            f"{self.work_dir}: step {step}: {bad} is NaN or inf (loss {loss:g}); training stopped "
+            f"before it changed anything on disk ({kept}; started at step {start_step}). A "
+            "stage holding huge values or too high a learning rate (--lr) does this")
 
     def _save_checkpoint(self, step: int) -> None:
         self.accelerator.wait_for_everyone()
