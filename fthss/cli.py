@@ -216,7 +216,7 @@ def cmd_train(args) -> int:
         reparam_hidden=args.reparam_hidden, save_every=args.save_every, seed=args.seed)
     results = train_method(base, samples, args.method, list(stages.values()), args.train,
                            config, args.out, rounds=args.rounds, max_samples=args.max_samples,
-                           on_bad=skips)
+                           on_bad=skips, extend=args.extend)
     _print_skipped(args, skips)
     for r in results:
         print(f"trained {'+'.join(r.trained)}: {r.steps} steps, loss {r.first_loss:.4f} -> "
@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train", nargs="+", metavar="NAME",
                        help="stages to train (default: every stage the chains use)")
     train.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    train.add_argument("--extend", action="store_true",
+                       help="resume a run to more steps (a larger --max-steps or --epochs); any "
+                       "other change of settings on rerun is refused")
     train.add_argument("--kind", choices=("prompt", "prefix"), default="prompt",
                        help="kind of the stages created here")
     train.add_argument("--tokens", type=COUNT.arg, default=100, help="virtual tokens of new stages")

@@ -417,6 +417,80 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         main(["stage", "create", *LLAMA, "--name", "A", "--out", "x"])
 
 
+# 8. Two runs into one folder ------------------------------------------------------------------
+
+def train_data(path, city="Paris") -> Path:
+    rows = [{"shared": f"where is {name}?", "steps": [
+        {"stage": "A", "input": f"{name} is in {city}.", "output": f"{name}: {city}"},
+        {"stage": "B", "output": city}]} for name in ("ada", "bob", "cyd", "dee")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train_command(data, out, *extra):
+    return ["train", *LLAMA, "--data", str(data), "--out", str(out), "--tokens", "2",
+            "--grad-accumulation", "1", "--micro-batch-size", "2", "--save-every", "1", *extra]
+
+
+def test_a_second_run_into_one_folder_is_refused_naming_the_first(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out, data = tmp_path / "out", train_data(tmp_path / "train.jsonl")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom fthss.training.lock import run_lock\n"
+         f"with run_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(train_command(data, out, "--max-steps", "1")) == 2
+        assert (f"fthss train: error: {out}: another training run (pid {holder.pid}) is "
+                "writing into this folder") in capsys.readouterr().err
+        assert not (out / "train-A+B").exists()
+    finally:
+        holder.kill()  # killed, not ended: the kernel still drops its lock
+        holder.wait()
+    assert main(train_command(data, out, "--max-steps", "1")) == 0
+
+
+# 9. Settings changed on rerun -----------------------------------------------------------------
+
+def _logged(out) -> list[dict]:
+    return [json.loads(line) for line in
+            (out / "train-A+B" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_them(tmp_path, capsys):
+    out, data = tmp_path / "out", train_data(tmp_path / "train.jsonl")
+    other = train_data(tmp_path / "other.jsonl", city="Rome")
+    assert main(train_command(data, out, "--max-steps", "2")) == 0
+    for extra, named in [(["--max-steps", "1"], "max_steps: 2 there, 1 here"),
+                         (["--max-steps", "2", "--seed", "1"], "seed: 0 there, 1 here"),
+                         (["--max-steps", "2", "--lr", "0.1"], "learning_rate: 0.0002 there"),
+                         (["--max-steps", "3"], "pass --extend"),
+                         (["--max-steps", "1", "--extend"], "not more than the 2")]:
+        assert main(train_command(data, out, *extra)) == 2
+        assert named in capsys.readouterr().err
+    assert main(train_command(other, out, "--max-steps", "2")) == 2
+    assert "data_sha256" in capsys.readouterr().err
+    assert [r["step"] for r in _logged(out)] == [1, 2]  # nothing was trained
+    assert main(train_command(data, out, "--max-steps", "2")) == 0  # the same: resumes
+
+
+def test_extend_continues_to_more_steps_on_the_longer_schedule(tmp_path):
+    out, straight = tmp_path / "out", tmp_path / "straight"
+    data = train_data(tmp_path / "train.jsonl")
+    assert main(train_command(data, out, "--max-steps", "2")) == 0
+    assert main(train_command(data, out, "--max-steps", "4", "--extend")) == 0
+    assert main(train_command(data, straight, "--max-steps", "4")) == 0
+    extended, reference = _logged(out), _logged(straight)
+    assert [r["step"] for r in extended] == [1, 2, 3, 4]
+    assert (out / "train-A+B" / "checkpoints" / "latest").read_text() == "step-000004"
+    # from the resumed step on, the learning rate is the 4-step schedule's
+    assert [r["lr"] for r in extended[2:]] == [r["lr"] for r in reference[2:]]
+
+
 # 10. Sampling does not depend on batch neighbours ---------------------------------------------
 
 def test_sampling_depends_on_the_request_not_its_place(llama):

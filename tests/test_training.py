@@ -220,11 +220,13 @@ def test_a_run_killed_while_saving_resumes_from_the_checkpoint_before(steerable,
                                  tmp_path / "resumed")
 
 
+TWO_STEPS = TrainConfig(**{**FAST, "max_steps": 2, "save_every": 1, "micro_batch_size": 4})
+
+
 @pytest.fixture
 def checkpoints(steerable, tmp_path):
-    """The checkpoints of a finished 2-step run of stage B."""
-    train_b(steerable, tmp_path, TrainConfig(**{**FAST, "max_steps": 2, "save_every": 1,
-                                                "micro_batch_size": 4}))
+    """The checkpoints of a finished 2-step run of stage B (TWO_STEPS)."""
+    train_b(steerable, tmp_path, TWO_STEPS)
     return tmp_path / "train-B" / "checkpoints"
 
 
@@ -313,7 +315,7 @@ def test_a_spoilt_checkpoint_is_refused_saying_what_is_wrong(steerable, checkpoi
     spoil, message = SPOILT[case]
     spoil(checkpoints)
     with pytest.raises(CheckpointError, match=message) as err:
-        train_b(steerable, checkpoints.parents[1])
+        train_b(steerable, checkpoints.parents[1], TWO_STEPS)
     assert str(checkpoints) in str(err.value)
     assert not (checkpoints / "ran.txt").exists()  # the pickle's code never ran
 
@@ -322,11 +324,11 @@ def test_a_checkpoint_is_refused_by_another_base_or_other_stage_shapes(steerable
     out = checkpoints.parents[1]
     with pytest.raises(CheckpointError, match=r"state.json: made on another base model "
                        r"\(embedding_sha256: checkpoint made for '[0-9a-f]+', base has") as err:
-        train_b(preset_base("tiny-llama", seed=1, init_std=0.2), out)
+        train_b(preset_base("tiny-llama", seed=1, init_std=0.2), out, TWO_STEPS)
     assert "hidden_size" not in str(err.value)  # only what differs
     with pytest.raises(CheckpointError, match=r"trained.B.weight has shape \(4, 64\), this "
                        r"run's \(5, 64\) \(another number of virtual tokens"):
-        train_b(steerable, out, tokens=5)
+        train_b(steerable, out, TWO_STEPS, tokens=5)
 
 
 def test_a_training_sample_over_the_base_positions_is_named_before_any_training(tmp_path):

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from fthss.atomic import atomic_write_text, file_sha256
 from fthss.datafiles import json_document
 from fthss.errors import FthssError
+from fthss.training.settings import check_settings
 
 STAGES = "stages.safetensors"
 FILES = (STAGES, "optimizer.pt", "scheduler.pt", "rng.pt")  # state.json holds their sha256
@@ -38,7 +39,10 @@ class CheckpointError(FthssError):
     """A checkpoint this run cannot resume from; the message names the file and what differs."""
 
 
-def save(directory: Path, step: int, stage_set, base, optimizer, scheduler, keep: int) -> Path:
+def save(directory: Path, step: int, stage_set, base, optimizer, scheduler, keep: int,
+         settings: dict | None = None) -> Path:
+    """Write the checkpoint of `step` (with the run's `settings`, `fthss.training.settings`)
+    and point `latest` at it; keep the newest `keep`."""
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob(".partial-step-*"):  # left by a run killed while saving
         shutil.rmtree(stale, ignore_errors=True)
@@ -52,7 +56,7 @@ def save(directory: Path, step: int, stage_set, base, optimizer, scheduler, keep
     torch.save(torch.get_rng_state(), partial / "rng.pt")
     digests = {f: file_sha256(partial / f) for f in FILES}
     (partial / "state.json").write_text(json.dumps({"step": step, "base": base.fingerprint,
-                                                    "sha256": digests}))
+                                                    "sha256": digests, "settings": settings}))
     for path in partial.iterdir():  # contents on disk before the folder becomes visible
         with open(path, "rb") as f:
             os.fsync(f.fileno())
@@ -64,9 +68,11 @@ def save(directory: Path, step: int, stage_set, base, optimizer, scheduler, keep
     return final
 
 
-def load_latest(directory: Path, stage_set, optimizer, scheduler) -> dict | None:
+def load_latest(directory: Path, stage_set, optimizer, scheduler, settings: dict | None = None,
+                extend: bool = False) -> dict | None:
     """Restore the newest complete checkpoint into the given objects; None if there is none.
-    Everything is read and checked before anything is restored."""
+    Everything is read and checked before anything is restored, `settings` (this run's)
+    against the checkpoint's (`fthss.training.settings.check_settings`)."""
     pointer = directory / "latest"
     if not pointer.exists():
         return None
@@ -85,6 +91,8 @@ def load_latest(directory: Path, stage_set, optimizer, scheduler) -> dict | None
         raise CheckpointError(f"{folder / 'state.json'}: made on another base model ("
                               + "; ".join(differs) + ")")
     tensors = _read_tensors(folder / STAGES, stage_set.state_dict())
+    if settings is not None:  # after what is wrong with the files, the least of the errors
+        check_settings(state.get("settings"), settings, extend, str(folder / "state.json"))
     states = {f: _torch_load(folder / f) for f in ("optimizer.pt", "scheduler.pt", "rng.pt")}
     try:
         optimizer.load_state_dict(states["optimizer.pt"])

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from pathlib import Path
 
 from fthss.datafiles import OnBad, parse_each
@@ -16,6 +18,7 @@ from fthss.layout.sequence import SegmentCodec
 from fthss.models.base import BaseModel
 from fthss.prompts.stage import Stage
 from fthss.training.config import TrainConfig
+from fthss.training.lock import run_lock
 from fthss.training.methods import (
     METHODS,
     check_gold_outputs,
@@ -41,13 +44,18 @@ def trains_one_stage_per_phase(method: str, rounds: str) -> bool:
 def train_method(base: BaseModel, samples: list[ChainSample], method: str, stages: list[Stage],
                  train: list[str] | None, config: TrainConfig, output_dir: str | Path,
                  rounds: str = "multi", max_samples: int | None = None,
-                 progress: bool = True, on_bad: OnBad | None = None) -> list[TrainResult]:
+                 progress: bool = True, on_bad: OnBad | None = None,
+                 extend: bool = False) -> list[TrainResult]:
     """Train `train` (default: every stage the method's chains use) among `stages` (which hold
     the frozen upstream stages too). Returns one result per phase.
 
     Every sample is checked before any training starts: a sample without the gold outputs the
     method trains on, or with a training sequence longer than the positions allowed, raises an
-    error naming it (its `source`, file and line), or goes to `on_bad` and is left out."""
+    error naming it (its `source`, file and line), or goes to `on_bad` and is left out.
+
+    The run holds `output_dir`'s lock (`fthss.training.lock`) throughout: a second run into
+    the same folder is refused. Rerunning resumes from the checkpoints if the settings agree;
+    `extend` lets it continue to more steps (`fthss.training.settings`)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method '{method}'; choose one of {METHODS}")
     if rounds not in ROUNDS:
@@ -84,8 +92,11 @@ def train_method(base: BaseModel, samples: list[ChainSample], method: str, stage
     phases = ([[n] for n in in_chain_order if n in train]
               if trains_one_stage_per_phase(method, rounds) else [train])
     results = []
-    for phase in phases:
-        chains = [c for chain in encoded for c in training_chains(method, chain, set(phase))]
-        trainer = Trainer(base, stages, phase, chains, config, output_dir, progress=progress)
-        results.append(trainer.train())
+    # the processes of one DDP run share the folder: the first (global rank 0) holds the lock
+    with run_lock(output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+        for phase in phases:
+            chains = [c for chain in encoded for c in training_chains(method, chain, set(phase))]
+            trainer = Trainer(base, stages, phase, chains, config, output_dir, progress=progress,
+                              extend=extend)
+            results.append(trainer.train())
     return results

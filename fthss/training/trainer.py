@@ -34,6 +34,7 @@ from fthss.prompts.stage import Stage
 from fthss.training import checkpoint
 from fthss.training.config import TrainConfig
 from fthss.training.report import MetricsLog
+from fthss.training.settings import run_settings
 
 
 @dataclass
@@ -116,7 +117,8 @@ def check_length(chain: TokenChain, stages: dict[str, Stage], limit: int, where:
 class Trainer:
     def __init__(self, base: BaseModel, stages: list[Stage], trained: list[str],
                  chains: list[TokenChain], config: TrainConfig, output_dir: str | Path,
-                 accelerator=None, progress: bool = True):
+                 accelerator=None, progress: bool = True, extend: bool = False):
+        """`extend`: resuming may continue a run to more steps (`fthss.training.settings`)."""
         from accelerate import Accelerator
 
         unknown = set(trained) - {s.name for s in stages}
@@ -150,6 +152,9 @@ class Trainer:
         self.global_batch = config.micro_batch_size * world * config.grad_accumulation
         self.steps_per_epoch = math.ceil(len(chains) / self.global_batch)
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
+        self.extend = extend
+        self.settings = run_settings(config, chains, self.stage_set.frozen.stages.values(),
+                                     self.global_batch, self.total_steps)
         params = [p for p in self.stage_set.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
@@ -173,7 +178,7 @@ class Trainer:
     def train(self) -> TrainResult:
         acc, config = self.accelerator, self.config
         state = checkpoint.load_latest(self.work_dir / "checkpoints", self.stage_set,
-                                       self.optimizer, self.scheduler)
+                                       self.optimizer, self.scheduler, self.settings, self.extend)
         start_step = state["step"] if state else 0
         if config.gradient_checkpointing:
             checkpoint.enable_layer_recompute(self.base)
@@ -243,7 +248,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             checkpoint.save(self.work_dir / "checkpoints", step, self.stage_set, self.base,
-                            self.optimizer, self.scheduler, self.config.keep_checkpoints)
+                            self.optimizer, self.scheduler, self.config.keep_checkpoints,
+                            self.settings)
         self.accelerator.wait_for_everyone()
 
     def _finish(self, log: MetricsLog, tokens_per_s: float) -> TrainResult:
