@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from fthss.engine.cache import ChainCache
-from fthss.errors import ConfigError, EmptyDataError, NonFiniteError
+from fthss.errors import ConfigError, EmptyDataError, NonFiniteError, SequenceTooLongError
 from fthss.layout.chain import phase_folder
 from fthss.layout.sequence import TokenChain, build_layout
 from fthss.models.base import BaseModel
@@ -94,10 +94,6 @@ class TrainResult:
 
 def sequence_length(chain: TokenChain) -> int:
     return len(chain.shared_ids) + sum(len(s.input_ids) + len(s.output_ids) for s in chain.steps)
-
-
-class SequenceTooLongError(ValueError):
-    """A training sequence that needs more positions than training allows."""
 
 
 def length_limit(config: TrainConfig, base: BaseModel) -> int:
