@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fthss.atomic import atomic_write_text
-from fthss.errors import ConfigError
+from fthss.errors import ConfigError, FthssError
 from fthss.layout.chain import load_chains
 from fthss.layout.sequence import SegmentCodec, TokenChain, positions
 from fthss.layout.visibility import Kind, TokenMeta, visibility
@@ -86,7 +86,7 @@ class PretrainConfig:
                              "at most 1")
 
 
-class PretrainError(ValueError):
+class PretrainError(FthssError):
     """A base to continue from that does not belong to the world being trained on."""
 
 
