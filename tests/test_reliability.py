@@ -329,6 +329,65 @@ def test_metrics_count_on_after_a_resume(llama, tmp_path, monkeypatch):
     assert resumed[2]["wall_s"] >= resumed[1]["wall_s"]
 
 
+def test_a_stage_whose_keys_overflow_is_refused_by_the_engine(llama):
+    from fthss.errors import NonFiniteError
+
+    huge = Stage.create(StageConfig("H", "prefix", 2), llama, seed=1)
+    with torch.no_grad():
+        huge.weight.fill_(3e38)  # finite, but moving these keys overflows them
+    engine = ChainEngine(llama, [huge], max_new_tokens=3)
+    with pytest.raises(NonFiniteError, match="stage H: its prompt's keys or values reach .* past"):
+        engine.run([ChainSample("q", [Step("H")])])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_request_whose_logits_turn_nan_fails_alone(llama, monkeypatch, temperature):
+    from fthss.engine.cache import ChainCache
+
+    stage = Stage.create(StageConfig("A", "prompt", 2), llama, seed=0)
+    engine = ChainEngine(llama, [stage], max_new_tokens=4, batch_size=2)
+    sampling = SamplingConfig(temperature=temperature)
+    good = ChainSample("q", [Step("A", input="x")], id="good")
+    alone = engine.run([good], sampling=sampling)[0]
+    decode = ChainCache.decode
+
+    def nan_in_row_0(self, *args, **kwargs):
+        logits = decode(self, *args, **kwargs)
+        return torch.cat([torch.full_like(logits[:1], float("nan")), logits[1:]])
+
+    monkeypatch.setattr(ChainCache, "decode", nan_in_row_0)
+    bad = ChainSample("other", [Step("A")], id="bad")
+    results = engine.run([bad, good], sampling=sampling)
+    assert "logits are NaN or inf" in results[0].error and results[1].error is None
+    assert results[1].steps[0].output_ids == alone.steps[0].output_ids
+
+
+def test_a_damaged_metrics_log_keeps_its_whole_lines(llama, tmp_path):
+    _train(llama, [Stage.create(StageConfig("A", "prompt", 2), llama, seed=0)], tmp_path)
+    log = tmp_path / "train-A" / "metrics.jsonl"
+    with log.open("ab") as f:  # lines no run writes: not UTF-8, not an object, bad values
+        f.write(b'\xff\xfe\n[1, 2]\n{"step": "x"}\n{"step": 3, "tokens": "many"}\n')
+    _train(llama, [Stage.create(StageConfig("A", "prompt", 2), llama, seed=0)], tmp_path)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_stages_that_cannot_be_used_are_refused(llama, tmp_path):
+    from safetensors.torch import save_file
+
+    from fthss.errors import ConfigError
+    from fthss.prompts.io import StageLoadError, load_stage
+
+    with pytest.raises(ConfigError, match="virtual tokens, but the base has"):
+        Stage.create(StageConfig("A", "prompt", llama.position_limit), llama)
+    stage = Stage.create(StageConfig("A", "prompt", 2), llama, seed=0)
+    stage.save_pretrained(tmp_path / "A", llama)
+    save_file({"prompt_embeddings": torch.ones(2, llama.hidden_size, dtype=torch.int64)},
+              tmp_path / "A" / "adapter_model.safetensors")
+    (tmp_path / "A" / "fthss_stage.json").unlink()  # a PEFT adapter: no hash to tell
+    with pytest.raises(StageLoadError, match="prompt_embeddings holds torch.int64, not floats"):
+        load_stage(tmp_path / "A", llama)
+
+
 # 7. File-system faults ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("output, message", [

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from fthss.engine.cache import ChainCache, compiled_decode_step
 from fthss.engine.sampling import SamplingConfig, request_key
-from fthss.errors import ConfigError
+from fthss.errors import ConfigError, NonFiniteError
 from fthss.layout.chain import ChainFormatError, ChainSample, check_request
 from fthss.layout.sequence import SegmentCodec, TokenChain, TokenStep
 from fthss.layout.visibility import Kind, TokenMeta
@@ -136,8 +136,22 @@ class ChainEngine:
         for name in names:
             if (name, first) not in self._prompt_caches:
                 with torch.no_grad():
-                    self._prompt_caches[name, first] = self.stages[name].prompt_cache(self.base, first)
+                    layers = self.stages[name].prompt_cache(self.base, first)
+                self._check_magnitude(name, layers)
+                self._prompt_caches[name, first] = layers
         return [self._prompt_caches[name, first] for name in names]
+
+    def _check_magnitude(self, name: str, layers: list[LayerKV]) -> None:
+        """Refuse a stage whose prompt K/V could overflow attention: a query times a key past
+        the square root of the dtype's largest value can be inf, and the attention mask,
+        added as a bias, turns an inf into NaN for every request of the batch, not only those
+        reading the stage (finite but huge stage weights, 3e38, do this)."""
+        limit = torch.finfo(self.base.dtype).max ** 0.5
+        largest = max(float(x.abs().max()) for layer in layers for x in layer)
+        if not largest <= limit:  # NaN compares false
+            raise NonFiniteError(f"stage {name}: its prompt's keys or values reach {largest:.3g}, "
+                                 f"past what attention in {str(self.base.dtype)[6:]} can take "
+                                 f"({limit:.3g}): the stage holds values too large")
 
     def run(self, requests: list[ChainSample], mode: str = "shared",
             sampling: SamplingConfig | None = None, step_input: StepInput | None = None,
@@ -351,20 +365,24 @@ class ChainEngine:
         scores, first_token_at = [], None
         unchecked = live.clone()  # rows that may have met a stop string since the last look
         held_back = int(least.max())  # tokens before which some row may not stop
+        broken = torch.zeros(batch, dtype=torch.bool, device=device)  # NaN or +inf logits
         for t in range(longest):
+            # a stage holding huge values can make a row's logits NaN: it ends here and fails
+            # alone (`_fail_broken`); checked on the device, so the loop does not wait for it
+            broken |= live & (logits.isnan() | logits.isposinf()).any(dim=-1)
             if t < held_back:  # as transformers' min_new_tokens: no EOS or stop token before it
                 logits = logits.masked_fill(stops & (counts < least)[:, None], float("-inf"))
             if sampling.greedy:
                 token = logits.argmax(dim=-1)
             else:  # each live row draws from its own generator, so batch-mates don't matter
-                flags = live.tolist()
+                flags = (live & ~broken).tolist()
                 token = torch.tensor([sampling.choose(logits[r.slot], r.generator)
                                       if flags[r.slot] else 0 for r in rows], device=device)
             if output_scores:
                 scores.append(logits.float().cpu())
             chosen[:, t] = token
             counts += live.long()
-            done = live & (stops.gather(1, token[:, None])[:, 0] | (counts >= limit))
+            done = live & (stops.gather(1, token[:, None])[:, 0] | (counts >= limit) | broken)
             live = live & ~done
             if t == 0 or not sampling.greedy or (t + 1) % self.check_every == 0 or t + 1 == longest:
                 first_token_at = first_token_at or time.perf_counter()
@@ -373,15 +391,31 @@ class ChainEngine:
                 if not bool(live.any()):
                     break
             logits = cache.decode(token, live)
+        self._fail_broken(broken, active, k)
         counts = counts.tolist()
         out = {}
         for row in active:
             ids = chosen[row.slot, : counts[row.slot]].tolist()
             row.tokens.steps[k].output_ids[:] = ids
-            row.pending = [(ids[-1], (Kind.OUTPUT, k, cache_ids[steps[row.slot].stage], False))]
+            row.pending = [(t, (Kind.OUTPUT, k, cache_ids[steps[row.slot].stage], False))
+                           for t in ids[-1:]]  # none for a row that failed before its first
             kept = torch.stack([s[row.slot] for s in scores[: len(ids)]]) if output_scores else None
             out[id(row)] = (kept, first_token_at)
         return out
+
+    @staticmethod
+    def _fail_broken(broken, active, k) -> None:
+        """End, with an error, the rows whose logits went NaN or +inf (-inf is only a masked
+        token) while decoding step k: their output would be garbage, and sampling from them
+        would fail the whole batch."""
+        if not bool(broken.any()):
+            return
+        flags = broken.tolist()
+        for row in active:
+            if flags[row.slot]:
+                row.error = (f"step {k} ({row.request.steps[k].stage}): the model's logits are "
+                             "NaN or inf (does a stage hold huge values?)")
+                row.ended = True
 
     def _stop_strings(self, cache, chosen, counts, live, unchecked, steps, k) -> torch.Tensor:
         """End the rows whose text now holds a stop string at the token that completed it

@@ -176,6 +176,8 @@ def _read_weight(directory: Path, config: dict, kind: str, sha256: str | None) -
     if "prompt_embeddings" not in tensors:
         raise StageLoadError(f"{path}: no 'prompt_embeddings' tensor (found {sorted(tensors)})")
     weight = tensors["prompt_embeddings"]
+    if not weight.is_floating_point():
+        raise StageLoadError(f"{path}: prompt_embeddings holds {weight.dtype}, not floats")
     n = config["num_virtual_tokens"]
     if weight.ndim != 2 or weight.shape[0] != n:
         raise StageLoadError(f"{path}: prompt_embeddings has shape {tuple(weight.shape)}, but "

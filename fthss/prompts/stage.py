@@ -102,6 +102,9 @@ class Stage(torch.nn.Module):
     def create(cls, config: StageConfig, base: BaseModel, seed: int = 0) -> Stage:
         """A new stage initialised as `config.init` says. A prefix starts as the prompt cache
         of the prompt-kind stage with the same initialisation."""
+        if config.num_virtual_tokens >= base.position_limit:  # no room left for any content
+            raise ConfigError(f"stage {config.name}: {config.num_virtual_tokens} virtual tokens, "
+                              f"but the base has {base.position_limit} positions in all")
         embeddings = _initial_embeddings(config, base, torch.Generator().manual_seed(seed))
         prompt = cls(StageConfig(config.name, "prompt", config.num_virtual_tokens), embeddings)
         if config.kind == "prompt":
@@ -125,8 +128,8 @@ class Stage(torch.nn.Module):
         expected = base.hidden_size if self.config.kind == "prompt" else prefix_width(base)
         if self.weight.shape[1] != expected:
             what = "hidden size" if self.config.kind == "prompt" else "layers*2*kv_heads*head_dim"
-            raise ValueError(f"stage {self.name} ({self.config.kind}) has width "
-                             f"{self.weight.shape[1]} but the base's {what} is {expected}")
+            raise ConfigError(f"stage {self.name} ({self.config.kind}) has width "
+                              f"{self.weight.shape[1]} but the base's {what} is {expected}")
 
     def prompt_cache(self, base: BaseModel, first_position: int) -> list[LayerKV]:
         """Per-layer K/V of this stage's prompt, batch 1, in the base's dtype. Differentiable:

@@ -21,10 +21,10 @@ _IGNORED = {"save_every", "keep_checkpoints", "gradient_checkpointing", "max_len
 LENGTH = {"max_steps", "epochs", "total_steps"}  # what --extend may change, to more steps
 
 
-def run_settings(config, chains, frozen, global_batch: int, total_steps: int) -> dict:
-    """The settings of a run: its hyper-parameters, global batch and length, a hash of its
-    training sequences (data, method, --max-samples all change them) and of the frozen stages
-    it reads."""
+def run_settings(config, chains, trained, frozen, global_batch: int, total_steps: int) -> dict:
+    """The settings of a run: its hyper-parameters, the kind and size of the `trained` stages,
+    its global batch and length, a hash of its training sequences (data, method,
+    --max-samples all change them) and of the `frozen` stages it reads."""
     data = hashlib.sha256()
     for chain in chains:
         data.update(json.dumps(asdict(chain), sort_keys=True).encode("utf-8", "backslashreplace"))
@@ -33,6 +33,7 @@ def run_settings(config, chains, frozen, global_batch: int, total_steps: int) ->
         stages.update(stage.name.encode("utf-8"))
         stages.update(stage.current_weight.detach().float().cpu().numpy().tobytes())
     hyper = {k: v for k, v in config.to_json().items() if k not in _IGNORED}
+    hyper["trained"] = {s.name: [s.config.kind, s.num_virtual_tokens] for s in trained}
     if config.max_steps is not None:
         del hyper["epochs"]  # --max-steps overrides it: another value changes nothing
     return {**hyper, "global_batch": global_batch, "total_steps": total_steps,

@@ -149,8 +149,9 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(chains) / self.global_batch)
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
         self.extend = extend
-        self.settings = run_settings(config, chains, self.stage_set.frozen.stages.values(),
-                                     self.global_batch, self.total_steps)
+        self.settings = run_settings(config, chains, self.stage_set.trained.values(),
+                                     self.stage_set.frozen.stages.values(), self.global_batch,
+                                     self.total_steps)
         params = [p for p in self.stage_set.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
