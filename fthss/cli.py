@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fthss.errors import ConfigError, EmptyDataError, FthssError
+from fthss.errors import ConfigError, EmptyDataError, FthssError, OutputExistsError
 from fthss.ranges import (
     COUNT,
     FRACTION,
@@ -231,7 +231,13 @@ def cmd_eval(args) -> int:
     from fthss.prompts.io import load_stage
     from fthss.tasks import get_task
 
+    from fthss.evaluation.report import REPORT_FILES
+
     out = output_folder(args.out, "--out")
+    older = [name for name in REPORT_FILES if (out / name).exists()]
+    if older and not args.overwrite:
+        raise OutputExistsError(f"--out {out}: holds an older report ({', '.join(older)}); "
+                                "pass --overwrite to replace it, or choose another folder")
     task = get_task(args.task)
     skips = _skip_report(args)
     records = task.records(args.data, skips)[: args.max_records]
@@ -311,6 +317,10 @@ def cmd_stage_create(args) -> int:
     from fthss.prompts.io import save_stage
     from fthss.prompts.stage import Stage, StageConfig
 
+    out = output_folder(args.out, "--out")
+    if any(out.iterdir()) and not args.overwrite:  # its files would be replaced one by one
+        raise OutputExistsError(f"--out {out}: is not empty; pass --overwrite to replace the "
+                                "stage there, or choose another folder")
     base = load_base(args)
     config = StageConfig(args.name, args.kind, args.tokens, args.init, args.init_text)
     save_stage(Stage.create(config, base, seed=args.seed), args.out, base)
@@ -413,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "one folder per stage inside DIR; repeatable")
     evaluate.add_argument("--corpus", help="retrieval corpus JSONL (rewrite_qa, active_rag)")
     evaluate.add_argument("--out", default="runs/eval", help="report folder")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="replace an older report in --out (its files removed first)")
     evaluate.add_argument("--max-records", type=NON_NEGATIVE.arg, default=None)
     evaluate.add_argument("--batch-size", type=COUNT.arg, default=16)
     evaluate.add_argument("--max-new-tokens", type=COUNT.arg, default=None,
@@ -465,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--init-text", default=None)
     create.add_argument("--seed", type=SEED.arg, default=0)
     create.add_argument("--out", required=True)
+    create.add_argument("--overwrite", action="store_true",
+                        help="replace the stage in a folder that holds one")
     create.set_defaults(func=cmd_stage_create)
 
     from fthss.benchmarks.commands import add_bench_commands

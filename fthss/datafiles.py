@@ -70,7 +70,7 @@ def _decode(data: bytes, path: Path, first_line: int, error: type[ValueError]) -
 def _loads(text: str, path: Path, first_line: int, error: type[ValueError]) -> Any:
     """JSON text that starts at line `first_line` of `path`."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_Object)
     except json.JSONDecodeError as err:
         raise error(f"{path}:{first_line + err.lineno - 1}: malformed JSON: {err.msg}") from err
     except ValueError as err:  # an integer of more digits than Python converts
@@ -92,18 +92,27 @@ def jsonl_records(path: str | Path, error: type[ValueError],
         where = f"{path}:{line_no}"
         try:
             value = _loads(_decode(line, path, line_no, error), path, line_no, error)
-            check_unicode(value, where, error)
+            check_record(value, where, error)
         except error as err:
             _skip_or_raise(err, on_bad)
             continue
         yield where, value
 
 
-def check_unicode(value: Any, where: str, error: type[ValueError]) -> None:
-    """Raise `error` naming the field if a string (or key) in the JSON `value` is not valid
-    Unicode. JSON's `\\ud800` escapes decode to lone surrogates, which no tokenizer takes and
-    no file can hold as UTF-8. Walked with a stack: a value may be nested as deep as the parser
-    allowed."""
+class _Object(dict):
+    """A JSON object as read: a dict, and the keys it held more than once (`json` keeps only
+    the last value of each, silently; `check_record` refuses them)."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]):
+        super().__init__(pairs)
+        self.duplicates = [k for k, _ in pairs] if len(self) < len(pairs) else []
+
+
+def check_record(value: Any, where: str, error: type[ValueError]) -> None:
+    """Raise `error` naming the field if the JSON `value` (as read here) holds a key given
+    twice, or a string or key that is not valid Unicode: JSON's `\\ud800` escapes decode to lone
+    surrogates, which no tokenizer takes and no file can hold as UTF-8. Walked with a stack: a
+    value may be nested as deep as the parser allowed."""
     stack = [("", value)]
     while stack:
         field, item = stack.pop()
@@ -112,6 +121,11 @@ def check_unicode(value: Any, where: str, error: type[ValueError]) -> None:
                 raise error(f"{where}: {field or 'the record'}: not valid Unicode text (a lone "
                             f"surrogate: {item!r:.60})")
         elif isinstance(item, dict):
+            twice = sorted({k for k in getattr(item, "duplicates", [])
+                            if item.duplicates.count(k) > 1})
+            if twice:
+                raise error(f"{where}: {field + ': ' if field else ''}key {twice[0]!r:.60} is given "
+                            "more than once")
             for key, child in item.items():
                 if not is_valid_unicode(key):
                     raise error(f"{where}: {field + '.' if field else ''}key {key!r:.60}: not "

@@ -250,6 +250,43 @@ def test_authors_keys_are_matched_whole(tmp_path):
         load_chains(path)
 
 
+# The authors' format is read one way only, and JSON keys once -------------------------------
+
+@pytest.mark.parametrize("record, message", [
+    ({"I_ALL": "q", "O_1A": "a", "O_1B": "b", "O_3A": "c"}, r"no field for round 2 of stage A"),
+    ({"I_ALL": "q", "O_1A": "a", "O_1B": "b", "O_2A": "c", "O_3A": "d"},
+     r"no field for round 2 of stage B \(O_2B\)"),
+    ({"I_ALL": "q", "O_1A": "a", "O_01A": "b"}, r"fields 'O_1A' and 'O_01A' are both round 1"),
+    ({"I_ALL": "q", "O_A": "a", "O_1A": "b"}, r"field 'O_A' has no round"),
+    ({"I_ALL": "q", "O_0A": "a"}, r"field 'O_0A': rounds count from 1"),
+    ({"I_ALL": "q", "O_1B": "a"}, None),  # one stage, one round: nothing missing
+    ({"I_ALL": "q", "O_1A": "a", "O_1B": "b", "O_2A": "c"}, None),  # ends after A
+])
+def test_multi_round_keys_are_complete_and_unambiguous(tmp_path, record, message):
+    path = tmp_path / "rounds.json"
+    path.write_text(json.dumps([record]))
+    if message is None:
+        assert len(load_chains(path)) == 1
+        return
+    with pytest.raises(ChainFormatError, match=r"record 0: " + message):
+        load_chains(path)
+
+
+@pytest.mark.parametrize("suffix, text, message", [
+    (".json", '[{"I_ALL": "q", "O_A": "a", "O_A": "b"}]', r"record 0: key 'O_A' is given more"),
+    (".jsonl", '{"shared": "q", "shared": "r", "steps": [{"stage": "A"}]}',
+     r":1: key 'shared' is given more"),
+    (".jsonl", '{"shared": "q", "steps": [{"stage": "A", "stage": "B"}]}',
+     r":1: steps\[0\]: key 'stage' is given more"),
+])
+def test_a_key_given_twice_is_refused(tmp_path, suffix, text, message):
+    path = tmp_path / f"twice{suffix}"
+    path.write_text(text + "\n")
+    with pytest.raises(ChainFormatError, match=message):
+        load_chains(path)
+    assert load_chains(path, SkipReport()) == []
+
+
 # 6. Numerics ---------------------------------------------------------------------------------
 
 def _train(base, stages, out, **config):
@@ -548,6 +585,33 @@ def test_extend_continues_to_more_steps_on_the_longer_schedule(tmp_path):
     assert (out / "train-A+B" / "checkpoints" / "latest").read_text() == "step-000004"
     # from the resumed step on, the learning rate is the 4-step schedule's
     assert [r["lr"] for r in extended[2:]] == [r["lr"] for r in reference[2:]]
+
+
+# Outputs are not silently overwritten ---------------------------------------------------------
+
+def test_stage_create_refuses_an_existing_stage_unless_told(tmp_path, capsys):
+    command = ["stage", "create", *LLAMA, "--name", "A", "--tokens", "2", "--out",
+               str(tmp_path / "A")]
+    assert main(command) == 0
+    before = (tmp_path / "A" / "adapter_model.safetensors").read_bytes()
+    assert main(command[:-2] + ["--seed", "1"] + command[-2:]) == 2
+    assert "is not empty; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "A" / "adapter_model.safetensors").read_bytes() == before
+    assert main(command + ["--seed", "1", "--overwrite"]) == 0
+    assert (tmp_path / "A" / "adapter_model.safetensors").read_bytes() != before
+
+
+def test_eval_never_mixes_an_older_report_with_a_new_one(tmp_path, capsys, fthss_stages):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "latency_memory.png").write_bytes(b"an older report's plot")
+    command = ["eval", *LLAMA, "--task", "compress_qa", "--data",
+               str(DATA / "compress_qa_sample.json"), "--stages", fthss_stages, "--out", str(out),
+               "--max-records", "1", "--max-new-tokens", "1", "--no-gold-upstream"]
+    assert main(command) == 2
+    assert "holds an older report (latency_memory.png); pass --overwrite" in capsys.readouterr().err
+    assert main(command + ["--overwrite"]) == 0
+    assert not (out / "latency_memory.png").exists() and (out / "report.md").is_file()
 
 
 # 10. Sampling does not depend on batch neighbours ---------------------------------------------

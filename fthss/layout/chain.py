@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fthss.datafiles import OnBad, check_unicode, is_valid_unicode, json_document, jsonl_records, parse_each
+from fthss.datafiles import OnBad, check_record, is_valid_unicode, json_document, jsonl_records, parse_each
 from fthss.errors import FthssError
 from fthss.ranges import COUNT, NON_NEGATIVE, TOKEN_ID
 
@@ -140,7 +140,7 @@ def chain_from_authors(record: dict, where: str) -> ChainSample:
     multi-round steps in (round, stage) order. An input belongs to the stage's first step."""
     if not isinstance(record, dict):
         raise ChainFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    check_unicode(record, where, ChainFormatError)  # a JSONL line was checked as it was read
+    check_record(record, where, ChainFormatError)  # a JSONL line was checked as it was read
     outputs, inputs = [], {}
     for key, value in record.items():
         if key == "I_ALL":
@@ -153,7 +153,7 @@ def chain_from_authors(record: dict, where: str) -> ChainSample:
                                        f"stage name ({STAGE_NAME_RULE})")
             if not value.strip():
                 raise ChainFormatError(f"{where}: field '{key}' is empty")
-            outputs.append((int(m.group(1) or 0), m.group(2), value))
+            outputs.append((int(m.group(1)) if m.group(1) else None, m.group(2), value, key))
         elif m := _INPUT_KEY.fullmatch(key):
             inputs[m.group(1)] = value
         else:
@@ -164,20 +164,49 @@ def chain_from_authors(record: dict, where: str) -> ChainSample:
     shared = record.get("I_ALL", "")
     if not isinstance(shared, str):
         raise ChainFormatError(f"{where}: field 'I_ALL' must be a string")
-    orphan = set(inputs) - {stage for _, stage, _ in outputs}
+    orphan = set(inputs) - {stage for _, stage, _, _ in outputs}
     if orphan:
         raise ChainFormatError(f"{where}: input for stage(s) {sorted(orphan)} with no output")
+    if any(o[0] is not None for o in outputs):
+        _check_rounds(outputs, where)
     steps = []
-    for _, stage, text in sorted(outputs, key=lambda o: (o[0], o[1])):
+    for _, stage, text, _ in sorted(outputs, key=lambda o: (o[0] or 0, o[1])):
         steps.append(Step(stage=stage, input=inputs.pop(stage, None), output=text))
     return ChainSample(shared=shared, steps=steps, source=where)
+
+
+def _check_rounds(outputs: list[tuple[int | None, str, str, str]], where: str) -> None:
+    """Multi-round keys must be read one way only: no `O_A` beside `O_1A`, no round given
+    twice (`O_1A` beside `O_01A`), rounds from 1 without a gap, each complete (every stage of
+    the record, in name order) but the last, which may stop after any stage (`O_3A` needs
+    `O_2B`). Anything else would run as extra or reordered steps."""
+    plain = [key for r, _, _, key in outputs if r is None]
+    if plain:
+        raise ChainFormatError(f"{where}: field '{plain[0]}' has no round, beside fields with "
+                               "one (O_1A, ...): use one form for every output")
+    seen: dict[tuple[int, str], str] = {}
+    for r, stage, _, key in outputs:
+        if r < 1:
+            raise ChainFormatError(f"{where}: field '{key}': rounds count from 1")
+        if (r, stage) in seen:
+            raise ChainFormatError(f"{where}: fields '{seen[r, stage]}' and '{key}' are both "
+                                   f"round {r} of stage {stage}")
+        seen[r, stage] = key
+    stages = sorted({stage for _, stage in seen})
+    last = max(r for r, _ in seen)
+    expected = [(r, s) for r in range(1, last + 1) for s in stages]
+    present = sorted(seen)
+    if present != expected[: len(present)]:  # the record must hold a prefix of these
+        missing = next(p for p in expected if p not in seen)
+        raise ChainFormatError(f"{where}: no field for round {missing[0]} of stage {missing[1]} "
+                               f"(O_{missing[0]}{missing[1]}), though later rounds have one")
 
 
 def check_request(sample: ChainSample, vocab_size: int, where: str) -> None:
     """What a file's format cannot know but a model can: every stop token id within the
     vocabulary of `vocab_size` tokens. And what Python-made requests were never checked for:
     text that is valid Unicode. Raises ChainFormatError naming `where` and the field."""
-    check_unicode(sample.to_json(), where, ChainFormatError)
+    check_record(sample.to_json(), where, ChainFormatError)
     for k, step in enumerate(sample.steps):
         for j, token in enumerate(step.stop_token_ids):
             if not 0 <= token < vocab_size:

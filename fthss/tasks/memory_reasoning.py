@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fthss.datafiles import OnBad, check_unicode, json_document, parse_each
+from fthss.datafiles import OnBad, check_record, json_document, parse_each
 from fthss.engine.engine import END
 from fthss.evaluation.metrics import accuracy, choice_letter, normalize_answer
 from fthss.layout.chain import ChainFormatError, ChainSample, Step
@@ -66,7 +66,7 @@ class MemoryReasoning(Task):
                 or not isinstance(record.get("answer"), str)):
             raise ChainFormatError(f"{where}: test records need string fields 'question' and "
                                    "'answer'")
-        check_unicode(record, where, ChainFormatError)
+        check_record(record, where, ChainFormatError)
         letter = record["answer"].strip().upper()
         if letter not in tuple("ABCDE"):
             raise ChainFormatError(f"{where}: field 'answer' must be an option letter A-E, not "
