@@ -175,9 +175,10 @@ def cmd_run(args) -> int:
                                  done: written.write("".join(json.dumps(r.to_json()) + "\n"
                                                              for r in done)))
             written.commit()
-        except OSError:
-            print(f"fthss run: the results finished so far are in {written.partial}",
-                  file=sys.stderr)
+        except BaseException:  # a full disk, a bad stage found late, Ctrl-C: say what is kept
+            if written.partial.is_file() and written.partial.stat().st_size:
+                print(f"fthss run: the results finished so far are in {written.partial}",
+                      file=sys.stderr)
             raise
     decoded = sum(s.stats.decoded_tokens for r in results for s in r.steps)
     failed = [(q, r) for q, r in zip(requests, results) if r.error]
