@@ -60,7 +60,7 @@ def _load_stages(paths, base) -> list:
         stage = load_stage(path, base)
         if stage.name in seen:
             raise ConfigError(f"stages {seen[stage.name]} and {path} are both named "
-                             f"'{stage.name}'")
+                              f"'{stage.name}'")
         seen[stage.name] = path
         stages.append(stage)
     return stages
@@ -170,10 +170,12 @@ def cmd_run(args) -> int:
                          batch_size=args.batch_size, max_request_tokens=args.max_request_tokens)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     with PartialFile(output) as written:
+
+        def write(done):  # each batch's results on disk as soon as they are done
+            written.write("".join(json.dumps(r.to_json()) + "\n" for r in done))
+
         try:
-            results = engine.run(requests, args.mode, sampling, progress=True, on_results=lambda
-                                 done: written.write("".join(json.dumps(r.to_json()) + "\n"
-                                                             for r in done)))
+            results = engine.run(requests, args.mode, sampling, progress=True, on_results=write)
             written.commit()
         except BaseException:  # a full disk, a bad stage found late, Ctrl-C: say what is kept
             if written.partial.is_file() and written.partial.stat().st_size:

@@ -128,6 +128,8 @@ class ChainEngine:
         self.max_request_tokens = max_request_tokens
         self.decode_step = compiled_decode_step(base) if compile else None
         self._prompt_caches: dict[tuple[str, int], list[LayerKV]] = {}
+        for stage in stages:  # a stage too large for attention is refused now, before any work
+            self.prompt_caches([stage.name])
 
     def prompt_caches(self, names: list[str]) -> list[list[LayerKV]]:
         """Prompt caches of `names` (stage id = index) for C = their longest prompt; each is
