@@ -124,8 +124,8 @@ def check_record(value: Any, where: str, error: type[ValueError]) -> None:
             twice = sorted({k for k in getattr(item, "duplicates", [])
                             if item.duplicates.count(k) > 1})
             if twice:
-                raise error(f"{where}: {field + ': ' if field else ''}key {twice[0]!r:.60} is given "
-                            "more than once")
+                at = f"{field}: " if field else ""
+                raise error(f"{where}: {at}key {twice[0]!r:.60} is given more than once")
             for key, child in item.items():
                 if not is_valid_unicode(key):
                     raise error(f"{where}: {field + '.' if field else ''}key {key!r:.60}: not "

@@ -198,8 +198,8 @@ class ChainEngine:
                     results[i] = ChainResult(row.request.id, mode, row.results, row.tokens,
                                              row.error)
                 # the failed requests after this batch, up to the next runnable one, are done too
-                hand_over(runnable[start + self.batch_size] if start + self.batch_size < len(runnable)
-                          else len(requests))
+                after = start + self.batch_size
+                hand_over(runnable[after] if after < len(runnable) else len(requests))
         hand_over(len(requests))
         return results
 

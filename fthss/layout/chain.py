@@ -13,7 +13,14 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fthss.datafiles import OnBad, check_record, is_valid_unicode, json_document, jsonl_records, parse_each
+from fthss.datafiles import (
+    OnBad,
+    check_record,
+    is_valid_unicode,
+    json_document,
+    jsonl_records,
+    parse_each,
+)
 from fthss.errors import FthssError
 from fthss.ranges import COUNT, NON_NEGATIVE, TOKEN_ID
 
@@ -30,7 +37,7 @@ def is_stage_name(name: str) -> bool:
     """Letters, digits, '-' and '_', at most MAX_STAGE_NAME_BYTES. A stage's name is also a
     folder name (`fthss train` saves stage S to OUT/S), so a name read from a data file can
     never lead out of that folder, nor past the 255 bytes a file name may have."""
-    return (isinstance(name, str) and bool(name) and name.replace("_", "").replace("-", "").isalnum()
+    return (isinstance(name, str) and name.replace("_", "").replace("-", "").isalnum()
             and is_valid_unicode(name) and len(name.encode("utf-8")) <= MAX_STAGE_NAME_BYTES)
 
 

@@ -46,7 +46,8 @@ class MemoryReasoning(Task):
         raw = json_document(path, ChainFormatError) if path.suffix == ".json" else None
         # the format is the first record's that is an object: a bad record before it (null,
         # a number) is the same bad record in either format, for `on_bad` to skip
-        first = next((r for r in raw if isinstance(r, dict)), None) if isinstance(raw, list) else None
+        objects = (r for r in raw if isinstance(r, dict)) if isinstance(raw, list) else ()
+        first = next(objects, None)
         if first is not None and "question" in first:
             return parse_each(((f"{path}: record {i}", (i, r)) for i, r in enumerate(raw)),
                               self._test_record, ChainFormatError, on_bad)

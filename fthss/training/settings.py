@@ -60,7 +60,8 @@ def check_settings(saved: dict | None, current: dict, extend: bool, where: str) 
         raise ConfigError(f"{where}: the run it would resume was {saved.get('total_steps')} "
                           f"steps, this one {current['total_steps']} ({described}); pass "
                           "--extend to continue it to more steps, or choose another --out")
-    if not isinstance(saved.get("total_steps"), int) or not current["total_steps"] > saved["total_steps"]:
+    before = saved.get("total_steps")
+    if not isinstance(before, int) or not current["total_steps"] > before:
         raise ConfigError(f"{where}: --extend continues a run to more steps, but this one has "
                           f"{current['total_steps']}, not more than the "
                           f"{saved.get('total_steps')} of the run it would resume")
