@@ -46,7 +46,7 @@ class MemoryReasoning(Task):
         raw = json_document(path, ChainFormatError) if path.suffix == ".json" else None
         # the format is the first record's that is an object: a bad record before it (null,
         # a number) is the same bad record in either format, for `on_bad` to skip
-        objects = (r for r in raw if isinstance(r, dict)) if isinstance(raw, list) else ()
+        objects = (r for r in (raw if isinstance(raw, list) else []) if isinstance(r, dict))
         first = next(objects, None)
         if first is not None and "question" in first:
             return parse_each(((f"{path}: record {i}", (i, r)) for i, r in enumerate(raw)),
