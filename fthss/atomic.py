@@ -25,10 +25,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise named(err, path) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def named(err: OSError, path: str | Path) -> OSError:
+    """`err` with the file it is about: a write that fills the disk reports no file name, and
+    the message the user sees must name one."""
+    if err.filename is not None:
+        return err
+    return type(err)(err.errno, err.strerror or str(err), str(path))
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -78,9 +89,12 @@ class PartialFile:
         self._file = open(self.partial, "w", encoding="utf-8")  # noqa: SIM115 (closed in commit)
 
     def write(self, text: str) -> None:
-        self._file.write(text)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.write(text)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as err:
+            raise named(err, self.partial) from err
 
     def commit(self) -> None:
         self._file.close()

@@ -454,6 +454,23 @@ def test_run_keeps_finished_results_when_the_final_write_fails(stages, tmp_path,
     assert [r["id"] for r in rows] == ["compress-1", "rounds-1"] and not out.exists()
 
 
+def test_a_full_disk_is_named_with_the_file_it_stopped(stages, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    fsync, calls = os.fsync, []
+
+    def full_after_one(fd):
+        calls.append(fd)
+        if len(calls) > 1:  # the first batch is on disk, the second does not fit
+            raise OSError(28, "No space left on device")
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_after_one)
+    assert main(run_command(stages, CHAINS, out, "--batch-size", "1")) == 1
+    err = "\n".join(errors(capsys))
+    assert f"fthss run: error: {out}.partial: No space left on device" in err
+    assert len(Path(f"{out}.partial").read_text().splitlines()) >= 1
+
+
 def test_run_writes_each_batch_as_it_is_done(stages, tmp_path, monkeypatch):
     out = tmp_path / "out.jsonl"
     seen = []
