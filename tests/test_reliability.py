@@ -471,6 +471,24 @@ def test_a_full_disk_is_named_with_the_file_it_stopped(stages, tmp_path, capsys,
     assert len(Path(f"{out}.partial").read_text().splitlines()) >= 1
 
 
+def test_a_read_only_output_folder_fails_before_any_work(stages, tmp_path, capsys,
+                                                          monkeypatch):
+    import builtins
+
+    out = tmp_path / "out.jsonl"
+    real_open = builtins.open
+
+    def read_only(file, mode="r", *args, **kwargs):  # as a folder without write permission
+        if str(file).startswith(str(tmp_path)) and "w" in mode:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", read_only)
+    monkeypatch.setattr(ChainEngine, "run", lambda *a, **k: pytest.fail("ran"))
+    assert main(run_command(stages, CHAINS, out)) == 1
+    assert f"fthss run: error: {out}.partial: Permission denied" in capsys.readouterr().err
+
+
 def test_run_writes_each_batch_as_it_is_done(stages, tmp_path, monkeypatch):
     out = tmp_path / "out.jsonl"
     seen = []
