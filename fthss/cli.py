@@ -21,6 +21,7 @@ from fthss.ranges import (
     POSITIVE,
     PROBABILITY,
     SEED,
+    SHARE,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -457,9 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--device", default=None)
     from fthss.world.pretrain import PretrainConfig
 
+    ranges = {"seed": SEED, "warmup_steps": NON_NEGATIVE, "learning_rate": POSITIVE,
+              "weight_decay": NON_NEGATIVE_FLOAT}
     for field in dataclasses.fields(PretrainConfig):  # one option per recipe field
-        pre.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default),
-                         default=field.default)
+        kind = type(field.default)
+        parse = (ranges[field.name].arg if field.name in ranges else COUNT.arg if kind is int
+                 else SHARE.arg if field.name.endswith("_share") else kind)
+        pre.add_argument(f"--{field.name.replace('_', '-')}", type=parse, default=field.default)
     pre.set_defaults(func=cmd_base_pretrain)
     select = base_commands.add_parser(
         "select", help="keep the pretraining draw with the lowest loss on the world's dev splits")

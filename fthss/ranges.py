@@ -107,3 +107,4 @@ POSITIVE = FloatRange(0.0, low_open=True)  # learning rate, epochs, gradient nor
 NON_NEGATIVE_FLOAT = FloatRange(0.0)  # temperature
 PROBABILITY = FloatRange(0.0, 1.0, low_open=True, high_open=False)  # top_p
 FRACTION = FloatRange(0.0, 1.0)  # warmup ratio: [0, 1)
+SHARE = FloatRange(0.0, 1.0, high_open=False)  # a share of a whole: [0, 1]

@@ -171,6 +171,15 @@ def test_every_numeric_option_has_its_range(command, option, value, capsys):
     assert exit_.value.code == 2 and f"argument {option}: must be" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, value", [("--steps", "-1"), ("--learning-rate", "nan"),
+                                           ("--hole-share", "2"), ("--warmup-steps", "-5"),
+                                           ("--batch-size", "0"), ("--seed", "-1")])
+def test_pretraining_options_have_their_ranges(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["base", "pretrain", option, value])
+    assert exit_.value.code == 2 and f"argument {option}: must be" in capsys.readouterr().err
+
+
 # 3. Nothing to evaluate -----------------------------------------------------------------------
 
 @pytest.fixture
