@@ -12,21 +12,20 @@ from pathlib import Path
 
 import torch
 
+from fthss.errors import ConfigError, EmptyDataError, FthssError, OutputExistsError
+from fthss.ranges import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    NON_NEGATIVE_FLOAT,
+    POSITIVE,
+    PROBABILITY,
+    SEED,
+    SHARE,
+)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+positive_int, positive_float = COUNT.arg, POSITIVE.arg  # the argparse types most options take
 
 
 def _skip_report(args):
@@ -61,8 +60,8 @@ def load_stages(paths, base) -> list:
     for path in paths:
         stage = load_stage(path, base)
         if stage.name in seen:
-            raise ValueError(f"stages {seen[stage.name]} and {path} are both named "
-                             f"'{stage.name}'")
+            raise ConfigError(f"stages {seen[stage.name]} and {path} are both named "
+                              f"'{stage.name}'")
         seen[stage.name] = path
         stages.append(stage)
     return stages
@@ -120,20 +119,50 @@ def cmd_verify(args) -> int:
     return 0 if ok else 1
 
 
+def output_file(path: str, option: str, *inputs: str) -> Path:
+    """The file an option names for output, refused before any work where it cannot be one:
+    empty, an existing folder, or one of the command's inputs."""
+    if not path:
+        raise ConfigError(f"{option}: empty; name a file")
+    out = Path(path)
+    if out.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; name a file")
+    for given in inputs:
+        if Path(given).exists() and out.resolve() == Path(given).resolve():
+            raise ConfigError(f"{option} {path}: is the input; writing it would destroy it")
+    return out
+
+
+def output_folder(path: str, option: str) -> Path:
+    """The folder an option names for output, created; refused where it cannot be one."""
+    if not path:
+        raise ConfigError(f"{option}: empty; name a folder")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{option} {path}: is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)  # under a file, or read-only: an OSError naming it
+    return out
+
+
 def cmd_run(args) -> int:
-    from fthss.atomic import atomic_write_text
+    from fthss.atomic import PartialFile
     from fthss.datafiles import parse_each
     from fthss.engine.engine import ChainEngine
     from fthss.engine.sampling import SamplingConfig
-    from fthss.layout.chain import ChainFormatError, load_chains
+    from fthss.layout.chain import ChainFormatError, check_request, load_chains
 
+    output = output_file(args.output, "--output", args.input)
     base = load_base(args)
     stages = load_stages(args.stage, base)
     skips = _skip_report(args)
     names = {s.name for s in stages}
-    requests = parse_each(((r.source, r) for r in load_chains(args.input, skips)),
-                          lambda r, where: _given_stages(r, where, names), ChainFormatError,
-                          skips)
+
+    def runnable(request, where):
+        check_request(_given_stages(request, where, names), base.vocab_size, where)
+        return request
+
+    requests = parse_each(((r.source, r) for r in load_chains(args.input, skips)), runnable,
+                          ChainFormatError, skips)
     if not args.given_outputs:  # gold outputs in the file are for scoring, not for forcing
         for request in requests:
             for step in request.steps:
@@ -141,8 +170,19 @@ def cmd_run(args) -> int:
     engine = ChainEngine(base, stages, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, max_request_tokens=args.max_request_tokens)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
-    results = engine.run(requests, args.mode, sampling, progress=True)
-    atomic_write_text(args.output, "".join(json.dumps(r.to_json()) + "\n" for r in results))
+    with PartialFile(output) as written:
+
+        def write(done):  # each batch's results on disk as soon as they are done
+            written.write("".join(json.dumps(r.to_json()) + "\n" for r in done))
+
+        try:
+            results = engine.run(requests, args.mode, sampling, progress=True, on_results=write)
+            written.commit()
+        except BaseException:  # a full disk, a bad stage found late, Ctrl-C: say what is kept
+            if written.partial.is_file() and written.partial.stat().st_size:
+                print(f"fthss run: the results finished so far are in {written.partial}",
+                      file=sys.stderr)
+            raise
     decoded = sum(s.stats.decoded_tokens for r in results for s in r.steps)
     failed = [(q, r) for q, r in zip(requests, results) if r.error]
     for request, result in failed:
@@ -160,6 +200,7 @@ def cmd_train(args) -> int:
     from fthss.training.methods import method_view
     from fthss.training.run import train_method
 
+    output_folder(args.out, "--out")
     base = load_base(args)
     skips = _skip_report(args)
     samples = [s for path in args.data for s in load_chains(path, skips)]
@@ -168,7 +209,7 @@ def cmd_train(args) -> int:
                          for st in method_view(args.method, s).steps)
     for i, name in enumerate(n for n in used if n not in stages):
         if args.method == "adapt":
-            raise ValueError(f"adapt starts from trained stages: pass --stage DIR for '{name}'")
+            raise ConfigError(f"adapt starts from trained stages: pass --stage DIR for '{name}'")
         stages[name] = Stage.create(_stage_config(args, name), base, seed=args.seed + i)
     config = TrainConfig(
         learning_rate=args.lr, lora_learning_rate=args.lora_lr, epochs=args.epochs, max_steps=args.max_steps,
@@ -178,7 +219,7 @@ def cmd_train(args) -> int:
         reparam_hidden=args.reparam_hidden, save_every=args.save_every, seed=args.seed)
     results = train_method(base, samples, args.method, list(stages.values()), args.train,
                            config, args.out, rounds=args.rounds, max_samples=args.max_samples,
-                           on_bad=skips)
+                           on_bad=skips, extend=args.extend)
     _print_skipped(args, skips)
     for r in results:
         print(f"trained {'+'.join(r.trained)}: {r.steps} steps, loss {r.first_loss:.4f} -> "
@@ -193,19 +234,33 @@ def cmd_eval(args) -> int:
     from fthss.prompts.io import load_stage
     from fthss.tasks import get_task
 
-    base = load_base(args)
+    from fthss.evaluation.report import REPORT_FILES
+
+    out = output_folder(args.out, "--out")
+    older = [name for name in REPORT_FILES if (out / name).exists()]
+    if older and not args.overwrite:
+        raise OutputExistsError(f"--out {out}: holds an older report ({', '.join(older)}); "
+                                "pass --overwrite to replace it, or choose another folder")
     task = get_task(args.task)
     skips = _skip_report(args)
     records = task.records(args.data, skips)[: args.max_records]
+    if not records:
+        why = ("--max-records 0" if args.max_records == 0 else
+               "every record was skipped" if skips and skips.skipped else "it holds no record")
+        raise EmptyDataError(f"{args.data}: nothing to evaluate ({why})")
+    base = load_base(args)
     stage_sets = {}
     for spec in args.stages:
         method, _, folder = spec.partition("=")
         if method not in {trained for trained, _ in RUNS.values()} or not folder:
-            raise ValueError(f"--stages {spec!r}: expected METHOD=DIR with METHOD one of "
+            raise ConfigError(f"--stages {spec!r}: expected METHOD=DIR with METHOD one of "
                              "single, distill, chain, fthss, adapt")
+        if not Path(folder).is_dir():
+            raise ConfigError(f"--stages {spec!r}: {folder} is not a folder (it holds one "
+                              "folder per stage)")
         found = sorted(p for p in Path(folder).iterdir() if (p / "adapter_config.json").is_file())
         if not found:
-            raise ValueError(f"{folder}: no stage folders (with adapter_config.json) inside")
+            raise ConfigError(f"{folder}: no stage folders (with adapter_config.json) inside")
         stage_sets[method] = [load_stage(p, base) for p in found]
     retriever = None
     if args.corpus:
@@ -215,7 +270,7 @@ def cmd_eval(args) -> int:
     _print_skipped(args, skips)
     results = evaluate(base, task, records, stage_sets, retriever, not args.no_gold_upstream,
                        args.batch_size, progress=True, max_new_tokens=args.max_new_tokens)
-    out = write_report([results], args.out)
+    write_report([results], out)
     print((out / "report.md").read_text())
     return 0
 
@@ -265,6 +320,10 @@ def cmd_stage_create(args) -> int:
     from fthss.prompts.io import save_stage
     from fthss.prompts.stage import Stage
 
+    out = output_folder(args.out, "--out")
+    if any(out.iterdir()) and not args.overwrite:  # its files would be replaced one by one
+        raise OutputExistsError(f"--out {out}: is not empty; pass --overwrite to replace the "
+                                "stage there, or choose another folder")
     base = load_base(args)
     config = _stage_config(args, args.name)
     save_stage(Stage.create(config, base, seed=args.seed), args.out, base)
@@ -294,13 +353,13 @@ def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=KINDS, default="prompt",
                         help="prompt (soft prompt), prefix (K/V per layer), or lora (low-rank "
                         "deltas on the tokens the stage owns, plus an optional soft prompt)")
-    parser.add_argument("--tokens", type=int, default=None,
+    parser.add_argument("--tokens", type=NON_NEGATIVE.arg, default=None,
                         help="virtual tokens (default: 100; 0 for --kind lora)")
     parser.add_argument("--init", choices=INITS, default="random",
                         help="how a new prompt starts")
     parser.add_argument("--init-text", default=None, help="the text of --init text")
-    parser.add_argument("--lora-rank", type=int, default=16, help="lora stages: rank r")
-    parser.add_argument("--lora-alpha", type=float, default=32.0,
+    parser.add_argument("--lora-rank", type=COUNT.arg, default=16, help="lora stages: rank r")
+    parser.add_argument("--lora-alpha", type=POSITIVE.arg, default=32.0,
                         help="lora stages: the deltas are scaled by alpha / r")
     parser.add_argument("--lora-targets", nargs="+", choices=LORA_TARGETS, default=LORA_TARGETS,
                         metavar="MODULE", help="lora stages: the linear layers adapted "
@@ -314,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole method on the embedded default: world, "
                                "base, every method on the four tasks, evaluation, report")
     demo.add_argument("--quick", action="store_true", help="a smoke run (a few minutes)")
-    demo.add_argument("--seed", type=int, default=0, help="the world's seed")
+    demo.add_argument("--seed", type=SEED.arg, default=0, help="the world's seed")
     demo.add_argument("--out", default="runs/demo", help="folder for the world, stages, report")
     demo.add_argument("--base", default=None, help="a base pretrained on this seed's world "
                       "(`fthss base pretrain`), instead of the embedded one")
@@ -325,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_arguments(verify)
     verify.add_argument("--chains", type=positive_int, default=16)
     verify.add_argument("--batch-size", type=positive_int, default=4)
-    verify.add_argument("--seed", type=int, default=0)
-    verify.add_argument("--tol", type=float, default=None,
+    verify.add_argument("--seed", type=SEED.arg, default=0)
+    verify.add_argument("--tol", type=NON_NEGATIVE_FLOAT.arg, default=None,
                         help="largest logit difference allowed (default 1e-4 fp32, 5e-2 else)")
     verify.set_defaults(func=cmd_verify)
 
@@ -346,10 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "alone (its error in the output), as one past the base's positions does")
     run.add_argument("--max-new-tokens", type=positive_int, default=64,
                      help="per-step limit unless the request sets max_new_tokens")
-    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    run.add_argument("--top-k", type=int, default=0)
-    run.add_argument("--top-p", type=float, default=1.0)
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--temperature", type=NON_NEGATIVE_FLOAT.arg, default=0.0, help="0 = greedy")
+    run.add_argument("--top-k", type=NON_NEGATIVE.arg, default=0)
+    run.add_argument("--top-p", type=PROBABILITY.arg, default=1.0)
+    run.add_argument("--seed", type=SEED.arg, default=0)
     _add_skip_bad(run)
     run.set_defaults(func=cmd_run)
 
@@ -367,23 +426,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train", nargs="+", metavar="NAME",
                        help="stages to train (default: every stage the chains use)")
     train.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    train.add_argument("--extend", action="store_true",
+                       help="resume a run to more steps (a larger --max-steps or --epochs); any "
+                       "other change of settings on rerun is refused")
     _add_stage_arguments(train)  # the stages created here
-    train.add_argument("--lr", type=float, default=2e-4)
-    train.add_argument("--lora-lr", type=float, default=None,
+    train.add_argument("--lr", type=POSITIVE.arg, default=2e-4)
+    train.add_argument("--lora-lr", type=POSITIVE.arg, default=None,
                        help="learning rate of lora stages' deltas (default: --lr)")
-    train.add_argument("--epochs", type=float, default=3.0)
-    train.add_argument("--max-steps", type=int, default=None)
-    train.add_argument("--micro-batch-size", type=int, default=1)
-    train.add_argument("--grad-accumulation", type=int, default=8)
-    train.add_argument("--warmup-ratio", type=float, default=0.03)
-    train.add_argument("--max-grad-norm", type=float, default=None)
-    train.add_argument("--max-length", type=int, default=1224)
+    train.add_argument("--epochs", type=POSITIVE.arg, default=3.0)
+    train.add_argument("--max-steps", type=COUNT.arg, default=None)
+    train.add_argument("--micro-batch-size", type=COUNT.arg, default=1)
+    train.add_argument("--grad-accumulation", type=COUNT.arg, default=8)
+    train.add_argument("--warmup-ratio", type=FRACTION.arg, default=0.03)
+    train.add_argument("--max-grad-norm", type=POSITIVE.arg, default=None)
+    train.add_argument("--max-length", type=COUNT.arg, default=1224)
     train.add_argument("--gradient-checkpointing", action="store_true")
-    train.add_argument("--reparam-hidden", type=int, default=0,
+    train.add_argument("--reparam-hidden", type=NON_NEGATIVE.arg, default=0,
                        help="prefix stages: train through a P-Tuning v2 MLP of this width")
-    train.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps")
-    train.add_argument("--max-samples", type=int, default=None)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--save-every", type=NON_NEGATIVE.arg, default=0, help="checkpoint every K steps")
+    train.add_argument("--max-samples", type=NON_NEGATIVE.arg, default=None)
+    train.add_argument("--seed", type=SEED.arg, default=0)
     _add_skip_bad(train)
     train.set_defaults(func=cmd_train)
 
@@ -397,9 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "one folder per stage inside DIR; repeatable")
     evaluate.add_argument("--corpus", help="retrieval corpus JSONL (rewrite_qa, active_rag)")
     evaluate.add_argument("--out", default="runs/eval", help="report folder")
-    evaluate.add_argument("--max-records", type=int, default=None)
-    evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="replace an older report in --out (its files removed first)")
+    evaluate.add_argument("--max-records", type=NON_NEGATIVE.arg, default=None)
+    evaluate.add_argument("--batch-size", type=COUNT.arg, default=16)
+    evaluate.add_argument("--max-new-tokens", type=COUNT.arg, default=None,
                           help="cap every step's generation (the tasks' own limits otherwise)")
     evaluate.add_argument("--no-gold-upstream", action="store_true",
                           help="skip the gold-intermediate ablation")
@@ -410,12 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
     world_commands = world.add_subparsers(dest="world_command", required=True)
     build = world_commands.add_parser("build", help="generate world, corpus, tasks, tokenizer")
     build.add_argument("--out", default="runs/world")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--renderings", type=int, default=8,
+    build.add_argument("--seed", type=SEED.arg, default=0)
+    build.add_argument("--renderings", type=COUNT.arg, default=8,
                        help="pretraining renderings of each entity's facts")
-    build.add_argument("--test-size", type=int, default=1000)
-    build.add_argument("--dev-size", type=int, default=200)
-    build.add_argument("--vocab-size", type=int, default=2048)
+    build.add_argument("--test-size", type=COUNT.arg, default=1000)
+    build.add_argument("--dev-size", type=COUNT.arg, default=200)
+    build.add_argument("--vocab-size", type=COUNT.arg, default=2048)
     build.set_defaults(func=cmd_world_build)
 
     base_parser = commands.add_parser("base", help="the demo's small base model")
@@ -426,9 +490,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--device", default=None)
     from fthss.world.pretrain import PretrainConfig
 
+    ranges = {"seed": SEED, "warmup_steps": NON_NEGATIVE, "learning_rate": POSITIVE,
+              "weight_decay": NON_NEGATIVE_FLOAT}
     for field in dataclasses.fields(PretrainConfig):  # one option per recipe field
-        pre.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default),
-                         default=field.default)
+        kind = type(field.default)
+        parse = (ranges[field.name].arg if field.name in ranges else COUNT.arg if kind is int
+                 else SHARE.arg if field.name.endswith("_share") else kind)
+        pre.add_argument(f"--{field.name.replace('_', '-')}", type=parse, default=field.default)
     pre.set_defaults(func=cmd_base_pretrain)
     select = base_commands.add_parser(
         "select", help="keep the pretraining draw with the lowest loss on the world's dev splits")
@@ -444,8 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_arguments(create)
     create.add_argument("--name", required=True)
     _add_stage_arguments(create)
-    create.add_argument("--seed", type=int, default=0)
+    create.add_argument("--seed", type=SEED.arg, default=0)
     create.add_argument("--out", required=True)
+    create.add_argument("--overwrite", action="store_true",
+                        help="replace the stage in a folder that holds one")
     create.set_defaults(func=cmd_stage_create)
 
     from fthss.benchmarks.commands import add_bench_commands
@@ -456,14 +526,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_os_error(err: OSError) -> str:
+    """`PATH: REASON` (both paths of a failed rename), as the user needs it: which file, and
+    what the system said (permission denied, no space left on device, ...)."""
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    reason = err.strerror or str(err)
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user's error (`FthssError`: a bad file, option or folder) exits 2 and
+    a failing file system (`OSError`: permissions, a full disk) exits 1, each as one line
+    `fthss CMD: error: ...`; anything else is a bug and keeps its traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        # a file name or option that is not valid Unicode must not turn the message about it
+        # into a UnicodeEncodeError
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `fthss bench`
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as err:
+    except FthssError as err:
         print(f"fthss {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"fthss {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fthss.atomic import atomic_write_text
+from fthss.errors import ConfigError
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -83,7 +84,7 @@ def prepare(config: DemoConfig, out: Path, device: str):
     print(f"[demo] base: {base_dir}")
     base = BaseModel.load(base_dir, device=device)
     if base.tokenizer.get_vocab() != AutoTokenizer.from_pretrained(world / "tokenizer").get_vocab():
-        raise ValueError(f"the base in {base_dir} was pretrained with another tokenizer than the "
+        raise ConfigError(f"the base in {base_dir} was pretrained with another tokenizer than the "
                          f"world in {world} has: rebuild it with `fthss base pretrain`")
     return world, base
 
@@ -199,11 +200,11 @@ def _check_same_config(config: DemoConfig, path: Path) -> None:
         try:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error}); delete it or choose another "
+            raise ConfigError(f"{path}: not valid JSON ({error}); delete it or choose another "
                              "--out") from None
         differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if differing:
-            raise ValueError(f"{path.parent} holds a demo run with other settings "
+            raise ConfigError(f"{path.parent} holds a demo run with other settings "
                              f"({', '.join(differing)}); choose another --out or delete it")
     atomic_write_text(path, json.dumps(current, indent=2))
 

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig, Qwen2Config
 
+from fthss.errors import ModelLoadError
 from fthss.models.base import BaseModel, UnsupportedModelError
 from fthss.models.presets import ARCHITECTURES, byte_tokenizer, preset_base
 from fthss.verify import verify
@@ -52,7 +53,7 @@ def test_load_from_a_folder(tmp_path):
     in_bf16 = BaseModel.load(tmp_path, dtype=torch.bfloat16)
     assert in_bf16.dtype == torch.bfloat16 and in_bf16.fingerprint == base.fingerprint
     assert loaded.tokenizer.encode("héllo") == base.tokenizer.encode("héllo")
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match="no config.json"):
         BaseModel.load(tmp_path / "missing")
 
 
@@ -86,7 +87,7 @@ def test_a_models_own_code_runs_only_with_the_flag(saved_llama, monkeypatch, cap
 
     def load(path, **options):  # the flag reaches the loader (and the code is still not run)
         passed.update(options)
-        raise ValueError("stopped before loading")
+        raise ModelLoadError("stopped before loading")
 
     monkeypatch.setattr(BaseModel, "load", load)
     assert main(["verify", "--base", str(saved_llama), "--trust-remote-code"]) == 2

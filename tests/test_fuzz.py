@@ -26,18 +26,22 @@ from fthss.retrieval.bm25 import BM25Retriever, CorpusFormatError
 from fthss.tasks import TASKS, get_task
 
 TEXT = st.text(st.characters(codec="utf-8"), max_size=6)
+# what a hostile file holds besides: lone surrogates (JSON "\ud800" escapes), numbers past any
+# model (2**63 overflows a tensor)
+HOSTILE_TEXT = TEXT | st.sampled_from(["\ud800", "x\udfff", "\udc80y"])
+COUNT = st.integers(-1, 4) | st.sampled_from([2**31, 2**63, 2**64])
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 300) | st.floats() | TEXT,
                     lambda inner: st.lists(inner, max_size=3)
                     | st.dictionaries(TEXT, inner, max_size=3), max_leaves=6)
 STAGES = st.sampled_from(["A", "B", "A", "B", "c-1", "../x", ""])
 STEP = st.fixed_dictionaries({"stage": STAGES}, optional={
-    "input": st.none() | TEXT, "output": st.none() | TEXT, "input_visible": st.booleans(),
-    "max_new_tokens": st.none() | st.integers(-1, 4), "stop": st.lists(TEXT, max_size=2),
-    "stop_token_ids": st.lists(st.integers(-1, 4), max_size=2),
-    "min_new_tokens": st.integers(-1, 2)})
+    "input": st.none() | HOSTILE_TEXT, "output": st.none() | HOSTILE_TEXT,
+    "input_visible": st.booleans(), "max_new_tokens": st.none() | COUNT,
+    "stop": st.lists(HOSTILE_TEXT, max_size=2), "stop_token_ids": st.lists(COUNT, max_size=2),
+    "min_new_tokens": COUNT})
 RECORD = st.fixed_dictionaries({"steps": st.lists(STEP, max_size=4)},
                                optional={"id": st.text(max_size=3) | st.integers(),
-                                         "shared": TEXT})
+                                         "shared": HOSTILE_TEXT})
 
 
 @st.composite
@@ -60,7 +64,9 @@ def mutated(draw, record):
 @st.composite
 def lines(draw, record):
     """A JSON line, maybe cut short, with bytes inserted, or replaced by raw bytes."""
-    line = json.dumps(draw(mutated(record)), ensure_ascii=draw(st.booleans())).encode()
+    # written raw (not as \u escapes), a lone surrogate makes bytes that are not UTF-8
+    line = json.dumps(draw(mutated(record)), ensure_ascii=draw(st.booleans())).encode(
+        "utf-8", "surrogatepass")
     how = draw(st.sampled_from(["keep", "keep", "keep", "cut", "insert", "bytes"]))
     at = draw(st.integers(0, len(line)))
     if how == "cut":
@@ -100,6 +106,10 @@ def assert_well_formed(chain: ChainSample):
     assert chain.steps and all(is_stage_name(step.stage) for step in chain.steps)
     assert all(step.output is None or step.output.strip() for step in chain.steps)
     assert all(isinstance(step.stop_token_ids, list) for step in chain.steps)
+    assert all(0 <= t < 2**31 for step in chain.steps for t in step.stop_token_ids)
+    assert all(step.min_new_tokens < 2**31 and (step.max_new_tokens or 0) < 2**31
+               for step in chain.steps)
+    json.dumps(chain.to_json(), ensure_ascii=False).encode("utf-8")  # valid Unicode throughout
 
 
 @settings(max_examples=300)
@@ -116,7 +126,7 @@ def test_jsonl_chains(folder, data):
 
 AUTHORS_KEY = st.sampled_from(["I_ALL", "I_A", "I_B", "O_A", "O_B", "O_1A", "O_1B", "O_2A",
                                "O_", "X", "I_"])
-AUTHORS = st.dictionaries(AUTHORS_KEY, TEXT | JSON, max_size=5)
+AUTHORS = st.dictionaries(AUTHORS_KEY, HOSTILE_TEXT | JSON, max_size=5)
 
 
 @settings(max_examples=200)
@@ -145,7 +155,7 @@ def test_task_records(folder, task, data):
     assert len(records) + len(skipped) == non_blank_lines(data)
 
 
-TEST_RECORD = st.fixed_dictionaries({"question": TEXT | JSON},
+TEST_RECORD = st.fixed_dictionaries({"question": HOSTILE_TEXT | JSON},
                                     optional={"answer": st.sampled_from("ABEbX ") | JSON,
                                               "id": JSON})
 
@@ -157,12 +167,13 @@ def test_memory_reasoning_test_records(folder, records):
     path.write_text(json.dumps(records))
     loaded, skipped = load_both_ways(get_task("memory_reasoning").records, path,
                                      ChainFormatError)
-    if isinstance(records[0], dict) and "question" in records[0]:  # read as the test format
+    first = next((r for r in records if isinstance(r, dict)), None)
+    if first is not None and "question" in first:  # read as the test format
         assert len(loaded) + len(skipped) == len(records)
         assert all(r.answer in tuple("ABCDE") for r in loaded)
 
 
-PASSAGE = st.fixed_dictionaries({"id": st.text(max_size=3), "text": TEXT},
+PASSAGE = st.fixed_dictionaries({"id": st.text(max_size=3), "text": HOSTILE_TEXT},
                                 optional={"title": st.none() | TEXT})
 
 

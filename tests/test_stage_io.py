@@ -263,13 +263,44 @@ def _weights(folder):
     return load_file(folder / "adapter_model.safetensors")["prompt_embeddings"]
 
 
+def _unhashed(folder, key="weights_sha256"):
+    """As a PEFT adapter or a stage saved before weights_sha256 was kept: only the checks of the
+    tensor itself can refuse what is wrong with it."""
+    ours = json.loads((folder / "fthss_stage.json").read_text())
+    del ours[key]
+    (folder / "fthss_stage.json").write_text(json.dumps(ours))
+
+
+def _replace_weights(tensors):
+    def replace(folder):
+        save_file(tensors(folder), folder / "adapter_model.safetensors")
+        _unhashed(folder)
+    return replace
+
+
+def _flip_a_byte(folder):  # inside the tensor: the file still parses, its values differ
+    path = folder / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _folder_instead(name):
+    def replace(folder):
+        (folder / name).unlink()
+        (folder / name).mkdir()
+    return replace
+
+
 def _narrow(folder):  # a prompt 32 wide, consistent in itself, on a 64-wide base
+    _unhashed(folder)
     save_file({"prompt_embeddings": _weights(folder)[:, :32].contiguous()},
               folder / "adapter_model.safetensors")
     _edit_json(folder / "adapter_config.json", token_dim=32)
 
 
 def _truncate(folder):
+    _unhashed(folder)
     path = folder / "adapter_model.safetensors"
     path.write_bytes(path.read_bytes()[:-40])
 
@@ -292,22 +323,46 @@ BROKEN = {
     "pickle only": (_pickle_only, (r"adapter_model.safetensors: missing; adapter_model.bin "
                                    r"exists but pickle files are not loaded")),
     "malformed json": (lambda f: (f / "adapter_config.json").write_text("{not json"),
-                       r"adapter_config.json: malformed JSON at line 1"),
+                       r"adapter_config.json:1: malformed JSON"),
     "malformed fthss json": (lambda f: (f / "fthss_stage.json").write_text("[1, 2"),
-                             r"fthss_stage.json: malformed JSON"),
+                             r"fthss_stage.json:1: malformed JSON"),
     "truncated": (_truncate, r"adapter_model.safetensors: unreadable or truncated"),
-    "corrupted": (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x10" + b"\xff" * 40),
-                  r"adapter_model.safetensors: unreadable or truncated"),
-    "nan": (lambda f: save_file({"prompt_embeddings": _weights(f).fill_(float("nan"))},
-                                f / "adapter_model.safetensors"),
+    "corrupted": (lambda f: (_unhashed(f), (f / "adapter_model.safetensors").write_bytes(
+        b"\x10" + b"\xff" * 40)), r"adapter_model.safetensors: unreadable or truncated"),
+    "nan": (_replace_weights(lambda f: {"prompt_embeddings": _weights(f).fill_(float("nan"))}),
             r"adapter_model.safetensors: prompt_embeddings holds NaN or inf"),
-    "inf": (lambda f: save_file({"prompt_embeddings": _weights(f).index_fill_(0, torch.tensor([1]),
-                                                                          float("inf"))},
-                                f / "adapter_model.safetensors"),
+    "inf": (_replace_weights(lambda f: {"prompt_embeddings": _weights(f).index_fill_(
+        0, torch.tensor([1]), float("inf"))}),
             r"adapter_model.safetensors: prompt_embeddings holds NaN or inf"),
-    "no prompt_embeddings": (lambda f: save_file({"embeddings": _weights(f)},
-                                                 f / "adapter_model.safetensors"),
+    "no prompt_embeddings": (_replace_weights(lambda f: {"embeddings": _weights(f)}),
                              r"adapter_model.safetensors: no 'prompt_embeddings' tensor"),
+    "a byte flipped": (_flip_a_byte, (r"adapter_model.safetensors: its sha256 is not the one "
+                                      r"fthss_stage.json holds")),
+    "other weights": (lambda f: save_file({"prompt_embeddings": _weights(f) * 2},
+                                          f / "adapter_model.safetensors"),
+                      r"adapter_model.safetensors: its sha256 is not the one"),
+    "config is a folder": (_folder_instead("adapter_config.json"),
+                           r"adapter_config.json: cannot read: Is a directory"),
+    "fthss json is a folder": (_folder_instead("fthss_stage.json"),
+                               r"fthss_stage.json: cannot read: Is a directory"),
+    "weights are a folder": (_folder_instead("adapter_model.safetensors"),
+                             r"adapter_model.safetensors: missing"),
+    "nested deep": (lambda f: (f / "adapter_config.json").write_text("[" * 100_000),
+                    r"adapter_config.json:1: malformed JSON: nested too deeply"),
+    "config not utf-8": (lambda f: (f / "adapter_config.json").write_bytes(b'{"a": "\xff"}'),
+                         r"adapter_config.json:1: not UTF-8 text"),
+    "name a number": (lambda f: _edit_json(f / "fthss_stage.json", name=5),
+                      r"fthss_stage.json: field 'name' has the wrong type int"),
+    "init_text a list": (lambda f: _edit_json(f / "fthss_stage.json", init_text=["x"]),
+                         r"fthss_stage.json: field 'init_text' has the wrong type list"),
+    "hash a number": (lambda f: _edit_json(f / "fthss_stage.json", weights_sha256=1),
+                      r"fthss_stage.json: field 'weights_sha256' has the wrong type int"),
+    "peft_type a list": (lambda f: _edit_json(f / "adapter_config.json", peft_type=["LORA"]),
+                         r"adapter_config.json: field 'peft_type' has the wrong type list"),
+    "token_dim a string": (lambda f: _edit_json(f / "adapter_config.json", token_dim="64"),
+                           r"adapter_config.json: field 'token_dim' has the wrong type str"),
+    "num_layers a float": (lambda f: _edit_json(f / "adapter_config.json", num_layers=2.5),
+                           r"adapter_config.json: field 'num_layers' has the wrong type float"),
     "too few tokens": (lambda f: _edit_json(f / "adapter_config.json", num_virtual_tokens=5),
                        (r"adapter_model.safetensors: prompt_embeddings has shape \(3, 64\), "
                         r"but adapter_config.json says num_virtual_tokens=5")),
@@ -363,6 +418,23 @@ def _edit_factors(folder, edit):
     tensors = load_file(path)
     edit(tensors)
     save_file(tensors, path)
+    _unhashed(folder)
+
+
+def _replace_prompt(tensors):
+    def replace(folder):
+        save_file(tensors, folder / "fthss_prompt.safetensors")
+        _unhashed(folder, "prompt_sha256")
+    return replace
+
+
+def _flip_a_byte_of(name):
+    def flip(folder):
+        path = folder / name
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0xFF  # the last tensor's last values: the file still parses
+        path.write_bytes(bytes(data))
+    return flip
 
 
 # (how to break a saved lora stage, what the error must say)
@@ -397,15 +469,17 @@ BROKEN_LORA = {
                              for k, v in t.items()})),
                         r"adapter_model.safetensors: LoRA factors: q_proj deltas of shapes A "
                         r"\(2, 2, 32\), B \(2, 32, 2\), the base needs A \(2, 2, 64\)"),
-    "prompt width": (lambda f: save_file({"prompt_embeddings": torch.zeros(3, 32)},
-                                         f / "fthss_prompt.safetensors"),
+    "prompt width": (_replace_prompt({"prompt_embeddings": torch.zeros(3, 32)}),
                      r"fthss_prompt.safetensors: width 32 does not fit this base"),
+    "factors changed": (_flip_a_byte_of("adapter_model.safetensors"),
+                        r"adapter_model.safetensors: its sha256 is not the one fthss_stage.json"),
+    "prompt changed": (_flip_a_byte_of("fthss_prompt.safetensors"),
+                       r"fthss_prompt.safetensors: its sha256 is not the one fthss_stage.json"),
     "prompt missing": (lambda f: (f / "fthss_prompt.safetensors").unlink(),
                        r"fthss_stage.json: says kind lora with 3 tokens, but adapter_config.json "
                        r"and fthss_prompt.safetensors \(or its absence\) hold a lora stage of 0"),
-    "prompt without embeddings": (lambda f: save_file({"embeddings": torch.zeros(3, 64)},
-                                           f / "fthss_prompt.safetensors"),
-                       r"fthss_prompt.safetensors: no 'prompt_embeddings' tensor"),
+    "prompt without embeddings": (_replace_prompt({"embeddings": torch.zeros(3, 64)}),
+                                  r"fthss_prompt.safetensors: no 'prompt_embeddings' tensor"),
 }
 
 

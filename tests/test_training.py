@@ -232,11 +232,13 @@ def test_a_run_killed_while_saving_resumes_from_the_checkpoint_before(steerable,
                                  tmp_path / "resumed")
 
 
+TWO_STEPS = TrainConfig(**{**FAST, "max_steps": 2, "save_every": 1, "micro_batch_size": 4})
+
+
 @pytest.fixture
 def checkpoints(steerable, tmp_path):
-    """The checkpoints of a finished 2-step run of stage B."""
-    train_b(steerable, tmp_path, TrainConfig(**{**FAST, "max_steps": 2, "save_every": 1,
-                                                "micro_batch_size": 4}))
+    """The checkpoints of a finished 2-step run of stage B (TWO_STEPS)."""
+    train_b(steerable, tmp_path, TWO_STEPS)
     return tmp_path / "train-B" / "checkpoints"
 
 
@@ -251,13 +253,34 @@ class Evil:
 STEP = "step-000002"  # the checkpoint `checkpoints` ends on
 
 
+def _unhashed(folder: Path) -> None:
+    """As a checkpoint written before state.json kept the files' sha256: only the checks of
+    each file's contents can refuse what is wrong with it."""
+    state = json.loads((folder / STEP / "state.json").read_text())
+    del state["sha256"]
+    (folder / STEP / "state.json").write_text(json.dumps(state))
+
+
 def _cut(path: Path, keep: int) -> None:
+    _unhashed(path.parents[1])
     path.write_bytes(path.read_bytes()[:keep])
 
 
 def _edit_tensors(folder: Path, edit) -> None:
+    _unhashed(folder)
     path = folder / STEP / "stages.safetensors"
     save_file(edit(load_file(path)), path)
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _folder_instead(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
 
 
 def _edit_state(folder: Path, **changes) -> None:
@@ -269,8 +292,20 @@ def _edit_state(folder: Path, **changes) -> None:
 SPOILT = {
     "truncated stages": (lambda f: _cut(f / STEP / "stages.safetensors", -40),
                          r"stages.safetensors: unreadable or truncated safetensors file"),
-    "corrupted stages": (lambda f: (f / STEP / "stages.safetensors").write_bytes(b"\xff" * 64),
-                         r"stages.safetensors: unreadable or truncated safetensors file"),
+    "corrupted stages": (lambda f: (_unhashed(f), (f / STEP / "stages.safetensors").write_bytes(
+        b"\xff" * 64)), r"stages.safetensors: unreadable or truncated safetensors file"),
+    "a byte flipped in the stages": (lambda f: _flip_a_byte(f / STEP / "stages.safetensors"),
+                                     r"stages.safetensors: its sha256 is not the one state.json"),
+    "a byte flipped in the optimizer": (lambda f: _flip_a_byte(f / STEP / "optimizer.pt"),
+                                        r"optimizer.pt: its sha256 is not the one state.json"),
+    "state nested deep": (lambda f: (f / STEP / "state.json").write_text('{"a": ' * 100_000),
+                          r"state.json:1: malformed JSON: nested too deeply"),
+    "state not utf-8": (lambda f: (f / STEP / "state.json").write_bytes(b'{"step": "\xff"}'),
+                        r"state.json:1: not UTF-8"),
+    "latest is a folder": (lambda f: _folder_instead(f / "latest"),
+                           r"latest: cannot read: Is a directory"),
+    "digests not a map": (lambda f: _edit_state(f, sha256=[1]),
+                          r"state.json: sha256 must map each of"),
     "nan": (lambda f: _edit_tensors(f, lambda t: {k: v.fill_(float("nan")) for k, v in t.items()}),
             r"stages.safetensors: trained.B.weight holds NaN or inf values"),
     "other stages": (lambda f: _edit_tensors(f, lambda t: {"trained.C.weight": t.popitem()[1]}),
@@ -278,7 +313,8 @@ SPOILT = {
                       r"\['trained.B.weight'\], unexpected \['trained.C.weight'\]\)")),
     "truncated optimizer": (lambda f: _cut(f / STEP / "optimizer.pt", 100),
                             r"optimizer.pt: unreadable, truncated"),
-    "code in a pickle": (lambda f: torch.save(Evil(f / "ran.txt"), f / STEP / "rng.pt"),
+    "code in a pickle": (lambda f: (_unhashed(f), torch.save(Evil(f / "ran.txt"),
+                                                             f / STEP / "rng.pt")),
                          r"rng.pt: unreadable, truncated or not plain data"),
     "latest leads out": (lambda f: (f / "latest").write_text("../../../elsewhere"),
                          r"latest: names '../../../elsewhere', not a checkpoint folder"),
@@ -291,7 +327,7 @@ def test_a_spoilt_checkpoint_is_refused_saying_what_is_wrong(steerable, checkpoi
     spoil, message = SPOILT[case]
     spoil(checkpoints)
     with pytest.raises(CheckpointError, match=message) as err:
-        train_b(steerable, checkpoints.parents[1])
+        train_b(steerable, checkpoints.parents[1], TWO_STEPS)
     assert str(checkpoints) in str(err.value)
     assert not (checkpoints / "ran.txt").exists()  # the pickle's code never ran
 
@@ -300,11 +336,11 @@ def test_a_checkpoint_is_refused_by_another_base_or_other_stage_shapes(steerable
     out = checkpoints.parents[1]
     with pytest.raises(CheckpointError, match=r"state.json: made on another base model "
                        r"\(embedding_sha256: checkpoint made for '[0-9a-f]+', base has") as err:
-        train_b(preset_base("tiny-llama", seed=1, init_std=0.2), out)
+        train_b(preset_base("tiny-llama", seed=1, init_std=0.2), out, TWO_STEPS)
     assert "hidden_size" not in str(err.value)  # only what differs
     with pytest.raises(CheckpointError, match=r"trained.B.weight has shape \(4, 64\), this "
                        r"run's \(5, 64\) \(another number of virtual tokens"):
-        train_b(steerable, out, tokens=5)
+        train_b(steerable, out, TWO_STEPS, tokens=5)
 
 
 def test_a_training_sample_over_the_base_positions_is_named_before_any_training(tmp_path):

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from fthss.benchmarks import hf_peft
 from fthss.engine.engine import ChainEngine, StepStats
+from fthss.errors import ConfigError
 from fthss.layout.chain import ChainSample, Step
 from fthss.models.base import BaseModel
 from fthss.prompts.stage import Stage, StageConfig
@@ -82,7 +83,7 @@ def stage_b_request(base: BaseModel, intermediate_tokens: int, new_tokens: int,
     needed = (prompt_tokens + len(base.tokenizer.encode(QUESTION, add_special_tokens=False))
               + intermediate_tokens + new_tokens + 4)
     if needed > base.position_limit:
-        raise ValueError(f"intermediate length {intermediate_tokens}: the chain needs {needed} "
+        raise ConfigError(f"intermediate length {intermediate_tokens}: the chain needs {needed} "
                          f"positions, the base has {base.position_limit}")
     return ChainSample(QUESTION, [
         Step("A", output=filler_text(base, intermediate_tokens)),
@@ -123,8 +124,8 @@ def stage_b_latency(base: BaseModel, lengths: list[int], new_tokens: int = 16, r
     drifts during the benchmark slows them alike."""
     unknown = set(systems) - set(SYSTEMS) or set(kinds) - set(BENCH_KINDS)
     if unknown:
-        raise ValueError(f"unknown latency system(s) or kind(s) {sorted(unknown)}; choose "
-                         f"from {SYSTEMS} and {BENCH_KINDS}")
+        raise ConfigError(f"unknown latency system(s) or kind(s) {sorted(unknown)}; choose "
+                          f"from {SYSTEMS} and {BENCH_KINDS}")
     runners = {}
     for kind in kinds:
         engine = bench_engine(base, ["A", "B"], prompt_tokens, compile=compile, kind=kind)

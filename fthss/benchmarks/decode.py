@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from fthss.benchmarks.chains import bench_engine, bytes_per_token, stage_b_request
 from fthss.benchmarks.output import device_name
+from fthss.errors import ConfigError
 from fthss.models.base import BaseModel
 
 # Peak memory bandwidth, GB/s, by a fragment of torch.cuda.get_device_name; the first match
@@ -52,7 +53,7 @@ def decode_speed(base: BaseModel, contexts: list[int], new_tokens: int = 64, rep
     reads (the base's: a lora stage's deltas add a few MB more). The kinds take turns, run by
     run."""
     if new_tokens < 2:
-        raise ValueError(f"new tokens {new_tokens}: the time per token needs at least 2")
+        raise ConfigError(f"new tokens {new_tokens}: the time per token needs at least 2")
     engines = {kind: bench_engine(base, ["A", "B"], prompt_tokens, compile=compile, kind=kind)
                for kind in kinds}
     weights = weight_bytes_read(base)

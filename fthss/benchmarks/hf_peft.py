@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from fthss.layout.chain import ChainSample
+from fthss.errors import MissingDependencyError
 from fthss.models.base import BaseModel
 
 
@@ -42,8 +43,8 @@ def peft_system(base: BaseModel, prompt_tokens: int
     try:
         from peft import PromptTuningConfig, get_peft_model
     except ImportError:
-        raise ModuleNotFoundError("the hf-peft system needs peft: pip install 'fthss[bench]' "
-                                  "(peft>=0.17), or leave hf-peft out of --systems") from None
+        raise MissingDependencyError("the hf-peft system needs peft: pip install 'fthss[bench]' "
+                                     "(peft>=0.17), or leave hf-peft out of --systems") from None
     # Prompt tuning adds an embedding beside the base and changes none of its modules, so the
     # engine can keep using the same base, even between two runs of this one.
     with warnings.catch_warnings():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from fthss.errors import SequenceTooLongError
 from fthss.layout.sequence import Layout, positions, prompt_slots
 from fthss.layout.visibility import Kind, TokenMeta, visibility
 from fthss.models.base import BaseModel
@@ -28,10 +29,6 @@ from fthss.prompts.stage import LayerKV
 
 BLOCK = 256  # columns the cache grows by: few distinct shapes, so few CUDA graphs
 PREFILL_TOKENS = 16384  # tokens (batch x columns) per prefill forward
-
-
-class SequenceTooLongError(ValueError):
-    """A request needs more positions than the base model supports."""
 
 
 class PrefixOnlyCache(DynamicCache):

@@ -28,8 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from fthss.engine.cache import ChainCache, compiled_decode_step
-from fthss.engine.sampling import SamplingConfig
-from fthss.layout.chain import ChainSample
+from fthss.engine.sampling import SamplingConfig, request_key
+from fthss.errors import ConfigError, NonFiniteError
+from fthss.layout.chain import ChainFormatError, ChainSample, check_request
 from fthss.layout.sequence import SegmentCodec, TokenChain, TokenStep
 from fthss.layout.visibility import Kind, TokenMeta
 from fthss.models.base import BaseModel
@@ -133,19 +134,21 @@ class ChainEngine:
         self.stages = {stage.name: stage for stage in stages}
         if len(self.stages) != len(stages):
             names = [s.name for s in stages]
-            raise ValueError(f"two stages share a name: {sorted({n for n in names if names.count(n) > 1})}")
+            raise ConfigError(f"two stages share a name: {sorted({n for n in names if names.count(n) > 1})}")
         for stage in stages:
             stage.check_fits(base)
         self.codec = SegmentCodec(base.tokenizer, step_marker_id)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         if check_every < 1:
-            raise ValueError(f"check_every must be >= 1, got {check_every}")
+            raise ConfigError(f"check_every must be >= 1, got {check_every}")
         self.check_every = check_every
         self.max_request_tokens = max_request_tokens
         self.decode_step = compiled_decode_step(base) if compile else None
         self._prompt_caches: dict[tuple[str, int], list[LayerKV]] = {}
         self._lora_banks: dict[tuple[str, ...], LoraBank | None] = {}
+        for stage in stages:  # a stage too large for attention is refused now, before any work
+            self.prompt_caches([stage.name])
 
     def prompt_caches(self, names: list[str]) -> list[list[LayerKV]]:
         """Prompt caches of `names` (stage id = index) for C = their longest prompt; each is
@@ -154,7 +157,9 @@ class ChainEngine:
         for name in names:
             if (name, first) not in self._prompt_caches:
                 with torch.no_grad():
-                    self._prompt_caches[name, first] = self.stages[name].prompt_cache(self.base, first)
+                    layers = self.stages[name].prompt_cache(self.base, first)
+                self._check_magnitude(name, layers)
+                self._prompt_caches[name, first] = layers
         return [self._prompt_caches[name, first] for name in names]
 
     def lora_bank(self, names: list[str]) -> LoraBank | None:
@@ -175,11 +180,24 @@ class ChainEngine:
             return LoraBank.of([s.lora_weights for s in self.stages.values()], self.base.dtype,
                                self.base.device)
 
+    def _check_magnitude(self, name: str, layers: list[LayerKV]) -> None:
+        """Refuse a stage whose prompt K/V could overflow attention: a query times a key past
+        the square root of the dtype's largest value can be inf, and the attention mask,
+        added as a bias, turns an inf into NaN for every request of the batch, not only those
+        reading the stage (finite but huge stage weights, 3e38, do this)."""
+        limit = torch.finfo(self.base.dtype).max ** 0.5
+        largest = max((float(x.detach().abs().max()) for layer in layers for x in layer if x.numel()),
+                      default=0.0)  # a lora stage may have no prompt
+        if not largest <= limit:  # NaN compares false
+            raise NonFiniteError(f"stage {name}: its prompt's keys or values reach {largest:.3g}, "
+                                 f"past what attention in {str(self.base.dtype)[6:]} can take "
+                                 f"({limit:.3g}): the stage holds values too large")
+
     def run(self, requests: list[ChainSample], mode: str = "shared",
             sampling: SamplingConfig | None = None, step_input: StepInput | None = None,
             output_scores: bool = False, progress: bool = False,
-            listener: RunListener | None = None,
-            seeds: list[int] | None = None) -> list[ChainResult]:
+            listener: RunListener | None = None, seeds: list[int] | None = None,
+            on_results: Callable[[list[ChainResult]], None] | None = None) -> list[ChainResult]:
         """Run `requests` in batches of `batch_size`; one result per request, in order.
 
         Args:
@@ -190,34 +208,57 @@ class ChainEngine:
             output_scores: keep the logits each generated token was chosen from.
             progress: a progress bar over batches.
             listener: told of tokens and finished steps as they come (streaming).
-            seeds: request i samples from a generator seeded `seeds[i]` instead of
-                `sampling.seed + i` (a server's requests each bring their own seed, and one
-                must sample the same in any batch).
+            seeds: request i samples as if run alone with `sampling.seed = seeds[i]` (a
+                server's requests each bring their own seed).
+            on_results: receives the results as they are done, in request order, batch by
+                batch (`fthss run` writes them as they come, so a failure later loses none).
 
         Returns:
-            One `ChainResult` per request; a request that failed alone carries its `error`.
+            One `ChainResult` per request. A request the model cannot run (text that is not
+            valid Unicode, a stop token id past the vocabulary, over the positions or the cache
+            budget) fails alone: its result carries the error and its batch-mates run as
+            without it.
         """
         if mode not in MODES:
-            raise ValueError(f"unknown mode '{mode}'; choose one of {MODES}")
+            raise ConfigError(f"unknown mode '{mode}'; choose one of {MODES}")
         for i, request in enumerate(requests):
             unknown = set(request.stages) - set(self.stages)
             if unknown:
-                raise ValueError(f"request {request.id or i}: unknown stage(s) {sorted(unknown)}; "
-                                 f"loaded: {sorted(self.stages)}")
+                raise ConfigError(f"request {request.id or i}: unknown stage(s) {sorted(unknown)}; "
+                                  f"loaded: {sorted(self.stages)}")
         sampling = sampling or SamplingConfig()
         if seeds is not None and len(seeds) != len(requests):
-            raise ValueError(f"{len(seeds)} seeds for {len(requests)} requests")
-        results = []
+            raise ConfigError(f"{len(seeds)} seeds for {len(requests)} requests")
+        results: list[ChainResult | None] = [None] * len(requests)
+        for i, request in enumerate(requests):
+            try:
+                check_request(request, self.base.vocab_size, request.source or f"request {i}")
+            except ChainFormatError as err:
+                results[i] = ChainResult(request.id, mode, [], TokenChain([], []), str(err))
+        runnable = [i for i, result in enumerate(results) if result is None]
+        done = 0  # results[:done] were handed to on_results
+
+        def hand_over(upto: int) -> None:
+            nonlocal done
+            if on_results is not None and upto > done:
+                on_results(results[done:upto])
+            done = max(done, upto)
+
         with torch.no_grad():
-            starts = range(0, len(requests), self.batch_size)
+            starts = range(0, len(runnable), self.batch_size)
             for start in tqdm(starts, desc=f"{mode} chains", unit="batch", disable=not progress):
-                indices = range(start, min(start + self.batch_size, len(requests)))
+                batch = runnable[start:start + self.batch_size]
                 rows = [_Row(slot, i, requests[i], sampling.generator(
-                             sampling.seed + i if seeds is None else seeds[i]), TokenChain([], []))
-                        for slot, i in enumerate(indices)]
+                             request_key(requests[i]), None if seeds is None else seeds[i]),
+                             TokenChain([], [])) for slot, i in enumerate(batch)]
                 self._run_batch(rows, mode, sampling, step_input, output_scores, listener)
-                results += [ChainResult(r.request.id, mode, r.results, r.tokens, r.error)
-                            for r in rows]
+                for i, row in zip(batch, rows):
+                    results[i] = ChainResult(row.request.id, mode, row.results, row.tokens,
+                                             row.error)
+                # the failed requests after this batch, up to the next runnable one, are done too
+                after = start + self.batch_size
+                hand_over(runnable[after] if after < len(runnable) else len(requests))
+        hand_over(len(requests))
         return results
 
     def _run_batch(self, rows, mode, sampling, step_input, output_scores, listener):
@@ -388,20 +429,24 @@ class ChainEngine:
         scores, first_token_at = [], None
         unchecked = live.clone()  # rows that may have met a stop string since the last look
         held_back = int(least.max())  # tokens before which some row may not stop
+        broken = torch.zeros(batch, dtype=torch.bool, device=device)  # NaN or +inf logits
         for t in range(longest):
+            # a stage holding huge values can make a row's logits NaN: it ends here and fails
+            # alone (`_fail_broken`); checked on the device, so the loop does not wait for it
+            broken |= live & (logits.isnan() | logits.isposinf()).any(dim=-1)
             if t < held_back:  # as transformers' min_new_tokens: no EOS or stop token before it
                 logits = logits.masked_fill(stops & (counts < least)[:, None], float("-inf"))
             if sampling.greedy:
                 token = logits.argmax(dim=-1)
             else:  # each live row draws from its own generator, so batch-mates don't matter
-                flags = live.tolist()
+                flags = (live & ~broken).tolist()
                 token = torch.tensor([sampling.choose(logits[r.slot], r.generator)
                                       if flags[r.slot] else 0 for r in rows], device=device)
             if output_scores:
                 scores.append(logits.float().cpu())
             chosen[:, t] = token
             counts += live.long()
-            done = live & (stops.gather(1, token[:, None])[:, 0] | (counts >= limit))
+            done = live & (stops.gather(1, token[:, None])[:, 0] | (counts >= limit) | broken)
             live = live & ~done
             if t == 0 or not sampling.greedy or (t + 1) % self.check_every == 0 or t + 1 == longest:
                 first_token_at = first_token_at or time.perf_counter()
@@ -412,12 +457,14 @@ class ChainEngine:
                 if not bool(live.any()):
                     break
             logits = cache.decode(token, live)
+        self._fail_broken(broken, active, k)
         counts = counts.tolist()
         out = {}
         for row in active:
             ids = chosen[row.slot, : counts[row.slot]].tolist()
             row.tokens.steps[k].output_ids[:] = ids
-            row.pending = [(ids[-1], (Kind.OUTPUT, k, cache_ids[steps[row.slot].stage], False))]
+            row.pending = [(t, (Kind.OUTPUT, k, cache_ids[steps[row.slot].stage], False))
+                           for t in ids[-1:]]  # none for a row that failed before its first
             kept = torch.stack([s[row.slot] for s in scores[: len(ids)]]) if output_scores else None
             out[id(row)] = (kept, first_token_at)
         return out
@@ -430,6 +477,20 @@ class ChainEngine:
         for row in active:
             if flags[row.slot]:
                 listener.tokens(row.index, k, ids[row.slot][: lengths[row.slot]])
+
+    @staticmethod
+    def _fail_broken(broken, active, k) -> None:
+        """End, with an error, the rows whose logits went NaN or +inf (-inf is only a masked
+        token) while decoding step k: their output would be garbage, and sampling from them
+        would fail the whole batch."""
+        if not bool(broken.any()):
+            return
+        flags = broken.tolist()
+        for row in active:
+            if flags[row.slot]:
+                row.error = (f"step {k} ({row.request.steps[k].stage}): the model's logits are "
+                             "NaN or inf (does a stage hold huge values?)")
+                row.ended = True
 
     def _stop_strings(self, cache, chosen, counts, live, unchecked, steps, k) -> torch.Tensor:
         """End the rows whose text now holds a stop string at the token that completed it

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fthss.engine.engine import ChainEngine
+from fthss.errors import EmptyDataError
 from fthss.evaluation.metrics import paired_bootstrap
 from fthss.models.base import BaseModel
 from fthss.prompts.stage import Stage
@@ -104,6 +105,8 @@ def evaluate(base: BaseModel, task: Task, records: list[TaskRecord],
     return the task's report section: per method its metrics and per-stage statistics, the
     gold-upstream runs, the COMPARISONS with paired-bootstrap 95% intervals, and `predictions`:
     one row per method and request (its step outputs, prediction, gold answer and scores)."""
+    if not records:  # every metric would be a mean of nothing
+        raise EmptyDataError(f"{task.name}: nothing to evaluate (no records)")
     runs = []
     for method, (trained_as, _) in RUNS.items():
         if trained_as not in stage_sets:

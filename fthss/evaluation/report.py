@@ -114,6 +114,10 @@ def benchmark_markdown(latency: list[dict], memory: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+REPORT_FILES = ("report.json", "report.md", "predictions.jsonl", "accuracy.png", "tuning.png",
+                "latency_memory.png")
+
+
 def write_report(reports: list[dict], out: str | Path, extra: dict | None = None) -> Path:
     """`extra` (run settings, timings, and `latency`/`memory` rows from
     `fthss.benchmarks.chains`) is stored in report.json and tabled in report.md."""
@@ -121,6 +125,8 @@ def write_report(reports: list[dict], out: str | Path, extra: dict | None = None
 
     out, extra = Path(out), extra or {}
     out.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:  # an older report's plot must not stay beside this report
+        (out / name).unlink(missing_ok=True)
     rows = [json.dumps({"task": r["task"], **row})
             for r in reports for row in r.get("predictions", [])]
     reports = [{k: v for k, v in r.items() if k != "predictions"} for r in reports]

@@ -8,21 +8,48 @@ turns it into tokens and metadata.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fthss.datafiles import OnBad, json_document, jsonl_records, parse_each
+from fthss.datafiles import (
+    OnBad,
+    check_record,
+    is_valid_unicode,
+    json_document,
+    jsonl_records,
+    parse_each,
+)
+from fthss.errors import FthssError
+from fthss.ranges import COUNT, NON_NEGATIVE, TOKEN_ID
 
 
-class ChainFormatError(ValueError):
+class ChainFormatError(FthssError):
     """A chain file or record that cannot be read; the message names the file, line and field."""
 
 
+MAX_STAGE_NAME_BYTES = 64
+STAGE_NAME_RULE = f"letters, digits, '-' and '_', at most {MAX_STAGE_NAME_BYTES} bytes as UTF-8"
+
+
 def is_stage_name(name: str) -> bool:
-    """Letters, digits, '-' and '_'. A stage's name is also a folder name (`fthss train` saves
-    stage S to OUT/S), so a name read from a data file can never lead out of that folder."""
-    return bool(name) and name.replace("_", "").replace("-", "").isalnum()
+    """Letters, digits, '-' and '_', at most MAX_STAGE_NAME_BYTES. A stage's name is also a
+    folder name (`fthss train` saves stage S to OUT/S), so a name read from a data file can
+    never lead out of that folder, nor past the 255 bytes a file name may have."""
+    return (isinstance(name, str) and name.replace("_", "").replace("-", "").isalnum()
+            and is_valid_unicode(name) and len(name.encode("utf-8")) <= MAX_STAGE_NAME_BYTES)
+
+
+def phase_folder(names: list[str]) -> str:
+    """The folder name of a training phase over the stages `names`: `train-A+B`, or, when that
+    would be too long for a file name, its first 64 bytes and a hash of the whole (`~` is in no
+    stage name, so a shortened name never equals a whole one)."""
+    joined = "+".join(names)
+    if len(joined.encode("utf-8")) <= 2 * MAX_STAGE_NAME_BYTES:
+        return f"train-{joined}"
+    digest = hashlib.sha256(joined.encode("utf-8")).hexdigest()[:16]
+    return f"train-{joined.encode('utf-8')[:64].decode('utf-8', 'ignore')}~{digest}"
 
 
 @dataclass
@@ -95,21 +122,20 @@ def chain_from_json(record: dict, where: str) -> ChainSample:
                     isinstance(value, bool) and _STEP_FIELDS[name] is not bool):
                 raise ChainFormatError(f"{at}.{name}: wrong type {type(value).__name__}")
         if not is_stage_name(step["stage"]):
-            raise ChainFormatError(f"{at}.stage: {step['stage']!r} is not a stage name (letters, "
-                                   "digits, '-' and '_')")
+            raise ChainFormatError(f"{at}.stage: {step['stage']!r:.80} is not a stage name "
+                                   f"({STAGE_NAME_RULE})")
         if step.get("output") is not None and not step["output"].strip():
             raise ChainFormatError(f"{at}.output: empty; leave it out (or null) for the engine "
                                    "to generate it")
-        if step.get("max_new_tokens") is not None and step["max_new_tokens"] < 1:
+        if step.get("max_new_tokens") is not None:
             # the engine generates at least one token per step and reads 0 as "no limit set"
-            raise ChainFormatError(f"{at}.max_new_tokens: must be >= 1, got {step['max_new_tokens']}")
-        if step.get("min_new_tokens", 0) < 0:
-            raise ChainFormatError(f"{at}.min_new_tokens: must be >= 0, got {step['min_new_tokens']}")
+            COUNT.check(step["max_new_tokens"], f"{at}.max_new_tokens", ChainFormatError)
+        NON_NEGATIVE.check(step.get("min_new_tokens", 0), f"{at}.min_new_tokens", ChainFormatError)
         if not all(isinstance(s, str) and s for s in step.get("stop", [])):
             raise ChainFormatError(f"{at}.stop: must be a list of non-empty strings")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                   for t in step.get("stop_token_ids", [])):
-            raise ChainFormatError(f"{at}.stop_token_ids: must be a list of token ids")
+        for j, token in enumerate(step.get("stop_token_ids", [])):
+            # the vocabulary's size is checked where the model is known (`check_request`)
+            TOKEN_ID.check(token, f"{at}.stop_token_ids[{j}]", ChainFormatError)
         parsed.append(Step(**step))
     return ChainSample(shared=shared, steps=parsed, id=None if chain_id is None else str(chain_id),
                        source=where)
@@ -121,17 +147,21 @@ def chain_from_authors(record: dict, where: str) -> ChainSample:
     multi-round steps in (round, stage) order. An input belongs to the stage's first step."""
     if not isinstance(record, dict):
         raise ChainFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    check_record(record, where, ChainFormatError)  # a JSONL line was checked as it was read
     outputs, inputs = [], {}
     for key, value in record.items():
         if key == "I_ALL":
             continue
         if not isinstance(value, str):
             raise ChainFormatError(f"{where}: field '{key}' must be a string")
-        if m := _OUTPUT_KEY.match(key):
+        if m := _OUTPUT_KEY.fullmatch(key):
+            if not is_stage_name(m.group(2)):
+                raise ChainFormatError(f"{where}: field '{key:.80}': {m.group(2)!r:.80} is not a "
+                                       f"stage name ({STAGE_NAME_RULE})")
             if not value.strip():
                 raise ChainFormatError(f"{where}: field '{key}' is empty")
-            outputs.append((int(m.group(1) or 0), m.group(2), value))
-        elif m := _INPUT_KEY.match(key):
+            outputs.append((int(m.group(1)) if m.group(1) else None, m.group(2), value, key))
+        elif m := _INPUT_KEY.fullmatch(key):
             inputs[m.group(1)] = value
         else:
             raise ChainFormatError(f"{where}: unknown field '{key}' (expected I_ALL, I_<stage>, "
@@ -141,13 +171,54 @@ def chain_from_authors(record: dict, where: str) -> ChainSample:
     shared = record.get("I_ALL", "")
     if not isinstance(shared, str):
         raise ChainFormatError(f"{where}: field 'I_ALL' must be a string")
-    orphan = set(inputs) - {stage for _, stage, _ in outputs}
+    orphan = set(inputs) - {stage for _, stage, _, _ in outputs}
     if orphan:
         raise ChainFormatError(f"{where}: input for stage(s) {sorted(orphan)} with no output")
+    if any(o[0] is not None for o in outputs):
+        _check_rounds(outputs, where)
     steps = []
-    for _, stage, text in sorted(outputs, key=lambda o: (o[0], o[1])):
+    for _, stage, text, _ in sorted(outputs, key=lambda o: (o[0] or 0, o[1])):
         steps.append(Step(stage=stage, input=inputs.pop(stage, None), output=text))
     return ChainSample(shared=shared, steps=steps, source=where)
+
+
+def _check_rounds(outputs: list[tuple[int | None, str, str, str]], where: str) -> None:
+    """Multi-round keys must be read one way only: no `O_A` beside `O_1A`, no round given
+    twice (`O_1A` beside `O_01A`), rounds from 1 without a gap, each complete (every stage of
+    the record, in name order) but the last, which may stop after any stage (`O_3A` needs
+    `O_2B`). Anything else would run as extra or reordered steps."""
+    plain = [key for r, _, _, key in outputs if r is None]
+    if plain:
+        raise ChainFormatError(f"{where}: field '{plain[0]}' has no round, beside fields with "
+                               "one (O_1A, ...): use one form for every output")
+    seen: dict[tuple[int, str], str] = {}
+    for r, stage, _, key in outputs:
+        if r < 1:
+            raise ChainFormatError(f"{where}: field '{key}': rounds count from 1")
+        if (r, stage) in seen:
+            raise ChainFormatError(f"{where}: fields '{seen[r, stage]}' and '{key}' are both "
+                                   f"round {r} of stage {stage}")
+        seen[r, stage] = key
+    stages = sorted({stage for _, stage in seen})
+    last = max(r for r, _ in seen)
+    expected = [(r, s) for r in range(1, last + 1) for s in stages]
+    present = sorted(seen)
+    if present != expected[: len(present)]:  # the record must hold a prefix of these
+        missing = next(p for p in expected if p not in seen)
+        raise ChainFormatError(f"{where}: no field for round {missing[0]} of stage {missing[1]} "
+                               f"(O_{missing[0]}{missing[1]}), though later rounds have one")
+
+
+def check_request(sample: ChainSample, vocab_size: int, where: str) -> None:
+    """What a file's format cannot know but a model can: every stop token id within the
+    vocabulary of `vocab_size` tokens. And what Python-made requests were never checked for:
+    text that is valid Unicode. Raises ChainFormatError naming `where` and the field."""
+    check_record(sample.to_json(), where, ChainFormatError)
+    for k, step in enumerate(sample.steps):
+        for j, token in enumerate(step.stop_token_ids):
+            if not 0 <= token < vocab_size:
+                raise ChainFormatError(f"{where}: steps[{k}].stop_token_ids[{j}]: {token} is not a "
+                                       f"token id of this model (its vocabulary has {vocab_size})")
 
 
 def load_chains(path: str | Path, on_bad: OnBad | None = None) -> list[ChainSample]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fthss.layout.chain import ChainSample
+from fthss.errors import ConfigError
 from fthss.layout.visibility import Kind, TokenMeta, visibility
 
 
@@ -69,7 +70,7 @@ class SegmentCodec:
 
     def __init__(self, tokenizer, step_marker_id: int | None = None):
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token: outputs could never end")
+            raise ConfigError("the tokenizer has no EOS token: outputs could never end")
         self.tokenizer = tokenizer
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         self.eos_id = tokenizer.eos_token_id

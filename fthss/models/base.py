@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from fthss.errors import FthssError, ModelLoadError
 from fthss.models.lora import LoraRouting, Route
 
 # Attention implementations that apply a caller's 4D mask as given. FlashAttention kernels only
@@ -22,7 +23,7 @@ from fthss.models.lora import LoraRouting, Route
 MASKABLE_ATTENTION = {"sdpa", "eager"}
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(FthssError):
     """A base model fthss cannot run; the message says why."""
 
 
@@ -46,7 +47,7 @@ class BaseModel:
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+            raise ModelLoadError(f"{path}: not a model directory (no config.json)")
         if not any(path.glob("*.safetensors")):
             pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth")
                              for p in path.glob(pattern))
@@ -54,10 +55,17 @@ class BaseModel:
                 f"{path}: no safetensors weights" + (
                     f"; {', '.join(pickled)} are pickle files, which are not loaded (they can "
                     "run code): convert them to safetensors" if pickled else ""))
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or "auto", attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype or "auto", attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code, use_safetensors=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception as err:
+            # transformers and safetensors fail on a broken config.json or truncated weights
+            # with whatever their parsers raise (JSON, OS, safetensors, key and type errors):
+            # it is the folder that is at fault, so say so, naming it
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise ModelLoadError(f"{path}: cannot load the model: {reason[:600]}") from err
         if device:
             model.to(device)
         return cls(model, tokenizer)
@@ -90,6 +98,12 @@ class BaseModel:
     def head_dim(self) -> int:
         return (getattr(self.config, "head_dim", None)
                 or self.config.hidden_size // self.config.num_attention_heads)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the logits: the token ids the model can produce (stop ids must be below)."""
+        head = self.model.get_output_embeddings()
+        return head.weight.shape[0] if head is not None else self.config.vocab_size
 
     @property
     def max_positions(self) -> int:

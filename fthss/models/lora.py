@@ -28,13 +28,15 @@ from dataclasses import dataclass
 
 import torch
 
+from fthss.errors import ConfigError
+
 # The linear layers a stage may adapt: attention and MLP of the Llama family (Llama, Qwen2,
 # Mistral, ...), named as PEFT's `target_modules` name them.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:.+\.)?(\w+)$")
 
 
-class LoraShapeError(ValueError):
+class LoraShapeError(ConfigError):
     """LoRA weights that do not fit the base's layers."""
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fthss.errors import ConfigError
 from fthss.models.base import BaseModel
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
@@ -96,7 +97,7 @@ def preset_base(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32,
     from transformers import AutoModelForCausalLM
 
     if arch not in PRESETS:
-        raise ValueError(f"unknown preset '{arch}'; known: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset '{arch}'; known: {', '.join(PRESETS)}")
     tokenizer = byte_tokenizer()
     config = PRESETS[arch].config(len(tokenizer), init_std)
     config._attn_implementation = attn_implementation

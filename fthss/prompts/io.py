@@ -9,7 +9,11 @@
                                 `...lora_B.weight` [out, r]
     fthss_prompt.safetensors    a lora stage's soft prompt, when it has one (`prompt_embeddings`,
                                 [N, hidden]): PEFT's LORA cannot hold it, and ignores the file
-    fthss_stage.json            name, kind, init, and the base model's fingerprint
+    fthss_stage.json            name, kind, init, the base model's fingerprint, and the sha256
+                                of adapter_model.safetensors (`weights_sha256`) and of a lora
+                                stage's prompt file (`prompt_sha256`): a byte changed in a
+                                tensor is refused. Files written before they were kept have
+                                none, and their weights are checked only for shape and NaN/inf.
 
 PEFT loads such a folder unchanged, and a PEFT prompt-learning, LoRA or activated-LoRA (aLoRA)
 adapter loads as a stage (its base cannot then be checked beyond shapes). That includes
@@ -23,6 +27,7 @@ no pickle runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import warnings
@@ -30,9 +35,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 from fthss.atomic import atomic_save_safetensors, atomic_write_text
+from fthss.datafiles import json_document
+from fthss.errors import FthssError
 from fthss.models.base import BaseModel
 from fthss.models.lora import LORA_TARGETS, LoraShapeError, module_paths
 from fthss.prompts.stage import Stage, StageConfig, prefix_width
@@ -52,7 +59,7 @@ _LORA_PLAIN = {"use_dora": False, "use_rslora": False, "bias": "none", "lora_bia
                "target_parameters": None, "layer_replication": None}
 
 
-class StageLoadError(ValueError):
+class StageLoadError(FthssError):
     """A stage folder that cannot be used; the message names the file and what differs."""
 
 
@@ -70,13 +77,14 @@ def save_stage(stage: Stage, directory: str | Path, base: BaseModel) -> Path:
             "init_text": stage.config.init_text, "base": base.fingerprint}
     prompt = {"prompt_embeddings": stage.current_weight.detach().float().cpu()}
     if kind == "lora":
-        atomic_save_safetensors(_lora_tensors(stage, base), directory / WEIGHTS)
+        ours["weights_sha256"] = atomic_save_safetensors(_lora_tensors(stage, base),
+                                                         directory / WEIGHTS)
         if n:
-            atomic_save_safetensors(prompt, directory / PROMPT_FILE)
+            ours["prompt_sha256"] = atomic_save_safetensors(prompt, directory / PROMPT_FILE)
         else:  # a stale prompt from an earlier save would load with this stage
             (directory / PROMPT_FILE).unlink(missing_ok=True)
     else:
-        atomic_save_safetensors(prompt, directory / WEIGHTS)
+        ours["weights_sha256"] = atomic_save_safetensors(prompt, directory / WEIGHTS)
     atomic_write_text(directory / CONFIG, json.dumps(peft_config, indent=2))
     atomic_write_text(directory / FTHSS_FILE, json.dumps(ours, indent=2))
     return directory
@@ -115,16 +123,29 @@ def _lora_tensors(stage: Stage, base: BaseModel) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise StageLoadError(f"{path}: missing") from err
-    except json.JSONDecodeError as err:
-        raise StageLoadError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from err
+def _read_json(path: Path, types: dict[str, type | tuple[type, ...]]) -> dict:
+    """A JSON object file (unreadable, a folder, not UTF-8, malformed or nested too deep:
+    StageLoadError naming it), each field in `types` present only with its type."""
+    if not path.exists():
+        raise StageLoadError(f"{path}: missing")
+    value = json_document(path, StageLoadError)
     if not isinstance(value, dict):
         raise StageLoadError(f"{path}: expected a JSON object")
+    for key, expected in types.items():
+        found = value.get(key)
+        # bool is an int to isinstance; `true` is no count
+        if found is not None and (not isinstance(found, expected)
+                                  or (isinstance(found, bool) and expected is not bool)):
+            raise StageLoadError(f"{path}: field '{key}' has the wrong type "
+                                 f"{type(found).__name__}")
     return value
+
+
+_CONFIG_TYPES = {"peft_type": str, "num_virtual_tokens": int, "num_transformer_submodules": int,
+                 "token_dim": int, "num_layers": int, "prefix_projection": bool}
+_OURS_TYPES = {"format": str, "version": int, "name": str, "kind": str, "num_virtual_tokens": int,
+               "init": str, "init_text": str, "base": dict, "weights_sha256": str,
+               "prompt_sha256": str}
 
 
 def load_stage(directory: str | Path, base: BaseModel | None = None,
@@ -134,14 +155,17 @@ def load_stage(directory: str | Path, base: BaseModel | None = None,
     directory = Path(directory)
     if not directory.is_dir():
         raise StageLoadError(f"{directory}: no such stage folder")
-    config = _read_json(directory / CONFIG)
+    config = _read_json(directory / CONFIG, _CONFIG_TYPES)
     kind = _kind(directory / CONFIG, config)
-    ours = _read_ours(directory / FTHSS_FILE) if (directory / FTHSS_FILE).is_file() else None
-    lora, settings = _read_lora(directory, config, base) if kind == "lora" else (None, {})
+    # exists, not is_file: a folder in its place is a broken stage, not a plain PEFT adapter
+    ours = _read_ours(directory / FTHSS_FILE) if (directory / FTHSS_FILE).exists() else None
+    sha256 = (ours or {}).get("weights_sha256")
+    lora, settings = (_read_lora(directory, config, base, sha256) if kind == "lora"
+                      else (None, {}))
     if lora is None:
-        weight = _read_weight(directory, config, kind)
+        weight = _read_weight(directory, config, kind, sha256)
     elif (directory / PROMPT_FILE).exists():
-        weight = _prompt_embeddings(directory / PROMPT_FILE)
+        weight = _prompt_embeddings(directory / PROMPT_FILE, (ours or {}).get("prompt_sha256"))
     else:  # no soft prompt: N = 0
         weight = torch.zeros(0, base.hidden_size if base is not None else _lora_width(lora))
     n = weight.shape[0]
@@ -189,7 +213,7 @@ def _positive(value, kind: type) -> bool:
     return isinstance(value, types) and not isinstance(value, bool) and value > 0
 
 
-def _read_lora(directory: Path, config: dict, base: BaseModel | None
+def _read_lora(directory: Path, config: dict, base: BaseModel | None, sha256: str | None
                ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
     """A LoRA adapter's factors as a stage holds them, {target: (A [layers, r, in],
     B [layers, out, r])}, and its StageConfig settings. The layers and targets are the weights'
@@ -205,9 +229,9 @@ def _read_lora(directory: Path, config: dict, base: BaseModel | None
         raise StageLoadError(f"{path}: r must be a positive integer and lora_alpha a positive "
                              f"number, not {rank!r} and {alpha!r}")
     factors: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    for key, tensor in _read_tensors(weights).items():
+    for key, tensor in _read_tensors(weights, sha256).items():
         match = _LORA_KEY.match(key)
-        if match is None or match.group(2) not in LORA_TARGETS:
+        if match is None or match.group(2) not in LORA_TARGETS or not tensor.is_floating_point():
             raise StageLoadError(f"{weights}: tensor {key!r} is not a LoRA factor of a decoder "
                                  f"layer's {'/'.join(LORA_TARGETS)}")
         layer, target, factor = int(match.group(1)), match.group(2), match.group(3)
@@ -231,7 +255,7 @@ def _stacked(weights: Path, target: str, by_layer: dict[int, dict[str, torch.Ten
                              f"{''.join(first)} only")
     a = torch.zeros(layers, rank, first["A"].shape[-1])
     b = torch.zeros(layers, first["B"].shape[0], rank)
-    for layer, pair in by_layer.items():
+    for layer, pair in sorted(by_layer.items()):
         if layer >= layers:
             raise StageLoadError(f"{weights}: {target} of layer {layer}, but the base has "
                                  f"{layers} layers")
@@ -255,7 +279,7 @@ def _lora_width(lora: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
 
 
 def _read_ours(path: Path) -> dict:
-    ours = _read_json(path)
+    ours = _read_json(path, _OURS_TYPES)
     if ours.get("format") != "fthss-stage":
         raise StageLoadError(f"{path}: format is {ours.get('format')!r}, not 'fthss-stage'")
     if ours.get("version") != 1:
@@ -263,25 +287,36 @@ def _read_ours(path: Path) -> dict:
     return ours
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file; a missing, pickled or broken one is refused."""
+def _read_tensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, checked against `sha256` (from fthss_stage.json)
+    when there is one: a changed byte inside a tensor leaves a well-formed file that only the
+    hash can tell. A missing, pickled or broken file is refused."""
     if not path.is_file():
         pickled = path.with_name("adapter_model.bin")
         why = (f"; {pickled.name} exists but pickle files are not loaded (they can run code): "
                "convert it to safetensors" if path.name == WEIGHTS and pickled.is_file() else "")
         raise StageLoadError(f"{path}: missing{why}")
     try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
+        data = path.read_bytes()
+    except OSError as err:
+        raise StageLoadError(f"{path}: cannot read: {err.strerror or err}") from err
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise StageLoadError(f"{path}: its sha256 is not the one {FTHSS_FILE} holds: the file "
+                             "was changed or corrupted after it was saved")
+    try:
+        return load(data)
+    except (SafetensorError, ValueError) as err:
         raise StageLoadError(f"{path}: unreadable or truncated safetensors file ({err})") from err
 
 
-def _prompt_embeddings(path: Path) -> torch.Tensor:
-    """The `prompt_embeddings` tensor of `path`: 2-D and finite."""
-    tensors = _read_tensors(path)
+def _prompt_embeddings(path: Path, sha256: str | None = None) -> torch.Tensor:
+    """The `prompt_embeddings` tensor of `path`: floats, 2-D and finite."""
+    tensors = _read_tensors(path, sha256)
     if "prompt_embeddings" not in tensors:
         raise StageLoadError(f"{path}: no 'prompt_embeddings' tensor (found {sorted(tensors)})")
     weight = tensors["prompt_embeddings"]
+    if not weight.is_floating_point():
+        raise StageLoadError(f"{path}: prompt_embeddings holds {weight.dtype}, not floats")
     if weight.ndim != 2:
         raise StageLoadError(f"{path}: prompt_embeddings has shape {tuple(weight.shape)}, not "
                              "[tokens, width]")
@@ -290,10 +325,10 @@ def _prompt_embeddings(path: Path) -> torch.Tensor:
     return weight
 
 
-def _read_weight(directory: Path, config: dict, kind: str) -> torch.Tensor:
-    """A prompt or prefix stage's weight, checked against PEFT's config."""
+def _read_weight(directory: Path, config: dict, kind: str, sha256: str | None) -> torch.Tensor:
+    """A prompt or prefix stage's weight, checked against PEFT's config (and `sha256`)."""
     path = directory / WEIGHTS
-    weight = _prompt_embeddings(path)
+    weight = _prompt_embeddings(path, sha256)
     n = config["num_virtual_tokens"]
     if weight.shape[0] != n:
         raise StageLoadError(f"{path}: prompt_embeddings has shape {tuple(weight.shape)}, but "

@@ -25,7 +25,9 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
-from fthss.layout.chain import is_stage_name
+from fthss.datafiles import is_valid_unicode
+from fthss.errors import ConfigError
+from fthss.layout.chain import STAGE_NAME_RULE, is_stage_name
 from fthss.models.base import BaseModel
 from fthss.models.lora import LORA_TARGETS, LoraBank, LoraWeights, Route, target_layers
 
@@ -55,24 +57,27 @@ class StageConfig:
 
     def __post_init__(self):
         if not is_stage_name(self.name):
-            raise ValueError(f"stage name {self.name!r}: use letters, digits, '-' and '_'")
+            raise ConfigError(f"stage name {self.name!r:.80}: use {STAGE_NAME_RULE}")
         if self.kind not in KINDS:
-            raise ValueError(f"stage {self.name}: kind must be one of {KINDS}, not {self.kind!r}")
+            raise ConfigError(f"stage {self.name}: kind must be one of {KINDS}, not {self.kind!r}")
         if self.init not in INITS:
-            raise ValueError(f"stage {self.name}: init must be one of {INITS}, not {self.init!r}")
+            raise ConfigError(f"stage {self.name}: init must be one of {INITS}, not {self.init!r}")
         if self.init == "text" and not self.init_text:
-            raise ValueError(f"stage {self.name}: init 'text' needs init_text")
+            raise ConfigError(f"stage {self.name}: init 'text' needs init_text")
+        if self.init_text is not None and not (isinstance(self.init_text, str)
+                                               and is_valid_unicode(self.init_text)):
+            raise ConfigError(f"stage {self.name}: init_text must be valid Unicode text")
         least = 0 if self.kind == "lora" else 1
         if self.num_virtual_tokens < least:
-            raise ValueError(f"stage {self.name}: num_virtual_tokens must be >= {least}")
+            raise ConfigError(f"stage {self.name}: num_virtual_tokens must be >= {least}")
         self.lora_targets = tuple(self.lora_targets)
         if self.kind == "lora":
             if self.lora_rank < 1 or not self.lora_alpha > 0:
-                raise ValueError(f"stage {self.name}: lora_rank must be >= 1 and lora_alpha > 0")
+                raise ConfigError(f"stage {self.name}: lora_rank must be >= 1 and lora_alpha > 0")
             unknown = set(self.lora_targets) - set(LORA_TARGETS)
             if unknown or not self.lora_targets:
-                raise ValueError(f"stage {self.name}: lora_targets must be some of "
-                                 f"{LORA_TARGETS}, not {sorted(unknown) or 'none'}")
+                raise ConfigError(f"stage {self.name}: lora_targets must be some of "
+                                  f"{LORA_TARGETS}, not {sorted(unknown) or 'none'}")
 
 
 def prefix_width(base: BaseModel) -> int:
@@ -144,6 +149,9 @@ class Stage(torch.nn.Module):
         """A new stage initialised as `config.init` says. A prefix starts as the prompt cache
         of the prompt-kind stage with the same initialisation. LoRA deltas start as PEFT's do
         (A Kaiming-uniform, B zero): a new lora stage computes what the base computes."""
+        if config.num_virtual_tokens >= base.position_limit:  # no room left for any content
+            raise ConfigError(f"stage {config.name}: {config.num_virtual_tokens} virtual tokens, "
+                              f"but the base has {base.position_limit} positions in all")
         generator = torch.Generator().manual_seed(seed)
         embeddings = _initial_embeddings(config, base, generator)
         if config.kind == "lora":
@@ -167,13 +175,13 @@ class Stage(torch.nn.Module):
         return load_stage(directory, base, name)
 
     def check_fits(self, base: BaseModel) -> None:
-        """Raises ValueError unless the stage's shapes are the base's."""
+        """Raises ConfigError unless the stage's shapes are the base's."""
         prefix = self.config.kind == "prefix"
         expected = prefix_width(base) if prefix else base.hidden_size
         if self.weight.shape[1] != expected:
             what = "layers*2*kv_heads*head_dim" if prefix else "hidden size"
-            raise ValueError(f"stage {self.name} ({self.config.kind}) has width "
-                             f"{self.weight.shape[1]} but the base's {what} is {expected}")
+            raise ConfigError(f"stage {self.name} ({self.config.kind}) has width "
+                              f"{self.weight.shape[1]} but the base's {what} is {expected}")
         if self.lora_weights is not None:
             self.lora_weights.check_fits(base.model, f"stage {self.name}")
 
@@ -191,7 +199,7 @@ class Stage(torch.nn.Module):
             return [(base.rotate_keys(kv[2 * i], shift) if shift else kv[2 * i], kv[2 * i + 1])
                     for i in range(base.num_layers)]
         if first_position < n:
-            raise ValueError(f"stage {self.name}: first content position {first_position} < N={n}")
+            raise ConfigError(f"stage {self.name}: first content position {first_position} < N={n}")
         if n == 0:  # a lora stage without a prompt
             empty = weight.new_zeros(1, base.num_kv_heads, 0, base.head_dim)
             return [(empty, empty)] * base.num_layers
@@ -231,7 +239,7 @@ def _initial_lora(config: StageConfig, base: BaseModel, generator: torch.Generat
     layers = target_layers(base.model)
     missing = [name for name in config.lora_targets if name not in layers]
     if missing:
-        raise ValueError(f"stage {config.name}: the base has no {missing} layers")
+        raise ConfigError(f"stage {config.name}: the base has no {missing} layers")
     lora = {}
     for name in config.lora_targets:
         linear = layers[name][0]
@@ -253,7 +261,7 @@ def _initial_embeddings(config: StageConfig, base: BaseModel, generator: torch.G
         return table[torch.randint(0, table.shape[0], (n,), generator=generator)].clone()
     ids = base.tokenizer.encode(config.init_text, add_special_tokens=False)
     if not ids:
-        raise ValueError(f"stage {config.name}: init_text encodes to no tokens")
+        raise ConfigError(f"stage {config.name}: init_text encodes to no tokens")
     ids = (ids * math.ceil(n / len(ids)))[:n]  # as PEFT's TEXT init: repeat, then cut
     return table[torch.tensor(ids)].clone()
 

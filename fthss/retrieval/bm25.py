@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from fthss.datafiles import OnBad, jsonl_records, parse_each
+from fthss.errors import EmptyDataError, FthssError
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Retriever(Protocol):
     def search(self, queries: list[str], k: int) -> list[list[Passage]]: ...
 
 
-class CorpusFormatError(ValueError):
+class CorpusFormatError(FthssError):
     """A corpus file that cannot be read; the message names the file and line."""
 
 
@@ -48,13 +49,13 @@ class BM25Retriever:
         import bm25s
 
         if not passages:
-            raise ValueError("BM25 needs a non-empty corpus")
+            raise EmptyDataError("BM25 needs a non-empty corpus")
         self.ids = [pid for pid, _ in passages]
         self.texts = [text for _, text in passages]
         self._bm25s = bm25s
         tokens = self._tokenize(self.texts)
         if not any(tokens):  # bm25s cannot index a corpus without one word
-            raise ValueError("no passage holds a word to index (2+ letters, not a stopword)")
+            raise EmptyDataError("no passage holds a word to index (2+ letters, not a stopword)")
         self.index = bm25s.BM25()
         self.index.index(tokens, show_progress=False)
 

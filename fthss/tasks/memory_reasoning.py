@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fthss.datafiles import OnBad, json_document, parse_each
+from fthss.datafiles import OnBad, check_record, json_document, parse_each
 from fthss.engine.engine import END
 from fthss.evaluation.metrics import accuracy, choice_letter, normalize_answer
 from fthss.layout.chain import ChainFormatError, ChainSample, Step
@@ -44,7 +44,11 @@ class MemoryReasoning(Task):
         """Gold chains, or the authors' test format (a JSON list of `question`/`answer`)."""
         path = Path(path)
         raw = json_document(path, ChainFormatError) if path.suffix == ".json" else None
-        if isinstance(raw, list) and raw and isinstance(raw[0], dict) and "question" in raw[0]:
+        # the format is the first record's that is an object: a bad record before it (null,
+        # a number) is the same bad record in either format, for `on_bad` to skip
+        objects = (r for r in (raw if isinstance(raw, list) else []) if isinstance(r, dict))
+        first = next(objects, None)
+        if first is not None and "question" in first:
             return parse_each(((f"{path}: record {i}", (i, r)) for i, r in enumerate(raw)),
                               self._test_record, ChainFormatError, on_bad)
         return super().records(path, on_bad)
@@ -63,6 +67,7 @@ class MemoryReasoning(Task):
                 or not isinstance(record.get("answer"), str)):
             raise ChainFormatError(f"{where}: test records need string fields 'question' and "
                                    "'answer'")
+        check_record(record, where, ChainFormatError)
         letter = record["answer"].strip().upper()
         if letter not in tuple("ABCDE"):
             raise ChainFormatError(f"{where}: field 'answer' must be an option letter A-E, not "

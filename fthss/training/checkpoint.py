@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `checkpoints/step-NNNNNN/` holding the trainable parameters
 (`stages.safetensors`, reparameterisation included), the optimizer and scheduler states, the RNG
-state and `state.json` (the step; the data position follows from it). It is written under a
+state and `state.json` (the step, from which the data position follows; the base's fingerprint;
+the sha256 of every other file, so a byte changed in any of them is refused). It is written under a
 temporary name and renamed into place, and `checkpoints/latest` names the newest complete one,
 so a run killed at any moment resumes from the last checkpoint with nothing half-written.
 Resuming refuses (CheckpointError, saying what differs) a checkpoint made on another base,
@@ -24,17 +25,24 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fthss.atomic import atomic_write_text
+from fthss.atomic import atomic_write_text, file_sha256
+from fthss.datafiles import json_document
+from fthss.errors import FthssError
+from fthss.training.settings import check_settings
 
 STAGES = "stages.safetensors"
+FILES = (STAGES, "optimizer.pt", "scheduler.pt", "rng.pt")  # state.json holds their sha256
 _FOLDER = re.compile(r"step-(\d{6})")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FthssError):
     """A checkpoint this run cannot resume from; the message names the file and what differs."""
 
 
-def save(directory: Path, step: int, stage_set, base, optimizer, scheduler, keep: int) -> Path:
+def save(directory: Path, step: int, stage_set, base, optimizer, scheduler, keep: int,
+         settings: dict | None = None) -> Path:
+    """Write the checkpoint of `step` (with the run's `settings`, `fthss.training.settings`)
+    and point `latest` at it; keep the newest `keep`."""
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob(".partial-step-*"):  # left by a run killed while saving
         shutil.rmtree(stale, ignore_errors=True)
@@ -46,7 +54,9 @@ def save(directory: Path, step: int, stage_set, base, optimizer, scheduler, keep
     torch.save(optimizer.state_dict(), partial / "optimizer.pt")
     torch.save(scheduler.state_dict(), partial / "scheduler.pt")
     torch.save(torch.get_rng_state(), partial / "rng.pt")
-    (partial / "state.json").write_text(json.dumps({"step": step, "base": base.fingerprint}))
+    digests = {f: file_sha256(partial / f) for f in FILES}
+    (partial / "state.json").write_text(json.dumps({"step": step, "base": base.fingerprint,
+                                                    "sha256": digests, "settings": settings}))
     for path in partial.iterdir():  # contents on disk before the folder becomes visible
         with open(path, "rb") as f:
             os.fsync(f.fileno())
@@ -58,23 +68,31 @@ def save(directory: Path, step: int, stage_set, base, optimizer, scheduler, keep
     return final
 
 
-def load_latest(directory: Path, stage_set, optimizer, scheduler) -> dict | None:
+def load_latest(directory: Path, stage_set, optimizer, scheduler, settings: dict | None = None,
+                extend: bool = False) -> dict | None:
     """Restore the newest complete checkpoint into the given objects; None if there is none.
-    Everything is read and checked before anything is restored."""
+    Everything is read and checked before anything is restored, `settings` (this run's)
+    against the checkpoint's (`fthss.training.settings.check_settings`)."""
     pointer = directory / "latest"
-    if not pointer.is_file():
+    if not pointer.exists():
         return None
-    name = pointer.read_bytes().decode("utf-8", "replace").strip()
+    try:
+        name = pointer.read_bytes().decode("utf-8", "replace").strip()
+    except OSError as err:  # a folder in its place: not "no checkpoint", which starts over
+        raise CheckpointError(f"{pointer}: cannot read: {err.strerror or err}") from err
     found = _FOLDER.fullmatch(name)
     if not found:  # a path from a file: never follow it out of the checkpoints folder
         raise CheckpointError(f"{pointer}: names {name!r}, not a checkpoint folder step-NNNNNN")
     folder = directory / name
     state = _read_state(folder / "state.json", int(found.group(1)))
+    _check_digests(folder, state)
     differs = stage_set.frozen.base.fingerprint_differences(state["base"], "checkpoint")
     if differs:
         raise CheckpointError(f"{folder / 'state.json'}: made on another base model ("
                               + "; ".join(differs) + ")")
     tensors = _read_tensors(folder / STAGES, stage_set.state_dict())
+    if settings is not None:  # after what is wrong with the files, the least of the errors
+        check_settings(state.get("settings"), settings, extend, str(folder / "state.json"))
     states = {f: _torch_load(folder / f) for f in ("optimizer.pt", "scheduler.pt", "rng.pt")}
     try:
         optimizer.load_state_dict(states["optimizer.pt"])
@@ -88,15 +106,31 @@ def load_latest(directory: Path, stage_set, optimizer, scheduler) -> dict | None
 
 
 def _read_state(path: Path, step: int) -> dict:
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: unreadable ({err})") from err
+    state = json_document(path, CheckpointError)
     if not isinstance(state, dict) or not isinstance(state.get("base"), dict):
         raise CheckpointError(f"{path}: no base model fingerprint")
     if state.get("step") != step:
         raise CheckpointError(f"{path}: says step {state.get('step')!r}, its folder {step}")
     return state
+
+
+def _check_digests(folder: Path, state: dict) -> None:
+    """Each file's sha256 against state.json's (checkpoints written before they were kept have
+    none: then only the checks of each file's contents apply)."""
+    digests = state.get("sha256")
+    if digests is None:
+        return
+    if not isinstance(digests, dict) or set(digests) != set(FILES):
+        raise CheckpointError(f"{folder / 'state.json'}: sha256 must map each of {list(FILES)} "
+                              "to its digest")
+    for name in FILES:
+        try:
+            found = file_sha256(folder / name)
+        except OSError as err:
+            raise CheckpointError(f"{folder / name}: cannot read: {err.strerror or err}") from err
+        if found != digests[name]:
+            raise CheckpointError(f"{folder / name}: its sha256 is not the one state.json holds: "
+                                  "the file was changed or corrupted after it was saved")
 
 
 def _read_tensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from fthss.errors import ConfigError
+
 
 @dataclass
 class TrainConfig:
@@ -32,11 +34,11 @@ class TrainConfig:
                     "grad_accumulation": self.grad_accumulation}
         for name, value in positive.items():
             if value <= 0:
-                raise ValueError(f"train config: {name} must be > 0, got {value}")
+                raise ConfigError(f"train config: {name} must be > 0, got {value}")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError("train config: warmup_ratio must be in [0, 1)")
+            raise ConfigError("train config: warmup_ratio must be in [0, 1)")
         if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError("train config: max_steps must be > 0")
+            raise ConfigError("train config: max_steps must be > 0")
 
     def to_json(self) -> dict:
         return asdict(self)

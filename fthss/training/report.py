@@ -44,9 +44,13 @@ def _complete_rows(path: Path) -> list[dict]:
     past the last checkpoint (a checkpoint is written after its step's line), so a resumed run
     drops it anyway."""
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
             continue
+        # only rows this log could have written: an edited or damaged line is dropped as well
+        if isinstance(row, dict) and type(row.get("step")) is int and all(
+                isinstance(row.get(k, 0), (int, float)) for k in ("tokens", "wall_s", "loss")):
+            rows.append(row)
     return rows

@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from fthss.engine.cache import ChainCache
+from fthss.errors import ConfigError, EmptyDataError, NonFiniteError, SequenceTooLongError
+from fthss.layout.chain import phase_folder
 from fthss.layout.sequence import TokenChain, build_layout
 from fthss.models.base import BaseModel
 from fthss.models.lora import LoraBank
@@ -33,6 +35,7 @@ from fthss.prompts.stage import Stage
 from fthss.training import checkpoint
 from fthss.training.config import TrainConfig
 from fthss.training.report import MetricsLog
+from fthss.training.settings import run_settings
 
 
 @dataclass
@@ -97,10 +100,6 @@ def sequence_length(chain: TokenChain) -> int:
     return len(chain.shared_ids) + sum(len(s.input_ids) + len(s.output_ids) for s in chain.steps)
 
 
-class SequenceTooLongError(ValueError):
-    """A training sequence that needs more positions than training allows."""
-
-
 def length_limit(config: TrainConfig, base: BaseModel) -> int:
     """max_length, and never past the base's position limit (positions it was not made for)."""
     return min(config.max_length or base.position_limit, base.position_limit)
@@ -118,19 +117,20 @@ def check_length(chain: TokenChain, stages: dict[str, Stage], limit: int, where:
 class Trainer:
     def __init__(self, base: BaseModel, stages: list[Stage], trained: list[str],
                  chains: list[TokenChain], config: TrainConfig, output_dir: str | Path,
-                 accelerator=None, progress: bool = True):
+                 accelerator=None, progress: bool = True, extend: bool = False):
+        """`extend`: resuming may continue a run to more steps (`fthss.training.settings`)."""
         from accelerate import Accelerator
 
         unknown = set(trained) - {s.name for s in stages}
         if unknown:
-            raise ValueError(f"cannot train unknown stage(s) {sorted(unknown)}")
+            raise ConfigError(f"cannot train unknown stage(s) {sorted(unknown)}")
         if not chains:
-            raise ValueError("no training sequences (does any sample contain a trained stage?)")
+            raise EmptyDataError("no training sequences (does any sample contain a trained stage?)")
         self.base, self.config, self.progress = base, config, progress
         # final stages land in output_dir/<name>; checkpoints, metrics and the loss curve in
         # a working folder of this run's own
         self.output_dir = Path(output_dir)
-        self.work_dir = self.output_dir / f"train-{'+'.join(trained)}"
+        self.work_dir = self.output_dir / phase_folder(trained)
         self.accelerator = accelerator or Accelerator(cpu=base.device.type == "cpu")
         kind = self.accelerator.distributed_type.value
         if kind not in ("NO", "MULTI_GPU", "MULTI_CPU"):
@@ -152,6 +152,10 @@ class Trainer:
         self.global_batch = config.micro_batch_size * world * config.grad_accumulation
         self.steps_per_epoch = math.ceil(len(chains) / self.global_batch)
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
+        self.extend = extend
+        self.settings = run_settings(config, chains, self.stage_set.trained.values(),
+                                     self.stage_set.frozen.stages.values(), self.global_batch,
+                                     self.total_steps)
         params = [(n, p) for n, p in self.stage_set.named_parameters() if p.requires_grad]
         lora = [p for n, p in params if ".lora_" in n]
         groups = [{"params": [p for n, p in params if ".lora_" not in n]}]
@@ -180,7 +184,7 @@ class Trainer:
     def train(self) -> TrainResult:
         acc, config = self.accelerator, self.config
         state = checkpoint.load_latest(self.work_dir / "checkpoints", self.stage_set,
-                                       self.optimizer, self.scheduler)
+                                       self.optimizer, self.scheduler, self.settings, self.extend)
         start_step = state["step"] if state else 0
         if config.gradient_checkpointing:
             checkpoint.enable_layer_recompute(self.base)
@@ -190,7 +194,10 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=start_step, desc=f"train {'+'.join(self.trained)}",
                    unit="step", disable=not (self.progress and acc.is_main_process))
         micro, world, rank = config.micro_batch_size, acc.num_processes, acc.process_index
-        started, tokens_seen = time.perf_counter(), 0
+        # a resumed run counts on from the checkpoint: its tokens and its time so far
+        last = log.rows[-1] if log.rows else {}
+        tokens_seen = int(last.get("tokens", 0))
+        started = time.perf_counter() - float(last.get("wall_s", 0.0))
         for step in range(start_step, self.total_steps):
             indices = self.batch_indices(step)
             total_loss, tokens = torch.zeros((), device=self.base.device), 0
@@ -203,17 +210,19 @@ class Trainer:
                     acc.backward(loss / config.grad_accumulation)
                 total_loss += loss.detach() / config.grad_accumulation
                 tokens += n
+            mean_loss = float(acc.reduce(total_loss, "mean"))
+            self._check_finite(step + 1, mean_loss, "gradient", start_step)
             if config.max_grad_norm:
                 acc.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            mean_loss = float(acc.reduce(total_loss, "mean"))
+            self._check_finite(step + 1, mean_loss, "parameter", start_step)
             tokens_seen += int(acc.reduce(torch.tensor(tokens, device=self.base.device), "sum"))
             elapsed = time.perf_counter() - started
             log.write(step=step + 1, loss=mean_loss, lr=self.scheduler.get_last_lr()[0],
                       tokens=tokens_seen, tokens_per_s=tokens_seen / max(elapsed, 1e-9),
-                      epoch=(step + 1) / self.steps_per_epoch)
+                      wall_s=elapsed, epoch=(step + 1) / self.steps_per_epoch)
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
             done = step + 1 == self.total_steps
@@ -222,11 +231,31 @@ class Trainer:
         bar.close()
         return self._finish(log, tokens_seen / max(time.perf_counter() - started, 1e-9))
 
+    def _check_finite(self, step: int, loss: float, what: str, start_step: int) -> None:
+        """Stop at the first NaN or inf: in the loss or a gradient before the optimizer steps
+        (`what` "gradient"), in a parameter after (`what` "parameter"). Nothing of this step is
+        logged or saved, so the last checkpoint and the stages on disk stay the last good ones.
+        Every process decides alike: the loss is reduced, gradients all-reduced."""
+        params = [p for p in self.stage_set.parameters() if p.requires_grad]
+        tensors = [p.grad for p in params if p.grad is not None] if what == "gradient" else params
+        bad = ("the loss" if not math.isfinite(loss) else
+               f"a {what}" if not all(bool(torch.isfinite(x).all()) for x in tensors) else None)
+        if bad is None:
+            return
+        pointer = self.work_dir / "checkpoints" / "latest"
+        kept = (f"the last good checkpoint, {pointer.read_text().strip()}, is kept"
+                if pointer.is_file() else "no checkpoint was written")
+        raise NonFiniteError(
+            f"{self.work_dir}: step {step}: {bad} is NaN or inf (loss {loss:g}); training stopped "
+            f"before it changed anything on disk ({kept}; started at step {start_step}). A "
+            "stage holding huge values or too high a learning rate (--lr) does this")
+
     def _save_checkpoint(self, step: int) -> None:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             checkpoint.save(self.work_dir / "checkpoints", step, self.stage_set, self.base,
-                            self.optimizer, self.scheduler, self.config.keep_checkpoints)
+                            self.optimizer, self.scheduler, self.config.keep_checkpoints,
+                            self.settings)
         self.accelerator.wait_for_everyone()
 
     def _finish(self, log: MetricsLog, tokens_per_s: float) -> TrainResult:

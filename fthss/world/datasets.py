@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 
+from fthss.errors import ConfigError
 from fthss.layout.chain import ChainSample, Step
 from fthss.world.entities import World
 from fthss.world.render import document, sentence
@@ -158,5 +159,5 @@ def split(samples: list[ChainSample], rnd: random.Random, test: int, dev: int
     order = list(samples)
     rnd.shuffle(order)
     if len(order) < test + dev + 1:
-        raise ValueError(f"{len(order)} samples cannot make a test split of {test} and dev of {dev}")
+        raise ConfigError(f"{len(order)} samples cannot make a test split of {test} and dev of {dev}")
     return {"test": order[:test], "dev": order[test:test + dev], "train": order[test + dev:]}

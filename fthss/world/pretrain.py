@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fthss.atomic import atomic_write_text
+from fthss.errors import ConfigError, FthssError
 from fthss.layout.chain import load_chains
 from fthss.layout.sequence import SegmentCodec, TokenChain, positions
 from fthss.layout.visibility import Kind, TokenMeta, visibility
@@ -80,12 +81,12 @@ class PretrainConfig:
     def __post_init__(self):
         if not (0 <= self.hole_share and 0 <= self.mask_share and
                 self.hole_share + self.mask_share <= 1):
-            raise ValueError(f"hole_share ({self.hole_share}) and mask_share ({self.mask_share}) "
+            raise ConfigError(f"hole_share ({self.hole_share}) and mask_share ({self.mask_share}) "
                              "are shares of the instruction windows: each at least 0, together "
                              "at most 1")
 
 
-class PretrainError(ValueError):
+class PretrainError(FthssError):
     """A base to continue from that does not belong to the world being trained on."""
 
 
@@ -188,7 +189,7 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     data = data or PretrainData(world_dir)
     if data.world_dir.resolve() != world_dir.resolve():
-        raise ValueError(f"pretraining data of {data.world_dir} given for the world {world_dir}")
+        raise ConfigError(f"pretraining data of {data.world_dir} given for the world {world_dir}")
     tokenizer = data.tokenizer
     torch.manual_seed(config.seed)
     if config.init_from:  # checked before the streams are built: a wrong base fails at once

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fthss.atomic import atomic_write_text
+from fthss.errors import EmptyDataError, OutputExistsError
 from fthss.world.pretrain import load_world_base, step_sequences
 
 CRITERION = "mean loss per output token on the dev splits' text-mode step sequences"
@@ -38,7 +39,7 @@ def held_out_loss(model, tokenizer, tasks_dir: Path, batch_size: int = 64,
     sequences = sorted(((i, o) for i, o, _ in step_sequences(tokenizer, tasks_dir, split)),
                        key=lambda s: len(s[0]) + len(s[1]))
     if not sequences:
-        raise ValueError(f"{tasks_dir}: no */{split}.jsonl with chains to score")
+        raise EmptyDataError(f"{tasks_dir}: no */{split}.jsonl with chains to score")
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for b in range(0, len(sequences), batch_size):
@@ -66,7 +67,7 @@ def select_base(world_dir: str | Path, candidates: list[str | Path], out: str | 
     `out` (written whole or not at all), its recipe gaining a `selection` record."""
     world_dir, out = Path(world_dir), Path(out)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: exists and is not empty; choose another --out")
+        raise OutputExistsError(f"{out}: exists and is not empty; choose another --out")
     from transformers import AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,48 @@
+"""The errors fthss raises for what a user gave it: a bad file, option, folder or model.
+
+Every one derives from `FthssError` (itself a `ValueError`, as they all were before it), and its
+message names the file, record, field or option at fault. The command line catches
+`FthssError` (exit 2) and `OSError` (exit 1) at the command boundary and prints one line;
+anything else is a bug in fthss and keeps its traceback.
+
+The loaders' own classes (`ChainFormatError`, `CorpusFormatError`, `StageLoadError`,
+`CheckpointError`, `UnsupportedModelError`) live beside their loaders and derive from it too.
+"""
+
+from __future__ import annotations
+
+
+class FthssError(ValueError):
+    """Something the user gave fthss cannot be used; the message says what and where."""
+
+
+class ConfigError(FthssError):
+    """An option or setting out of its range, or settings that contradict each other."""
+
+
+class EmptyDataError(FthssError):
+    """Nothing left to work on: no records, every record skipped, or none the method uses."""
+
+
+class OutputExistsError(FthssError):
+    """An output that would overwrite something fthss was not asked to overwrite."""
+
+
+class MissingDependencyError(FthssError):
+    """An optional package a command needs is not installed; the message names the extra."""
+
+
+class SequenceTooLongError(FthssError):
+    """A sequence that needs more positions than allowed (`--max-length` or the base's)."""
+
+
+class ModelLoadError(FthssError):
+    """A base model folder that cannot be loaded: a broken config, truncated weights, ..."""
+
+
+class NonFiniteError(FthssError):
+    """Training met a NaN or inf loss, gradient or parameter; nothing after it was saved."""
+
+
+class RunLockedError(FthssError):
+    """Another process holds the output folder of a training run."""
