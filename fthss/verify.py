@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from fthss.engine.cache import ChainCache
 from fthss.engine.engine import ChainEngine, ChainResult
 from fthss.layout.chain import ChainSample, Step
 from fthss.layout.sequence import TokenChain, build_layout
@@ -24,6 +23,7 @@ from fthss.layout.visibility import Kind
 from fthss.models.base import BaseModel
 from fthss.models.lora import LORA_TARGETS, module_paths
 from fthss.prompts.stage import KINDS, Stage, StageConfig
+from fthss.training.forward import one_pass_logits
 
 _WORDS = "the a of city river who where born works capital company lake 1987 north Ada".split()
 
@@ -74,7 +74,7 @@ def output_logits_one_pass(engine: ChainEngine, results: list[ChainResult]) -> l
     if not bool(layout.mask.any(dim=-1).all()):
         raise AssertionError("a visibility row is empty")
     with torch.no_grad():
-        logits = ChainCache.forward_layout(engine.base, prompts, layout, engine.lora_bank(names))
+        logits = one_pass_logits(engine.base, prompts, layout, engine.lora_bank(names))
     rows = []
     for i in range(len(results)):
         targets = (layout.meta.kind[i] == Kind.OUTPUT).nonzero().squeeze(1)

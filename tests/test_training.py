@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fthss.engine.cache import ChainCache
 from fthss.engine.engine import ChainEngine
 from fthss.layout.chain import ChainFormatError, ChainSample, Step, load_chains
 from fthss.layout.sequence import SegmentCodec, build_layout
@@ -23,6 +22,7 @@ from fthss.models.presets import preset_base
 from fthss.prompts.stage import Stage, StageConfig
 from fthss.training.checkpoint import CheckpointError
 from fthss.training.config import TrainConfig
+from fthss.training.forward import one_pass_logits
 from fthss.training.methods import training_chains
 from fthss.training.run import train_method
 from fthss.training.trainer import SequenceTooLongError, StageSet, Trainer
@@ -92,7 +92,7 @@ def test_single_round_fthss_learns_and_the_engine_reproduces_training(steerable,
     layout = build_layout([r.tokens for r in result], {"A": 0, "B": 1}, [4, 4], pad_id=2)
     with torch.no_grad():
         prompts = [s.prompt_cache(steerable, 4) for s in trained]
-        logits = ChainCache.forward_layout(steerable, prompts, layout,
+        logits = one_pass_logits(steerable, prompts, layout,
                                            engine.lora_bank(["A", "B"]))
     for i, r in enumerate(result):
         targets = (layout.meta.kind[i] == Kind.OUTPUT).nonzero().squeeze(1)

@@ -9,6 +9,7 @@ from fthss.engine.cache import ChainCache
 from fthss.layout.sequence import TokenChain, TokenStep, build_layout, positions
 from fthss.layout.visibility import Kind, TokenMeta
 from fthss.prompts.stage import Stage, StageConfig
+from fthss.training.forward import one_pass_logits
 
 STAGES = {"A": 0, "B": 1}
 
@@ -58,7 +59,7 @@ def _one_pass(base, stages, chains):
     first = layout.first_position
     with torch.no_grad():
         prompts = [s.prompt_cache(base, first) for s in stages]
-        return ChainCache.forward_layout(base, prompts, layout), layout
+        return one_pass_logits(base, prompts, layout), layout
 
 
 def _with_noise(base, stages, chain, split, noisy_slots):

@@ -10,9 +10,9 @@ then a fixed-shape forward with no host synchronisation, which can be compiled a
 with CUDA graphs. `free_hidden` drops the segments no later step can see (the compressor's
 passages once stage A is done), which the paper leaves on the table.
 
-Training's one-pass forward (`forward_layout`) appends a whole `Layout` to the prompt caches in
-one chunk under the same visibility rule, so engine and training agree by construction, up to
-float.
+Training's one-pass forward (`fthss.training.forward`) runs a whole `Layout` over the same
+prompt caches under the same visibility rule, so engine and training agree by construction, up
+to float.
 """
 
 from __future__ import annotations
@@ -20,26 +20,14 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from fthss.errors import SequenceTooLongError
-from fthss.layout.sequence import Layout, positions, prompt_slots
+from fthss.layout.sequence import positions, prompt_slots
 from fthss.layout.visibility import Kind, TokenMeta, visibility
 from fthss.models.base import BaseModel
 from fthss.models.lora import LoraBank, Route
-from fthss.prompts.stage import LayerKV
+from fthss.prompts.stage import LayerKV, side_by_side
 
 BLOCK = 256  # columns the cache grows by: few distinct shapes, so few CUDA graphs
 PREFILL_TOKENS = 16384  # tokens (batch x columns) per prefill forward
-
-
-class PrefixOnlyCache(DynamicCache):
-    """A cache that lets each layer attend over its stored K/V plus the chunk's, but stores
-    nothing new. The one-pass forward needs no growth, and a layer whose forward reads but
-    never writes can be recomputed by gradient checkpointing without doubling its keys."""
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        layer = self.layers[layer_idx]
-        return (torch.cat([layer.keys, key_states], dim=-2),
-                torch.cat([layer.values, value_states], dim=-2))
 
 
 class SlotCache(DynamicCache):
@@ -95,14 +83,6 @@ def compiled_decode_step(base: BaseModel, backend: str = "inductor", fullgraph: 
     return step
 
 
-def _check_positions(base: BaseModel, pos: torch.Tensor) -> None:
-    limit = base.position_limit
-    if pos.numel() and int(pos.max()) >= limit:
-        raise SequenceTooLongError(
-            f"a request needs position {int(pos.max())} but the base supports positions "
-            f"< {limit} (prompt length + content tokens)")
-
-
 def _meta_like(meta: TokenMeta, batch: int, columns: int) -> TokenMeta:
     """`columns` PAD slots per row, on `meta`'s device."""
     return TokenMeta.fill(batch, columns, Kind.PAD).to(meta.kind.device)
@@ -131,7 +111,7 @@ class ChainCache:
         self.store = SlotCache(empty, [t.clone() for t in empty])
         self._resize(prompt_meta.length)
         self.length = prompt_meta.length
-        for i, (k, v) in enumerate(self.slots_of(prompts)):
+        for i, (k, v) in enumerate(side_by_side(prompts)):
             self.store.keys[i][:, :, : self.length] = k
             self.store.values[i][:, :, : self.length] = v
         for mine, theirs in zip(_fields(self.slots), _fields(prompt_meta)):
@@ -139,36 +119,9 @@ class ChainCache:
         self.next_position = torch.full((batch_size,), self.first_position, device=base.device)
         self.decode_mask: torch.Tensor | None = None
 
-    @staticmethod
-    def slots_of(prompts: list[list[LayerKV]]) -> list[LayerKV]:
-        """Per layer, the prompt caches side by side (one block per stage)."""
-        layers = len(prompts[0]) if prompts else 0
-        return [(torch.cat([p[i][0] for p in prompts], dim=2), torch.cat([p[i][1] for p in prompts], dim=2))
-                for i in range(layers)]
-
     def _route(self, owners: torch.Tensor) -> Route | None:
         """Each token through its owner's deltas (`owners`: stage ids, -1 for none)."""
         return None if self.bank is None else Route(self.bank, owners)
-
-    @classmethod
-    def forward_layout(cls, base: BaseModel, prompts: list[list[LayerKV]], layout: Layout,
-                       bank: LoraBank | None = None) -> torch.Tensor:
-        """The one-pass forward (training): the whole layout as one chunk, logits
-        `[B, T, vocab]`. Differentiable through the prompt caches and the LoRA `bank` (the
-        stages' deltas by the layout's stage ids)."""
-        if layout.first_position != max((p[0][0].shape[2] for p in prompts), default=0):
-            raise ValueError("layout and prompt caches disagree on the first content position")
-        batch = layout.input_ids.shape[0]
-        cache = PrefixOnlyCache()
-        for i, (k, v) in enumerate(cls.slots_of(prompts)):
-            DynamicCache.update(cache, k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), i)
-        meta = layout.meta.to(base.device)
-        pos = positions(meta, torch.full((batch,), layout.first_position, device=base.device))
-        _check_positions(base, pos)
-        mask = visibility(layout.prompt.to(base.device).cat(meta), meta.length)
-        return base.forward(cache, pos, input_ids=layout.input_ids.to(base.device),
-                            attention_mask=base.attention_mask(mask),
-                            route=None if bank is None else Route(bank, meta.stage))
 
     def _resize(self, needed: int) -> None:
         """Make the capacity the smallest multiple of BLOCK that holds `needed` columns,
@@ -211,7 +164,7 @@ class ChainCache:
         A long chunk runs in pieces of at most PREFILL_TOKENS tokens per forward, which bounds
         the activations and the mask a prefill needs."""
         meta, input_ids = meta.to(self.base.device), input_ids.to(self.base.device)
-        _check_positions(self.base, positions(meta, self.next_position))
+        self.base.check_positions(positions(meta, self.next_position))
         self.reserve(meta.length)
         width = max(1, PREFILL_TOKENS // self.batch_size)
         index = torch.arange(meta.length, device=input_ids.device)
@@ -270,7 +223,7 @@ class ChainCache:
             raise ValueError("append_causal needs a cache holding one stage's prompt only")
         meta, input_ids = meta.to(self.base.device), input_ids.to(self.base.device)
         pos = positions(meta, self.next_position)
-        _check_positions(self.base, pos)
+        self.base.check_positions(pos)
         self.reserve(meta.length)
         self._write(meta)
         columns = n + meta.length

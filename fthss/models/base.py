@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fthss.errors import FthssError, ModelLoadError
+from fthss.errors import FthssError, ModelLoadError, SequenceTooLongError
 from fthss.models.lora import LoraRouting, Route
 
 # Attention implementations that apply a caller's 4D mask as given. FlashAttention kernels only
@@ -126,6 +126,14 @@ class BaseModel:
     def position_limit(self) -> int:
         window = self.attention_window
         return min(self.max_positions, window) if window else self.max_positions
+
+    def check_positions(self, position_ids: torch.Tensor) -> None:
+        """Raise SequenceTooLongError if a position is past what the model supports."""
+        limit = self.position_limit
+        if position_ids.numel() and int(position_ids.max()) >= limit:
+            raise SequenceTooLongError(
+                f"a request needs position {int(position_ids.max())} but the base supports "
+                f"positions < {limit} (prompt length + content tokens)")
 
     @cached_property
     def rotary(self) -> torch.nn.Module:

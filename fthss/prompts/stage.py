@@ -80,6 +80,14 @@ class StageConfig:
                                   f"{LORA_TARGETS}, not {sorted(unknown) or 'none'}")
 
 
+def side_by_side(prompts: list[list[LayerKV]]) -> list[LayerKV]:
+    """Per layer, the prompt caches of several stages concatenated (one block per stage, in
+    stage-id order): the prompt slots of a chain's cache."""
+    layers = len(prompts[0]) if prompts else 0
+    return [(torch.cat([p[i][0] for p in prompts], dim=2),
+             torch.cat([p[i][1] for p in prompts], dim=2)) for i in range(layers)]
+
+
 def prefix_width(base: BaseModel) -> int:
     return base.num_layers * 2 * base.num_kv_heads * base.head_dim
 

@@ -166,7 +166,7 @@ def _torch_load(path: Path):
 def enable_layer_recompute(base) -> None:
     """Gradient checkpointing per decoder layer. Transformers' own switch drops the KV cache
     under checkpointing, which would drop the prompt caches; the training forward's cache only
-    reads (`PrefixOnlyCache`), so recomputing a layer is safe."""
+    reads (`fthss.training.forward.PrefixOnlyCache`), so recomputing a layer is safe."""
     from torch.utils.checkpoint import checkpoint
 
     for layer in base.model.base_model.layers:

@@ -1,7 +1,8 @@
 """The one-pass trainer: stages learn over whole chains, one forward per micro-batch.
 
 Each micro-batch of `TokenChain`s is laid out with the visibility rule (`build_layout`) and run
-through `ChainCache.forward_layout`, the same code the engine's exactness is checked against.
+through `fthss.training.forward.one_pass_logits`, the forward the engine's exactness is checked
+against.
 The loss is the mean token cross-entropy on the outputs of the stages being trained, averaged
 per sequence, then over sequences, so that a global batch gives the same gradient on one process
 or on many. Only the trained stages' parameters get gradients; the base and upstream stages
@@ -25,7 +26,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from fthss.engine.cache import ChainCache
 from fthss.errors import ConfigError, EmptyDataError, NonFiniteError, SequenceTooLongError
 from fthss.layout.chain import phase_folder
 from fthss.layout.sequence import TokenChain, build_layout
@@ -34,6 +34,7 @@ from fthss.models.lora import LoraBank
 from fthss.prompts.stage import Stage
 from fthss.training import checkpoint
 from fthss.training.config import TrainConfig
+from fthss.training.forward import one_pass_logits
 from fthss.training.report import MetricsLog
 from fthss.training.settings import run_settings
 
@@ -73,7 +74,7 @@ class StageSet(torch.nn.Module):
         lora = [s.lora_weights if s.name in self.trained or s.lora_weights is None
                 else s.lora_weights.detach() for s in stages]
         bank = LoraBank.of(lora, base.dtype, base.device)
-        logits = ChainCache.forward_layout(base, prompts, layout, bank)
+        logits = one_pass_logits(base, prompts, layout, bank)
         labels = layout.labels({ids[n] for n in names if n in self.trained}).to(logits.device)
         token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                      labels[:, 1:].flatten(), reduction="none").view(len(chains), -1)
