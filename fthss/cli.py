@@ -67,6 +67,31 @@ def load_stages(paths, base) -> list:
     return stages
 
 
+def device_arg(text: str) -> str:
+    """An argparse `type` for --device: a device this torch can use, else a clear error (not
+    an AssertionError from deep inside torch at the first tensor moved)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda, cuda:1, mps, ...)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{text}: this torch ({torch.__version__}) sees no CUDA device (a CPU-only "
+                "build, or no GPU here); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text}: there are {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available in this torch")
+    return text
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", type=device_arg, default=None,
+                        help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+
+
 def add_base_arguments(parser: argparse.ArgumentParser) -> None:
     from fthss.models.presets import PRESETS
 
@@ -75,8 +100,7 @@ def add_base_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--arch", choices=PRESETS, help="random-init architecture preset")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="weights dtype (default: the checkpoint's; float32 for --arch)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda "
-                        "if available)")
+    add_device_argument(parser)
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the model directory's own Python code to run")
 
@@ -367,7 +391,11 @@ def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fthss import __version__
+
     parser = argparse.ArgumentParser(prog="fthss", description=__doc__)
+    parser.add_argument("--version", action="version",
+                        version=f"fthss {__version__} (torch {torch.__version__})")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="the whole method on the embedded default: world, "
@@ -377,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="folder for the world, stages, report")
     demo.add_argument("--base", default=None, help="a base pretrained on this seed's world "
                       "(`fthss base pretrain`), instead of the embedded one")
-    demo.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_device_argument(demo)
     demo.set_defaults(func=cmd_demo)
 
     verify = commands.add_parser("verify", help="check shared-KV inference is exact on a model")
@@ -487,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre = base_commands.add_parser("pretrain", help="pretrain a small Llama on a built world")
     pre.add_argument("--world", default="runs/world", help="folder from `fthss world build`")
     pre.add_argument("--out", default="runs/base")
-    pre.add_argument("--device", default=None)
+    add_device_argument(pre)
     from fthss.world.pretrain import PretrainConfig
 
     ranges = {"seed": SEED, "warmup_steps": NON_NEGATIVE, "learning_rate": POSITIVE,
@@ -503,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("candidates", nargs="+", help="bases of this world (`fthss base pretrain`)")
     select.add_argument("--world", default="runs/world", help="folder from `fthss world build`")
     select.add_argument("--out", required=True, help="where the chosen base is copied")
-    select.add_argument("--device", default=None)
+    add_device_argument(select)
     select.set_defaults(func=cmd_base_select)
 
     stage = commands.add_parser("stage", help="stage tools")

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fthss.cli import main
 from fthss.verify import VerifyReport
@@ -199,3 +200,17 @@ def test_run_refuses_non_positive_limits(tmp_path, capsys, option):
         main(["run", "--arch", "tiny-llama", "--stage", str(tmp_path / "A"), "--input",
               str(CHAINS), "--output", str(tmp_path / "out.jsonl"), option, "0"])
     assert exit_.value.code == 2 and f"{option}: must be >= 1" in capsys.readouterr().err
+
+
+def test_version_and_a_device_this_torch_cannot_use(capsys, monkeypatch):
+    import fthss
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and f"fthss {fthss.__version__}" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only build
+    for device, message in [("cuda", "sees no CUDA device"), ("gpu0", "not a device: 'gpu0'")]:
+        with pytest.raises(SystemExit) as done:
+            main(["verify", "--arch", "tiny-llama", "--device", device])
+        assert done.value.code == 2 and message in capsys.readouterr().err
+
