@@ -352,7 +352,9 @@ def test_a_training_sample_over_the_base_positions_is_named_before_any_training(
     samples = load_chains(data)
     config = TrainConfig(**{**FAST, "max_steps": 1})
     with pytest.raises(SequenceTooLongError, match=re.escape(
-            f"{data}:3: needs 111 positions (prompt 4 + content 107), over the limit of 80")):
+            f"{data}:3: needs 111 positions (prompt 4 + content 107), over the limit of 80 "
+            "(--max-length, or the base's position limit if smaller): raise --max-length if the "
+            "base allows it, or leave such records out with --skip-bad")):
         train_method(base, samples, "fthss", new_stages(base, "prompt"), None, config,
                      tmp_path / "out", rounds="single", progress=False)
     assert not (tmp_path / "out").exists()  # refused before the first phase started

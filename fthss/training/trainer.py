@@ -112,7 +112,9 @@ def check_length(chain: TokenChain, stages: dict[str, Stage], limit: int, where:
     if needed > limit:
         raise SequenceTooLongError(
             f"{where}: needs {needed} positions (prompt {first} + content {needed - first}), "
-            f"over the limit of {limit} (max_length, or the base's position limit if smaller)")
+            f"over the limit of {limit} (--max-length, or the base's position limit if smaller):"
+            " raise --max-length if the base allows it, or leave such records out with "
+            "--skip-bad")
 
 
 class Trainer:
