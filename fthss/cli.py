@@ -13,6 +13,16 @@ from pathlib import Path
 import torch
 
 from fthss.errors import ConfigError, EmptyDataError, FthssError, OutputExistsError
+from fthss.options import (
+    add_base_arguments,
+    add_device_argument,
+    add_skip_bad,
+    load_base,
+    load_stages,
+    positive_int,
+    print_skipped,
+    skip_report,
+)
 from fthss.ranges import (
     COUNT,
     FRACTION,
@@ -24,22 +34,6 @@ from fthss.ranges import (
     SHARE,
 )
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-positive_int, positive_float = COUNT.arg, POSITIVE.arg  # the argparse types most options take
-
-
-def _skip_report(args):
-    """`--skip-bad`: bad records are reported and counted (`fthss.datafiles.SkipReport`)."""
-    from fthss.datafiles import SkipReport
-
-    return SkipReport() if args.skip_bad else None
-
-
-def _print_skipped(args, skips) -> None:
-    if skips is not None and skips.skipped:
-        print(f"fthss {args.command}: skipped {skips.skipped} bad record(s), listed above",
-              file=sys.stderr)
-
 
 def _given_stages(request, where: str, names: set[str]):
     """The request, if every step names one of the stages given (`--stage`)."""
@@ -50,77 +44,6 @@ def _given_stages(request, where: str, names: set[str]):
             raise ChainFormatError(f"{where}: steps[{k}].stage: no stage '{step.stage}' was "
                                    f"given (--stage folders hold {sorted(names)})")
     return request
-
-
-def load_stages(paths, base) -> list:
-    """Stage folders; two with one name would silently shadow each other, so refuse them."""
-    from fthss.prompts.io import load_stage
-
-    stages, seen = [], {}
-    for path in paths:
-        stage = load_stage(path, base)
-        if stage.name in seen:
-            raise ConfigError(f"stages {seen[stage.name]} and {path} are both named "
-                              f"'{stage.name}'")
-        seen[stage.name] = path
-        stages.append(stage)
-    return stages
-
-
-def device_arg(text: str) -> str:
-    """An argparse `type` for --device: a device this torch can use, else a clear error (not
-    an AssertionError from deep inside torch at the first tensor moved)."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda, cuda:1, mps, ...)")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(
-                f"{text}: this torch ({torch.__version__}) sees no CUDA device (a CPU-only "
-                "build, or no GPU here); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(
-                f"{text}: there are {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: MPS is not available in this torch")
-    return text
-
-
-def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", type=device_arg, default=None,
-                        help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-
-
-def add_base_arguments(parser: argparse.ArgumentParser) -> None:
-    from fthss.models.presets import PRESETS
-
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--base", help="local Hugging Face model directory")
-    source.add_argument("--arch", choices=PRESETS, help="random-init architecture preset")
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="weights dtype (default: the checkpoint's; float32 for --arch)")
-    add_device_argument(parser)
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow the model directory's own Python code to run")
-
-
-def _add_skip_bad(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="skip bad records (reported on stderr with file:line and reason, "
-                        "and counted) instead of stopping at the first")
-
-
-def load_base(args):
-    from fthss.models.base import BaseModel
-    from fthss.models.presets import preset_base
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    if args.arch:
-        return preset_base(args.arch, dtype=dtype or torch.float32, device=device)
-    return BaseModel.load(args.base, dtype=dtype, device=device,
-                          trust_remote_code=args.trust_remote_code)
 
 
 def cmd_verify(args) -> int:
@@ -178,7 +101,7 @@ def cmd_run(args) -> int:
     output = output_file(args.output, "--output", args.input)
     base = load_base(args)
     stages = load_stages(args.stage, base)
-    skips = _skip_report(args)
+    skips = skip_report(args)
     names = {s.name for s in stages}
 
     def runnable(request, where):
@@ -211,7 +134,7 @@ def cmd_run(args) -> int:
     failed = [(q, r) for q, r in zip(requests, results) if r.error]
     for request, result in failed:
         print(f"{request.source}: request {result.id}: {result.error}", file=sys.stderr)
-    _print_skipped(args, skips)
+    print_skipped(args, skips)
     print(f"{len(results)} chains ({args.mode} mode), {decoded} tokens decoded, {len(failed)} "
           f"failed{f', {skips.skipped} skipped' if skips else ''} -> {args.output}")
     return 0
@@ -226,7 +149,7 @@ def cmd_train(args) -> int:
 
     output_folder(args.out, "--out")
     base = load_base(args)
-    skips = _skip_report(args)
+    skips = skip_report(args)
     samples = [s for path in args.data for s in load_chains(path, skips)]
     stages = {s.name: s for s in load_stages(args.stage or [], base)}
     used = dict.fromkeys(st.stage for s in samples[: args.max_samples]
@@ -244,7 +167,7 @@ def cmd_train(args) -> int:
     results = train_method(base, samples, args.method, list(stages.values()), args.train,
                            config, args.out, rounds=args.rounds, max_samples=args.max_samples,
                            on_bad=skips, extend=args.extend)
-    _print_skipped(args, skips)
+    print_skipped(args, skips)
     for r in results:
         print(f"trained {'+'.join(r.trained)}: {r.steps} steps, loss {r.first_loss:.4f} -> "
               f"{r.final_loss:.4f}, {r.tokens_per_s:.0f} tokens/s; stages in {args.out}, "
@@ -254,11 +177,9 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from fthss.evaluation.evaluate import RUNS, evaluate
-    from fthss.evaluation.report import write_report
+    from fthss.evaluation.report import REPORT_FILES, write_report
     from fthss.prompts.io import load_stage
     from fthss.tasks import get_task
-
-    from fthss.evaluation.report import REPORT_FILES
 
     out = output_folder(args.out, "--out")
     older = [name for name in REPORT_FILES if (out / name).exists()]
@@ -266,7 +187,7 @@ def cmd_eval(args) -> int:
         raise OutputExistsError(f"--out {out}: holds an older report ({', '.join(older)}); "
                                 "pass --overwrite to replace it, or choose another folder")
     task = get_task(args.task)
-    skips = _skip_report(args)
+    skips = skip_report(args)
     records = task.records(args.data, skips)[: args.max_records]
     if not records:
         why = ("--max-records 0" if args.max_records == 0 else
@@ -291,7 +212,7 @@ def cmd_eval(args) -> int:
         from fthss.retrieval.bm25 import BM25Retriever
 
         retriever = BM25Retriever.from_file(args.corpus, skips)
-    _print_skipped(args, skips)
+    print_skipped(args, skips)
     results = evaluate(base, task, records, stage_sets, retriever, not args.no_gold_upstream,
                        args.batch_size, progress=True, max_new_tokens=args.max_new_tokens)
     write_report([results], out)
@@ -437,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-k", type=NON_NEGATIVE.arg, default=0)
     run.add_argument("--top-p", type=PROBABILITY.arg, default=1.0)
     run.add_argument("--seed", type=SEED.arg, default=0)
-    _add_skip_bad(run)
+    add_skip_bad(run)
     run.set_defaults(func=cmd_run)
 
     train = commands.add_parser("train", help="train stages (FTHSS or a baseline method)")
@@ -474,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-every", type=NON_NEGATIVE.arg, default=0, help="checkpoint every K steps")
     train.add_argument("--max-samples", type=NON_NEGATIVE.arg, default=None)
     train.add_argument("--seed", type=SEED.arg, default=0)
-    _add_skip_bad(train)
+    add_skip_bad(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate methods on a task and write a report")
@@ -495,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="cap every step's generation (the tasks' own limits otherwise)")
     evaluate.add_argument("--no-gold-upstream", action="store_true",
                           help="skip the gold-intermediate ablation")
-    _add_skip_bad(evaluate)
+    add_skip_bad(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     world = commands.add_parser("world", help="the synthetic world (offline data for the demo)")

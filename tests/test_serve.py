@@ -416,7 +416,7 @@ def test_sigterm_drains_then_exits_0(stage_dirs):
 def test_two_server_processes_behind_the_example_client(stage_dirs, tmp_path):
     """Beyond one device: one process each, `examples/serve_pool.py` spreading the requests;
     every reply is what the request gives alone."""
-    from fthss.cli import load_stages
+    from fthss.options import load_stages
 
     bodies = [request(i) for i in range(12)]
     requests_file, replies_file = tmp_path / "requests.jsonl", tmp_path / "replies.jsonl"

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from fthss.benchmarks.chains import BENCH_KINDS, SYSTEMS
-from fthss.cli import add_base_arguments, load_base, positive_float, positive_int
+from fthss.options import add_base_arguments, load_base, positive_float, positive_int
 
 
 def _bench_result(args, base, **results) -> dict:

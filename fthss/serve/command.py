@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from fthss.cli import add_base_arguments, load_base, load_stages, positive_int
+from fthss.options import add_base_arguments, load_base, load_stages, positive_int
 
 
 def retrieval_step_input(retriever, passages: int):
