@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -168,6 +169,8 @@ def cmd_train(args) -> int:
                            config, args.out, rounds=args.rounds, max_samples=args.max_samples,
                            on_bad=skips, extend=args.extend)
     print_skipped(args, skips)
+    if int(os.environ.get("RANK", "0")) != 0:  # under DDP, the main process alone reports
+        return 0
     for r in results:
         print(f"trained {'+'.join(r.trained)}: {r.steps} steps, loss {r.first_loss:.4f} -> "
               f"{r.final_loss:.4f}, {r.tokens_per_s:.0f} tokens/s; stages in {args.out}, "

@@ -425,6 +425,14 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     torch.testing.assert_close(rank0, one, atol=1e-5, rtol=1e-4)
 
 
+def test_accelerate_launch_without_multi_gpu_is_warned(steerable, tmp_path, monkeypatch):
+    """`accelerate launch --num_processes 2` without --multi_gpu: one process, MASTER_ADDR set."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.warns(UserWarning, match="add --multi_gpu"):
+        train_b(steerable, tmp_path, TrainConfig(**{**FAST, "max_steps": 1}))
+
+
 @pytest.mark.parametrize("kind", ["prefix", "lora"])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind):
     base = preset_base("tiny-llama", init_std=0.2)

@@ -16,7 +16,9 @@ stages). The data order is a pure function of (seed, step), so resuming from a c
 from __future__ import annotations
 
 import math
+import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +119,16 @@ def check_length(chain: TokenChain, stages: dict[str, Stage], limit: int, where:
             "--skip-bad")
 
 
+def _warn_if_launched_alone(processes: int) -> None:
+    """`accelerate launch --num_processes N` without `--multi_gpu` starts one plain process on
+    a machine without GPUs (it sets MASTER_ADDR, but no launcher sets WORLD_SIZE): say so
+    rather than train N times slower than asked."""
+    if processes == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        warnings.warn("accelerate launch asked for several processes but this run has one: "
+                      "add --multi_gpu (on CPUs too: it picks the torchrun launcher, which "
+                      "starts CPU processes over gloo)", stacklevel=3)
+
+
 class Trainer:
     def __init__(self, base: BaseModel, stages: list[Stage], trained: list[str],
                  chains: list[TokenChain], config: TrainConfig, output_dir: str | Path,
@@ -141,6 +153,7 @@ class Trainer:
             # frozen base sits outside the wrapped module (docs/training.md).
             raise NotImplementedError(f"accelerate backend {kind} is not supported; use DDP "
                                       "(accelerate launch --multi_gpu)")
+        _warn_if_launched_alone(self.accelerator.num_processes)
         by_name = {s.name: s for s in stages}
         self._check_lengths(chains, by_name)
         self.chains = chains
