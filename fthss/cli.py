@@ -111,6 +111,8 @@ def cmd_run(args) -> int:
 
     requests = parse_each(((r.source, r) for r in load_chains(args.input, skips)), runnable,
                           ChainFormatError, skips)
+    # the last step's output in the file is the gold answer, written beside the result
+    golds = [request.steps[-1].output for request in requests]
     if not args.given_outputs:  # gold outputs in the file are for scoring, not for forcing
         for request in requests:
             for step in request.steps:
@@ -120,8 +122,11 @@ def cmd_run(args) -> int:
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     with PartialFile(output) as written:
 
+        answers = iter(golds)  # results come in request order
+
         def write(done):  # each batch's results on disk as soon as they are done
-            written.write("".join(json.dumps(r.to_json()) + "\n" for r in done))
+            written.write("".join(json.dumps({**r.to_json(), **_gold(next(answers))}) + "\n"
+                                  for r in done))
 
         try:
             results = engine.run(requests, args.mode, sampling, progress=True, on_results=write)
@@ -139,6 +144,11 @@ def cmd_run(args) -> int:
     print(f"{len(results)} chains ({args.mode} mode), {decoded} tokens decoded, {len(failed)} "
           f"failed{f', {skips.skipped} skipped' if skips else ''} -> {args.output}")
     return 0
+
+
+def _gold(answer: str | None) -> dict:
+    """The result's `gold` field, when the request's file holds the answer."""
+    return {} if answer is None else {"gold": answer}
 
 
 def cmd_train(args) -> int:

@@ -131,8 +131,11 @@ def test_run_reads_the_authors_format_and_generates_unless_told_to_use_given_out
                 + ["--given-outputs"] * given) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == len(gold)
+    # the authors' records have no id: each result names its record's index, and its answer
+    assert [row["id"] for row in rows] == [str(i) for i in range(len(gold))]
     for row, record in zip(rows, gold):
         outputs = [record[k] for k in record if k != "I_ALL"]  # O_1A, O_1B, O_2A, ... in order
+        assert row["gold"] == outputs[-1]
         assert [s["stage"] for s in row["steps"]] == [k[-1] for k in record if k != "I_ALL"]
         decoded = [s["stats"]["decoded_tokens"] for s in row["steps"]]
         if given:  # gold outputs are encoded as the steps' outputs, nothing is generated

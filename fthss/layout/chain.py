@@ -231,5 +231,13 @@ def load_chains(path: str | Path, on_bad: OnBad | None = None) -> list[ChainSamp
     records = json_document(path, ChainFormatError)
     if not isinstance(records, list):
         raise ChainFormatError(f"{path}: expected a JSON list of records")
-    return parse_each(((f"{path}: record {i}", r) for i, r in enumerate(records)),
-                      chain_from_authors, ChainFormatError, on_bad)
+    return parse_each(((f"{path}: record {i}", (i, r)) for i, r in enumerate(records)),
+                      lambda item, where: _with_id(chain_from_authors(item[1], where), item[0]),
+                      ChainFormatError, on_bad)
+
+
+def _with_id(sample: ChainSample, index: int) -> ChainSample:
+    """The authors' records carry no id: the record's index in its file is a stable one (it
+    does not change when other records are skipped), so results can be matched to records."""
+    sample.id = str(index)
+    return sample
