@@ -137,7 +137,7 @@ def cmd_run(args) -> int:
                       file=sys.stderr)
             raise
     decoded = sum(s.stats.decoded_tokens for r in results for s in r.steps)
-    failed = [(q, r) for q, r in zip(requests, results) if r.error]
+    failed = [(q, r) for q, r in zip(requests, results, strict=True) if r.error]
     for request, result in failed:
         print(f"{request.source}: request {result.id}: {result.error}", file=sys.stderr)
     print_skipped(args, skips)

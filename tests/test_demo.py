@@ -79,8 +79,8 @@ def test_adapt_trains_copies_of_the_stages_it_starts_from(demo, tmp_path):
     samples = load_chains(demo / "world" / "tasks" / "compress_qa" / "train.jsonl")[:64]  # adapt: 16, two steps
     adapted = train_stages(base, get_task("compress_qa"), samples, "adapt", TINY, tmp_path,
                            start_from=chain)
-    assert all(torch.equal(b, s.weight) for b, s in zip(before, chain))
-    assert any(not torch.equal(b, s.weight) for b, s in zip(before, adapted))
+    assert all(torch.equal(b, s.weight) for b, s in zip(before, chain, strict=True))
+    assert any(not torch.equal(b, s.weight) for b, s in zip(before, adapted, strict=False))
 
 
 @pytest.mark.slow  # the quick demo, a few minutes

@@ -193,7 +193,10 @@ def test_the_between_steps_callable_can_end_a_chain(llama, three_stages):
     engine = ChainEngine(llama, three_stages, max_new_tokens=3)
     long = ChainSample("q", [Step(s) for s in "ABCAB"], id="ends")
     other = ChainSample("r", [Step(s) for s in "CBA"], id="runs")
-    stop_at_3 = lambda request, k, outputs: END if request.id == "ends" and k == 3 else None
+
+    def stop_at_3(request, k, outputs):
+        return END if request.id == "ends" and k == 3 else None
+
     ended, ran = engine.run([long, other], step_input=stop_at_3)
     assert [s.stage for s in ended.steps] == ["A", "B", "C"]
     assert len(ended.tokens.steps) == 3
@@ -215,7 +218,7 @@ def test_outputs_do_not_depend_on_how_often_the_host_looks(llama, three_stages):
             .run(requests, "shared", output_scores=True) for n in (1, 4, 64)]
     for run in runs[1:]:
         assert_same_generations(run, runs[0])
-        for result, reference in zip(run, runs[0]):
+        for result, reference in zip(run, runs[0], strict=True):
             if [s.output_ids for s in result.steps] == [s.output_ids for s in reference.steps]:
                 assert [s.stats.kv_tokens for s in result.steps] == \
                        [s.stats.kv_tokens for s in reference.steps]
@@ -379,6 +382,6 @@ def test_requests_with_their_own_seeds_sample_as_alone(llama, three_stages):
     engine = ChainEngine(llama, three_stages)
     requests = [multi_round(1), ChainSample("other?", [Step("A", max_new_tokens=6)])]
     batched = engine.run(requests, sampling=SamplingConfig(temperature=1.0), seeds=[5, 7])
-    for request, seed, result in zip(requests, (5, 7), batched):
+    for request, seed, result in zip(requests, (5, 7), batched, strict=True):
         [alone] = engine.run([request], sampling=SamplingConfig(temperature=1.0, seed=seed))
         assert [s.output_ids for s in result.steps] == [s.output_ids for s in alone.steps]

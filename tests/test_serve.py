@@ -115,7 +115,7 @@ def test_sampled_requests_sample_as_alone_in_any_batch(url, reference):
     """Each request brings its seed: batched together, each samples what it would alone."""
     bodies = [request(i, temperature=1.0, top_p=0.9, seed=100 + i) for i in range(6)]
     replies = asyncio.run(post_all(url, bodies, concurrency=6))
-    for body, reply in zip(bodies, replies):
+    for body, reply in zip(bodies, replies, strict=True):
         assert_reply_equals(reply.json(), alone(reference, body, sampling=SamplingConfig(
             temperature=1.0, top_p=0.9, seed=body["seed"])))
 

@@ -200,7 +200,7 @@ def test_evaluate_every_method_on_reference_formats(method_stages, task_name, da
         assert [r["answer"] for r in mine] == [r.answer for r in records]
         main = task.metric_names[0]
         assert 100 * np.mean([r["scores"][main] for r in mine]) == pytest.approx(row[main])
-        for r, record in zip(mine, records):
+        for r, record in zip(mine, records, strict=True):
             assert r["steps"] and all(set(s) == {"stage", "output"} for s in r["steps"])
             if row["gold_upstream"]:  # the given upstream outputs are what the rows show
                 gold = [s.output for s in record.sample.steps[:-1]]

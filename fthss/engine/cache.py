@@ -114,7 +114,7 @@ class ChainCache:
         for i, (k, v) in enumerate(side_by_side(prompts)):
             self.store.keys[i][:, :, : self.length] = k
             self.store.values[i][:, :, : self.length] = v
-        for mine, theirs in zip(_fields(self.slots), _fields(prompt_meta)):
+        for mine, theirs in zip(_fields(self.slots), _fields(prompt_meta), strict=True):
             mine[:, : self.length] = theirs
         self.next_position = torch.full((batch_size,), self.first_position, device=base.device)
         self.decode_mask: torch.Tensor | None = None
@@ -136,7 +136,7 @@ class ChainCache:
                 new[:, :, :keep] = old[:, :, :keep]
                 tensors[i] = _static(new)
         slots = _meta_like(self.slots, self.batch_size, capacity)
-        for new, old in zip(_fields(slots), _fields(self.slots)):
+        for new, old in zip(_fields(slots), _fields(self.slots), strict=True):
             new[:, :keep] = old[:, :keep]
         self.slots, self.capacity = slots, capacity
 
@@ -151,7 +151,7 @@ class ChainCache:
 
     def _write(self, meta: TokenMeta) -> None:
         end = self.length + meta.length
-        for mine, theirs in zip(_fields(self.slots), _fields(meta)):
+        for mine, theirs in zip(_fields(self.slots), _fields(meta), strict=True):
             mine[:, self.length:end] = theirs
         self.store.start.fill_(self.length)
         self.length = end

@@ -252,7 +252,7 @@ class ChainEngine:
                              request_key(requests[i]), None if seeds is None else seeds[i]),
                              TokenChain([], [])) for slot, i in enumerate(batch)]
                 self._run_batch(rows, mode, sampling, step_input, output_scores, listener)
-                for i, row in zip(batch, rows):
+                for i, row in zip(batch, rows, strict=True):
                     results[i] = ChainResult(row.request.id, mode, row.results, row.tokens,
                                              row.error)
                 # the failed requests after this batch, up to the next runnable one, are done too

@@ -59,7 +59,7 @@ def _metrics(report: dict) -> tuple[str, ...]:
 
 def plot(reports: list[dict], path: Path) -> None:
     fig, axes = plots.subplots(1, len(reports), figsize=(4.5 * len(reports), 3.6), squeeze=False)
-    for ax, r in zip(axes[0], reports):
+    for ax, r in zip(axes[0], reports, strict=True):
         main = _metrics(r)[0]
         rows = r["methods"]
         ax.bar(range(len(rows)), [m[main] for m in rows],
@@ -83,7 +83,7 @@ def plot_tuning(reports: list[dict], path: Path) -> bool:
         if any(rows):
             drawn = True
             ax.bar([t + 0.27 * (i - 1) for t in range(len(reports))],
-                   [m[_metrics(r)[0]] if m else 0 for m, r in zip(rows, reports)], width=0.27,
+                   [m[_metrics(r)[0]] if m else 0 for m, r in zip(rows, reports, strict=True)], width=0.27,
                    label=method)
     ax.set_xticks(range(len(reports)), [r["task"] for r in reports], fontsize=8)
     ax.set(ylabel="EM / Acc %", ylim=(0, 100), title="Shared mode: no tuning, adapt, FTHSS")

@@ -46,7 +46,7 @@ class TokenMeta:
         meta = cls.fill(len(rows), length, Kind.PAD)
         for i, row in enumerate(rows):
             if row:
-                kind, step, stage, visible = (torch.tensor(col) for col in zip(*row))
+                kind, step, stage, visible = (torch.tensor(col) for col in zip(*row, strict=True))
                 meta.kind[i, : len(row)] = kind
                 meta.step[i, : len(row)] = step
                 meta.stage[i, : len(row)] = stage

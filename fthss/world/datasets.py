@@ -132,7 +132,7 @@ def memory_reasoning(world: World, rnd: random.Random) -> list[ChainSample]:
             options = rnd.sample([c for c in choices if c != answer], 4) + [answer]
             rnd.shuffle(options)
             letter = LETTERS[options.index(answer)]
-            shown = " ".join(f"{L}.{o}" for L, o in zip(LETTERS, options))
+            shown = " ".join(f"{L}.{o}" for L, o in zip(LETTERS, options, strict=True))
             samples.append(ChainSample(
                 f"Question: {question.format(s=person.name)} Options: {shown}", [
                     Step("A", output=f"Let's reason: first recall the {first.replace('_', ' ')} "

@@ -253,7 +253,7 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
     model.train()
     for step in bar:
         batch, positions_, visible, labels = (
-            torch.stack(t).to(device) for t in zip(*(window() for _ in range(config.batch_size))))
+            torch.stack(t).to(device) for t in zip(*(window() for _ in range(config.batch_size)), strict=True))
         # without chain windows every row is causal: no mask, the kernels' causal path
         mask = visible[:, None] if config.mask_share else None
         loss = model(input_ids=batch, position_ids=positions_, attention_mask=mask,
