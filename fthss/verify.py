@@ -150,9 +150,11 @@ def verify(base: BaseModel, chains: int = 8, seed: int = 0, batch_size: int = 4)
             text_diff = max(text_diff, float((r.steps[k].scores - ref[len(view) - 1:]).abs().max()))
     alone = ChainEngine(base, stages, batch_size=1).run(requests, "shared", output_scores=True)
     batch_diff = max(float((a.scores - b.scores).abs().max())
-                     for ra, rb in zip(alone, shared, strict=True) for a, b in zip(ra.steps, rb.steps, strict=False)
+                     for ra, rb in zip(alone, shared, strict=True)
+                     for a, b in zip(ra.steps, rb.steps, strict=False)
                      if a.scores.shape == b.scores.shape)
     same = all(a.output_ids == b.output_ids
-               for ra, rb in zip(alone, shared, strict=True) for a, b in zip(ra.steps, rb.steps, strict=False))
+               for ra, rb in zip(alone, shared, strict=True)
+               for a, b in zip(ra.steps, rb.steps, strict=False))
     return VerifyReport(shared_diff, text_diff, batch_diff, same, len(requests))
 

@@ -23,7 +23,8 @@ def test_verify_passes_on_a_tiny_model(capsys):
 def test_verify_fails_above_tolerance(capsys, monkeypatch):
     import fthss.verify
 
-    monkeypatch.setattr(fthss.verify, "verify", lambda *a, **k: VerifyReport(0.5, 0.0, 0.0, True, 1))
+    monkeypatch.setattr(fthss.verify, "verify",
+                        lambda *a, **k: VerifyReport(0.5, 0.0, 0.0, True, 1))
     assert main(["verify", "--arch", "tiny-qwen2"]) == 1
     out = capsys.readouterr().out
     assert "FAIL: largest difference 0.5" in out

@@ -133,7 +133,8 @@ def test_stream_sends_each_steps_tokens_then_the_reply(url, reference):
     body = request(5, steps=[{"stage": "A", "input": "doc", "max_new_tokens": 20},
                              {"stage": "B", "max_new_tokens": 12}], stream=True)
     reply = httpx.post(f"{url}/v1/chains", json=body, timeout=60)
-    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+    assert (reply.status_code == 200
+            and reply.headers["content-type"].startswith("text/event-stream"))
     sent = events(reply.text)
     result = alone(reference, body)
     assert [name for name, _ in sent if name != "tokens"] == ["step", "step", "done"]

@@ -101,7 +101,8 @@ class ChainCache:
         every token is computed by the stage that owns it."""
         self.base, self.batch_size, self._decode_step = base, batch_size, decode_step
         self.bank = bank
-        prompt_meta, self.first_position = prompt_slots([layers[0][0].shape[2] for layers in prompts])
+        prompt_meta, self.first_position = prompt_slots(
+            [layers[0][0].shape[2] for layers in prompts])
         prompt_meta = prompt_meta.to(base.device)
         self.length, self.capacity = 0, 0  # columns written, columns allocated
         self.slots = _meta_like(prompt_meta, batch_size, 0)
@@ -210,14 +211,14 @@ class ChainCache:
     def append_causal(self, prompt: torch.Tensor, input_ids: torch.Tensor, meta: TokenMeta
                       ) -> torch.Tensor:
         """Text mode's prefill, on the causal path: the cache holds one stage's prompt slots
-        (a prompt or lora stage: embeddings) and nothing else, and the chunk (`[batch, q]`, right-padded) is plain
-        text after it, so every real token sees exactly the tokens before it. Then the prompt
-        embeddings (`prompt`, `[N, hidden]`) are re-encoded together with the chunk in one
-        forward with no mask, as PEFT + `generate` runs a prompt-tuned model: SDPA takes its
-        causal kernel, which skips the blocks above the diagonal that an explicit mask makes
-        it compute. The prompt's K/V come out as the cached ones (within float) and overwrite
-        them. Rows run in groups of at most PREFILL_TOKENS tokens. Returns the logits of each
-        row's last real token, `[batch, vocab]`."""
+        (a prompt or lora stage: embeddings) and nothing else, and the chunk (`[batch, q]`,
+        right-padded) is plain text after it, so every real token sees exactly the tokens before it.
+        Then the prompt embeddings (`prompt`, `[N, hidden]`) are re-encoded together with the chunk
+        in one forward with no mask, as PEFT + `generate` runs a prompt-tuned model: SDPA takes its
+        causal kernel, which skips the blocks above the diagonal that an explicit mask makes it
+        compute. The prompt's K/V come out as the cached ones (within float) and overwrite them.
+        Rows run in groups of at most PREFILL_TOKENS tokens. Returns the logits of each row's last
+        real token, `[batch, vocab]`."""
         n = prompt.shape[0]
         if self.length != n or self.first_position != n:
             raise ValueError("append_causal needs a cache holding one stage's prompt only")

@@ -1,9 +1,10 @@
 """The cascade visibility rule: which key every query token may attend to.
 
-This is the only place where the rule (docs/design.md, "One visibility rule") lives. Training
-builds its one-pass mask with it, the engine builds each incremental chunk's mask with it, and
-text mode picks the tokens a step re-encodes with it. Every token carries a little metadata (`TokenMeta`): its kind, the step
-it belongs to, the stage that runs that step and, for inputs, whether later steps may see it.
+This is the only place where the rule (docs/design.md, "One visibility rule") lives. Training builds
+its one-pass mask with it, the engine builds each incremental chunk's mask with it, and text mode
+picks the tokens a step re-encodes with it. Every token carries a little metadata (`TokenMeta`): its
+kind, the step it belongs to, the stage that runs that step and, for inputs, whether later steps may
+see it.
 """
 
 from __future__ import annotations
