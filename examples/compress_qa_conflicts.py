@@ -79,8 +79,10 @@ def main() -> None:
                 Step("B", max_new_tokens=24, stop=["\n"])], r.id)
                 for r, passage, sentence, _ in cases]
             predictions = [task.prediction(x) for x in engine.run(requests, mode)]
-            true = sum(task.score(p, c[0])["em"] > 0 for p, c in zip(predictions, cases))
-            copied = sum(p.strip().lower() == c[3].lower() for p, c in zip(predictions, cases))
+            true = sum(task.score(p, c[0])["em"] > 0
+                       for p, c in zip(predictions, cases, strict=True))
+            copied = sum(p.strip().lower() == c[3].lower()
+                         for p, c in zip(predictions, cases, strict=True))
             print(f"| {name} | {mode} | {hole} | {100 * true / len(cases):.1f} | "
                   f"{100 * copied / len(cases):.1f} |")
 

@@ -51,14 +51,18 @@ def cmd_verify(args) -> int:
     from fthss.verify import verify
 
     base = load_base(args)
-    tolerance = args.tol if args.tol is not None else (1e-4 if base.dtype == torch.float32 else 5e-2)
+    tolerance = (args.tol if args.tol is not None
+                 else 1e-4 if base.dtype == torch.float32 else 5e-2)
     report = verify(base, chains=args.chains, seed=args.seed, batch_size=args.batch_size)
     name = args.arch or args.base
     print(f"{name} ({type(base.model).__name__}, {str(base.dtype).removeprefix('torch.')}, "
           f"{report.chains} random chains)")
-    print(f"  shared incremental vs one-pass masked forward: max |dlogit| = {report.shared_vs_one_pass:.3g}")
-    print(f"  text mode vs plain forward of the text:        max |dlogit| = {report.text_vs_plain:.3g}")
-    print(f"  padded batch vs alone:                         max |dlogit| = {report.batch_vs_alone:.3g}")
+    print("  shared incremental vs one-pass masked forward: max |dlogit| = "
+          f"{report.shared_vs_one_pass:.3g}")
+    print("  text mode vs plain forward of the text:        max |dlogit| = "
+          f"{report.text_vs_plain:.3g}")
+    print("  padded batch vs alone:                         max |dlogit| = "
+          f"{report.batch_vs_alone:.3g}")
     print(f"  greedy outputs identical alone and in a batch: {report.greedy_outputs_match}")
     worst = max(report.shared_vs_one_pass, report.text_vs_plain, report.batch_vs_alone)
     ok = worst <= tolerance and report.greedy_outputs_match
@@ -137,7 +141,7 @@ def cmd_run(args) -> int:
                       file=sys.stderr)
             raise
     decoded = sum(s.stats.decoded_tokens for r in results for s in r.steps)
-    failed = [(q, r) for q, r in zip(requests, results) if r.error]
+    failed = [(q, r) for q, r in zip(requests, results, strict=True) if r.error]
     for request, result in failed:
         print(f"{request.source}: request {result.id}: {result.error}", file=sys.stderr)
     print_skipped(args, skips)
@@ -170,7 +174,8 @@ def cmd_train(args) -> int:
             raise ConfigError(f"adapt starts from trained stages: pass --stage DIR for '{name}'")
         stages[name] = Stage.create(_stage_config(args, name), base, seed=args.seed + i)
     config = TrainConfig(
-        learning_rate=args.lr, lora_learning_rate=args.lora_lr, epochs=args.epochs, max_steps=args.max_steps,
+        learning_rate=args.lr, lora_learning_rate=args.lora_lr, epochs=args.epochs,
+        max_steps=args.max_steps,
         micro_batch_size=args.micro_batch_size, grad_accumulation=args.grad_accumulation,
         warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
         max_length=args.max_length, gradient_checkpointing=args.gradient_checkpointing,
@@ -405,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--reparam-hidden", type=NON_NEGATIVE.arg, default=0,
                        help="prefix stages: train through a P-Tuning v2 MLP of this width")
-    train.add_argument("--save-every", type=NON_NEGATIVE.arg, default=0, help="checkpoint every K steps")
+    train.add_argument("--save-every", type=NON_NEGATIVE.arg, default=0,
+                       help="checkpoint every K steps")
     train.add_argument("--max-samples", type=NON_NEGATIVE.arg, default=None)
     train.add_argument("--seed", type=SEED.arg, default=0)
     add_skip_bad(train)

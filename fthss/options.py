@@ -50,7 +50,8 @@ def device_arg(text: str) -> str:
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda, cuda:1, mps, ...)")
+        raise argparse.ArgumentTypeError(
+            f"not a device: {text!r} (cpu, cuda, cuda:1, mps, ...)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise argparse.ArgumentTypeError(

@@ -140,7 +140,7 @@ def verify(base: BaseModel, chains: int = 8, seed: int = 0, batch_size: int = 4)
     shared = engine.run(requests, "shared", output_scores=True)
     one_pass = output_logits_one_pass(engine, shared)
     shared_diff = max(float((torch.cat([s.scores for s in r.steps]) - ref).abs().max())
-                      for r, ref in zip(shared, one_pass))
+                      for r, ref in zip(shared, one_pass, strict=True))
     text = engine.run(requests, "text", output_scores=True)
     text_diff = 0.0
     for r in text:
@@ -150,9 +150,11 @@ def verify(base: BaseModel, chains: int = 8, seed: int = 0, batch_size: int = 4)
             text_diff = max(text_diff, float((r.steps[k].scores - ref[len(view) - 1:]).abs().max()))
     alone = ChainEngine(base, stages, batch_size=1).run(requests, "shared", output_scores=True)
     batch_diff = max(float((a.scores - b.scores).abs().max())
-                     for ra, rb in zip(alone, shared) for a, b in zip(ra.steps, rb.steps)
+                     for ra, rb in zip(alone, shared, strict=True)
+                     for a, b in zip(ra.steps, rb.steps, strict=False)
                      if a.scores.shape == b.scores.shape)
     same = all(a.output_ids == b.output_ids
-               for ra, rb in zip(alone, shared) for a, b in zip(ra.steps, rb.steps))
+               for ra, rb in zip(alone, shared, strict=True)
+               for a, b in zip(ra.steps, rb.steps, strict=False))
     return VerifyReport(shared_diff, text_diff, batch_diff, same, len(requests))
 

@@ -65,9 +65,9 @@ def assert_same_generations(results, reference, scores: bool = True) -> None:
     exact = DTYPE == torch.float32 or not scores
     for result, ref in zip(results, reference, strict=True):
         assert len(result.steps) == len(ref.steps)
-        for step, ref_step in zip(result.steps, ref.steps):
+        for step, ref_step in zip(result.steps, ref.steps, strict=True):
             ours, theirs = step.output_ids, ref_step.output_ids
-            same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+            same = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
                         min(len(ours), len(theirs)))
             if scores:
                 torch.testing.assert_close(step.scores[:same], ref_step.scores[:same],

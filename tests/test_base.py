@@ -106,7 +106,8 @@ def test_pickled_weights_are_not_loaded(saved_llama):
 def test_fingerprint_ignores_dtype_but_not_weights():
     fp32 = preset_base("tiny-llama").fingerprint
     assert preset_base("tiny-llama", dtype=torch.bfloat16).fingerprint == fp32
-    assert preset_base("tiny-llama", seed=1).fingerprint["embedding_sha256"] != fp32["embedding_sha256"]
+    assert (preset_base("tiny-llama", seed=1).fingerprint["embedding_sha256"]
+            != fp32["embedding_sha256"])
     assert preset_base("tiny-qwen2").fingerprint["architecture"] == "Qwen2ForCausalLM"
 
 

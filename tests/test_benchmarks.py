@@ -34,7 +34,8 @@ def test_stage_b_latency_rows(llama):
         (20, "text"), (20, "shared"), (80, "text"), (80, "shared")]
     assert all(0 < r["ttft_s"] <= r["latency_s"] for r in rows)
     text = {r["intermediate_tokens"]: r["prefilled_tokens"] for r in rows if r["mode"] == "text"}
-    shared = {r["intermediate_tokens"]: r["prefilled_tokens"] for r in rows if r["mode"] == "shared"}
+    shared = {r["intermediate_tokens"]: r["prefilled_tokens"]
+              for r in rows if r["mode"] == "shared"}
     assert text[80] > text[20] + 40  # text mode re-encodes the intermediate
     assert shared[80] == shared[20] <= 2  # shared mode: the step marker (and A's last token)
 
@@ -52,7 +53,8 @@ def test_latency_ratios_name_the_strongest_baseline():
     assert ratio["latency_ratio"] == pytest.approx({"text": 3.0, "hf-peft": 4.0})
     assert ratio["ttft_ratio"] == pytest.approx({"text": 20.0, "hf-peft": 10.0})
     assert ratio["strongest_baseline"]["latency"] == {"system": "text", "ratio": pytest.approx(3.0)}
-    assert ratio["strongest_baseline"]["ttft"] == {"system": "hf-peft", "ratio": pytest.approx(10.0)}
+    assert ratio["strongest_baseline"]["ttft"] == {"system": "hf-peft",
+                                                   "ratio": pytest.approx(10.0)}
 
 
 def test_routing_cost_is_lora_over_prompt_per_system_and_length():

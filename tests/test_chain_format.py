@@ -40,7 +40,8 @@ def test_authors_input_belongs_to_the_stages_first_step():
         ("A", "docs", "a1"), ("B", None, "b1"), ("A", None, "a2")]
 
 
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason="the shared reference data is not beside the repo")
+@pytest.mark.skipif(not REFERENCE.is_dir(),
+                    reason="the shared reference data is not beside the repo")
 def test_the_full_reference_files_load():
     assert len(load_chains(REFERENCE / "compress_qa_hotpotqa_test.json")) == 500
     rounds = load_chains(REFERENCE / "memory_reasoning_comqa_dev.json")
@@ -69,7 +70,8 @@ def test_jsonl_round_trips_through_to_json(tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ('{"shared": "q", "steps": [{"stage": "A"}]', r":2: malformed JSON"),
-    ('{"shared": "q", "steps": [{"stage": "A"}], "extra": 1}', r":2: unknown field\(s\) \['extra'\]"),
+    ('{"shared": "q", "steps": [{"stage": "A"}], "extra": 1}',
+     r":2: unknown field\(s\) \['extra'\]"),
     ('{"shared": 3, "steps": [{"stage": "A"}]}', r":2: field 'shared' must be a string"),
     ('{"shared": "q", "steps": [{"input": "x"}]}', r":2: steps\[0\]: missing field 'stage'"),
     ('{"shared": "q", "steps": []}', r":2: field 'steps' must be a non-empty list"),

@@ -23,7 +23,8 @@ def test_verify_passes_on_a_tiny_model(capsys):
 def test_verify_fails_above_tolerance(capsys, monkeypatch):
     import fthss.verify
 
-    monkeypatch.setattr(fthss.verify, "verify", lambda *a, **k: VerifyReport(0.5, 0.0, 0.0, True, 1))
+    monkeypatch.setattr(fthss.verify, "verify",
+                        lambda *a, **k: VerifyReport(0.5, 0.0, 0.0, True, 1))
     assert main(["verify", "--arch", "tiny-qwen2"]) == 1
     out = capsys.readouterr().out
     assert "FAIL: largest difference 0.5" in out
@@ -81,9 +82,9 @@ def test_run_writes_results_with_statistics(stages, tmp_path, mode):
     assert [[s["stage"] for s in r["steps"]] for r in rows] == [["A", "B"], ["A", "B", "A"]]
     # the request's own limit wins; --max-new-tokens 4 applies where it sets none
     limits = [[12, 6], [4, 8, 8]]
-    for row, row_limits in zip(rows, limits):
+    for row, row_limits in zip(rows, limits, strict=True):
         assert row["mode"] == mode and row["output"] == row["steps"][-1]["output"]
-        for step, limit in zip(row["steps"], row_limits):
+        for step, limit in zip(row["steps"], row_limits, strict=True):
             stats = step["stats"]
             assert set(stats) == {"prefilled_tokens", "decoded_tokens", "time_to_first_token_s",
                                   "wall_s", "kv_bytes", "kv_bytes_allocated", "kv_tokens"}
@@ -116,8 +117,8 @@ def test_shared_mode_encodes_upstream_outputs_once(stages, tmp_path):
         prefilled[mode] = [[s["stats"]["prefilled_tokens"] for s in r["steps"]] for r in rows]
     # first steps encode the same content; later steps re-encode earlier text only in text mode
     assert [p[0] for p in prefilled["shared"]] == [p[0] for p in prefilled["text"]]
-    for shared, text in zip(prefilled["shared"], prefilled["text"]):
-        assert all(s < t for s, t in zip(shared[1:], text[1:]))
+    for shared, text in zip(prefilled["shared"], prefilled["text"], strict=True):
+        assert all(s < t for s, t in zip(shared[1:], text[1:], strict=True))
 
 
 @pytest.mark.parametrize("given", [False, True])
@@ -133,7 +134,7 @@ def test_run_reads_the_authors_format_and_generates_unless_told_to_use_given_out
     assert len(rows) == len(gold)
     # the authors' records have no id: each result names its record's index, and its answer
     assert [row["id"] for row in rows] == [str(i) for i in range(len(gold))]
-    for row, record in zip(rows, gold):
+    for row, record in zip(rows, gold, strict=True):
         outputs = [record[k] for k in record if k != "I_ALL"]  # O_1A, O_1B, O_2A, ... in order
         assert row["gold"] == outputs[-1]
         assert [s["stage"] for s in row["steps"]] == [k[-1] for k in record if k != "I_ALL"]
@@ -142,7 +143,7 @@ def test_run_reads_the_authors_format_and_generates_unless_told_to_use_given_out
             assert [s["output"] for s in row["steps"]] == outputs and decoded == [0] * len(outputs)
         else:  # gold outputs in the file are for scoring only: every step generates
             assert all(1 <= d <= 2 for d in decoded)
-            assert all(s["output"] != o for s, o in zip(row["steps"], outputs))
+            assert all(s["output"] != o for s, o in zip(row["steps"], outputs, strict=True))
 
 
 def test_run_errors_exit_2(stages, tmp_path, capsys):

@@ -76,11 +76,12 @@ def test_adapt_trains_copies_of_the_stages_it_starts_from(demo, tmp_path):
     _, base = prepare(TINY, demo, "cpu")
     chain = [load_stage(demo / "stages" / "compress_qa" / "chain" / n, base) for n in "AB"]
     before = [s.weight.detach().clone() for s in chain]
-    samples = load_chains(demo / "world" / "tasks" / "compress_qa" / "train.jsonl")[:64]  # adapt: 16, two steps
+    # adapt: 16, two steps
+    samples = load_chains(demo / "world" / "tasks" / "compress_qa" / "train.jsonl")[:64]
     adapted = train_stages(base, get_task("compress_qa"), samples, "adapt", TINY, tmp_path,
                            start_from=chain)
-    assert all(torch.equal(b, s.weight) for b, s in zip(before, chain))
-    assert any(not torch.equal(b, s.weight) for b, s in zip(before, adapted))
+    assert all(torch.equal(b, s.weight) for b, s in zip(before, chain, strict=True))
+    assert any(not torch.equal(b, s.weight) for b, s in zip(before, adapted, strict=False))
 
 
 @pytest.mark.slow  # the quick demo, a few minutes

@@ -57,7 +57,8 @@ def test_shared_mode_holds_one_cache_of_the_request_size(llama, three_stages, mo
         # reserved ahead: room for the step's whole generation (the last token is not in)
         assert step.stats.kv_bytes_allocated >= (held + 1) * slot_bytes(llama)
     assert [s.output_ids for s in kept.steps] == [s.output_ids for s in result.steps]
-    content = len(tokens.shared_ids) + sum(len(s.input_ids) + len(s.output_ids) for s in tokens.steps)
+    content = len(tokens.shared_ids) + sum(len(s.input_ids) + len(s.output_ids)
+                                           for s in tokens.steps)
     assert kept.steps[-1].stats.kv_tokens == prompts + content - 1
     assert kept.steps[-1].stats.kv_bytes_allocated == 256 * slot_bytes(llama)  # one block
 
@@ -81,7 +82,8 @@ def test_shared_mode_frees_what_no_later_step_sees(llama, three_stages):
 def test_text_mode_holds_one_cache_per_stage(llama, three_stages):
     result = ChainEngine(llama, three_stages).run([multi_round()], "text")[0]
     last_three = result.steps[-3:]  # the latest step of A, B and C
-    held = sum(s.stats.prefilled_tokens + s.stats.decoded_tokens - 1 for s in last_three) + 3 + 4 + 2
+    held = sum(s.stats.prefilled_tokens + s.stats.decoded_tokens - 1
+               for s in last_three) + 3 + 4 + 2
     # steps of the last round end one after another; each stage's cache stays held
     assert result.steps[-1].stats.kv_tokens == held
     assert result.steps[-1].stats.kv_bytes == held * slot_bytes(llama)
@@ -135,11 +137,13 @@ def test_between_steps_callable_supplies_inputs(llama, three_stages):
 
 
 def test_statistics(llama, three_stages):
-    request = ChainSample("q", [Step("A", input="abcd", max_new_tokens=3), Step("B", max_new_tokens=2)])
+    request = ChainSample("q", [Step("A", input="abcd", max_new_tokens=3),
+                                Step("B", max_new_tokens=2)])
     first, second = ChainEngine(llama, three_stages).run([request])[0].steps
     assert first.stats.prefilled_tokens == 2 + 5  # BOS + "q", then marker + "abcd"
     assert second.stats.prefilled_tokens == 1 + 1  # A's last token, then B's marker
-    assert (first.stats.decoded_tokens, second.stats.decoded_tokens) == (len(first.output_ids), len(second.output_ids))
+    assert ((first.stats.decoded_tokens, second.stats.decoded_tokens)
+            == (len(first.output_ids), len(second.output_ids)))
     for stats in (first.stats, second.stats):
         assert 0 < stats.time_to_first_token_s <= stats.wall_s
 
@@ -193,7 +197,10 @@ def test_the_between_steps_callable_can_end_a_chain(llama, three_stages):
     engine = ChainEngine(llama, three_stages, max_new_tokens=3)
     long = ChainSample("q", [Step(s) for s in "ABCAB"], id="ends")
     other = ChainSample("r", [Step(s) for s in "CBA"], id="runs")
-    stop_at_3 = lambda request, k, outputs: END if request.id == "ends" and k == 3 else None
+
+    def stop_at_3(request, k, outputs):
+        return END if request.id == "ends" and k == 3 else None
+
     ended, ran = engine.run([long, other], step_input=stop_at_3)
     assert [s.stage for s in ended.steps] == ["A", "B", "C"]
     assert len(ended.tokens.steps) == 3
@@ -208,14 +215,15 @@ def test_outputs_do_not_depend_on_how_often_the_host_looks(llama, three_stages):
     free = ChainEngine(llama, three_stages, max_new_tokens=10).run(
         [ChainSample("x", [Step("A", input="y")])])[0].steps[0]
     stop = free.output[1:3]
-    requests = [ChainSample("x", [Step("A", input="y", stop=[stop]), Step("B"), Step("C", stop=[stop])]),
+    requests = [ChainSample("x", [Step("A", input="y", stop=[stop]), Step("B"),
+                                  Step("C", stop=[stop])]),
                 ChainSample("zz", [Step("A", input="w"), Step("B", stop=[stop], max_new_tokens=6)]),
                 multi_round()]
     runs = [ChainEngine(llama, three_stages, max_new_tokens=10, batch_size=3, check_every=n)
             .run(requests, "shared", output_scores=True) for n in (1, 4, 64)]
     for run in runs[1:]:
         assert_same_generations(run, runs[0])
-        for result, reference in zip(run, runs[0]):
+        for result, reference in zip(run, runs[0], strict=True):
             if [s.output_ids for s in result.steps] == [s.output_ids for s in reference.steps]:
                 assert [s.stats.kv_tokens for s in result.steps] == \
                        [s.stats.kv_tokens for s in reference.steps]
@@ -285,12 +293,16 @@ def test_inductor_decode_step_compiles_a_few_times_for_any_capacity_and_batch(
 def test_a_long_prefill_in_pieces_gives_the_same_logits(llama, three_stages, monkeypatch):
     from fthss.engine import cache
 
-    requests = [ChainSample("a longer question " * 6, [Step("A", input="doc " * 30, max_new_tokens=3),
-                                                      Step("B", max_new_tokens=3)]),
-                ChainSample("q", [Step("A", input="d", max_new_tokens=4), Step("C", max_new_tokens=2)])]
-    whole = ChainEngine(llama, three_stages, batch_size=2).run(requests, "shared", output_scores=True)
+    requests = [ChainSample("a longer question " * 6,
+                            [Step("A", input="doc " * 30, max_new_tokens=3),
+                             Step("B", max_new_tokens=3)]),
+                ChainSample("q", [Step("A", input="d", max_new_tokens=4),
+                                  Step("C", max_new_tokens=2)])]
+    whole = ChainEngine(llama, three_stages, batch_size=2).run(requests, "shared",
+                                                               output_scores=True)
     monkeypatch.setattr(cache, "PREFILL_TOKENS", 14)  # pieces of 7 columns for a batch of 2
-    pieces = ChainEngine(llama, three_stages, batch_size=2).run(requests, "shared", output_scores=True)
+    pieces = ChainEngine(llama, three_stages, batch_size=2).run(requests, "shared",
+                                                                output_scores=True)
     assert_same_generations(pieces, whole)
 
 
@@ -327,9 +339,11 @@ def test_text_mode_prefills_on_the_causal_path_with_the_masked_paths_logits(
     rows and for rows split into groups. Prefix stages and mixed steps keep the masked path."""
     from fthss.engine import cache
 
-    requests = [ChainSample("a longer question " * 4, [Step("A", input="doc " * 12, max_new_tokens=3),
-                                                      Step("C", max_new_tokens=3)]),
-                ChainSample("q", [Step("A", input="d", max_new_tokens=4), Step("C", max_new_tokens=2)]),
+    requests = [ChainSample("a longer question " * 4,
+                            [Step("A", input="doc " * 12, max_new_tokens=3),
+                             Step("C", max_new_tokens=3)]),
+                ChainSample("q", [Step("A", input="d", max_new_tokens=4),
+                                  Step("C", max_new_tokens=2)]),
                 ChainSample("q", [Step("A", max_new_tokens=2), Step("B", max_new_tokens=2)])]
     causal_calls = []
     append_causal = cache.ChainCache.append_causal
@@ -379,6 +393,6 @@ def test_requests_with_their_own_seeds_sample_as_alone(llama, three_stages):
     engine = ChainEngine(llama, three_stages)
     requests = [multi_round(1), ChainSample("other?", [Step("A", max_new_tokens=6)])]
     batched = engine.run(requests, sampling=SamplingConfig(temperature=1.0), seeds=[5, 7])
-    for request, seed, result in zip(requests, (5, 7), batched):
+    for request, seed, result in zip(requests, (5, 7), batched, strict=True):
         [alone] = engine.run([request], sampling=SamplingConfig(temperature=1.0, seed=seed))
         assert [s.output_ids for s in result.steps] == [s.output_ids for s in alone.steps]

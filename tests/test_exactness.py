@@ -46,7 +46,7 @@ def test_shared_incremental_equals_one_pass(setup, block):
     engine = ChainEngine(base, stages, batch_size=batch_size)
     with patch.object(cache, "BLOCK", block):
         results = engine.run(requests, "shared", output_scores=True)
-    for result, reference in zip(results, output_logits_one_pass(engine, results)):
+    for result, reference in zip(results, output_logits_one_pass(engine, results), strict=True):
         scores = torch.cat([s.scores for s in result.steps])
         assert scores.shape == reference.shape
         torch.testing.assert_close(scores, reference, atol=TOLERANCE, rtol=0)
@@ -115,7 +115,7 @@ def test_compaction_drops_dead_slots_and_keeps_the_one_pass_logits(llama, monkey
     engine = ChainEngine(llama, stages, batch_size=2)
     results = engine.run(requests, "shared", output_scores=True)
     assert max(compactions) > 0
-    for result, reference in zip(results, output_logits_one_pass(engine, results)):
+    for result, reference in zip(results, output_logits_one_pass(engine, results), strict=True):
         torch.testing.assert_close(torch.cat([s.scores for s in result.steps]), reference,
                                    atol=TOLERANCE, rtol=0)
 

@@ -369,7 +369,8 @@ def test_metrics_count_on_after_a_resume(llama, tmp_path, monkeypatch):
     _train(llama, [Stage.create(StageConfig("A", "prompt", 2), llama, seed=0)], tmp_path / "r")
 
     def rows(out):
-        return [json.loads(line) for line in (out / "train-A" / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(line)
+                for line in (out / "train-A" / "metrics.jsonl").read_text().splitlines()]
     resumed, straight = rows(tmp_path / "r"), rows(tmp_path / "straight")
     assert [r["tokens"] for r in resumed] == [r["tokens"] for r in straight]
     assert resumed[2]["wall_s"] >= resumed[1]["wall_s"]

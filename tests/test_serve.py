@@ -115,7 +115,7 @@ def test_sampled_requests_sample_as_alone_in_any_batch(url, reference):
     """Each request brings its seed: batched together, each samples what it would alone."""
     bodies = [request(i, temperature=1.0, top_p=0.9, seed=100 + i) for i in range(6)]
     replies = asyncio.run(post_all(url, bodies, concurrency=6))
-    for body, reply in zip(bodies, replies):
+    for body, reply in zip(bodies, replies, strict=True):
         assert_reply_equals(reply.json(), alone(reference, body, sampling=SamplingConfig(
             temperature=1.0, top_p=0.9, seed=body["seed"])))
 
@@ -133,7 +133,8 @@ def test_stream_sends_each_steps_tokens_then_the_reply(url, reference):
     body = request(5, steps=[{"stage": "A", "input": "doc", "max_new_tokens": 20},
                              {"stage": "B", "max_new_tokens": 12}], stream=True)
     reply = httpx.post(f"{url}/v1/chains", json=body, timeout=60)
-    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+    assert (reply.status_code == 200
+            and reply.headers["content-type"].startswith("text/event-stream"))
     sent = events(reply.text)
     result = alone(reference, body)
     assert [name for name, _ in sent if name != "tokens"] == ["step", "step", "done"]

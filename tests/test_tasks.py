@@ -136,7 +136,8 @@ def test_retrieval_runs_between_steps(llama):
                               step_input=lambda req, k, outs, task=task: task.step_input(
                                   retriever)(req, k, ["ada born"] if k == 1 else outs))
         assert result.steps[1].input == "ada was born in oslo"
-    assert get_task("active_rag").prediction(type("R", (), {"output": "so far x. answer: Oslo"})()) == "Oslo"
+    assert get_task("active_rag").prediction(
+        type("R", (), {"output": "so far x. answer: Oslo"})()) == "Oslo"
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,8 @@ def test_evaluate_every_method_on_reference_formats(method_stages, task_name, da
     assert [(c["a"], c["b"], c["gold_upstream"]) for c in report["comparisons"]] == [
         ("fthss", "chain", False), ("fthss", "chain", True), ("chain", "single", False),
         ("fthss", "fthss-untuned", False), ("fthss", "fthss-untuned", True)]
-    chain, fthss = (next(m for m in report["methods"] if m["method"] == k and not m["gold_upstream"])
+    chain, fthss = (next(m for m in report["methods"]
+                         if m["method"] == k and not m["gold_upstream"])
                     for k in ("chain", "fthss"))
     if task_name == "compress_qa":  # the QA stage re-reads the compression only in text mode
         assert chain["stages"]["B"]["prefilled_tokens"] > fthss["stages"]["B"]["prefilled_tokens"]
@@ -200,7 +202,7 @@ def test_evaluate_every_method_on_reference_formats(method_stages, task_name, da
         assert [r["answer"] for r in mine] == [r.answer for r in records]
         main = task.metric_names[0]
         assert 100 * np.mean([r["scores"][main] for r in mine]) == pytest.approx(row[main])
-        for r, record in zip(mine, records):
+        for r, record in zip(mine, records, strict=True):
             assert r["steps"] and all(set(s) == {"stage", "output"} for s in r["steps"])
             if row["gold_upstream"]:  # the given upstream outputs are what the rows show
                 gold = [s.output for s in record.sample.steps[:-1]]

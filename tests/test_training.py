@@ -437,7 +437,8 @@ def test_accelerate_launch_without_multi_gpu_is_warned(steerable, tmp_path, monk
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind):
     base = preset_base("tiny-llama", init_std=0.2)
     codec = SegmentCodec(base.tokenizer)
-    chains = [c for s in two_stage(4) for c in training_chains("fthss", codec.encode(s), {"A", "B"})]
+    chains = [c for s in two_stage(4)
+              for c in training_chains("fthss", codec.encode(s), {"A", "B"})]
     grads, attention_calls, calls = [], [], []
     attention = base.model.base_model.layers[0].self_attn
     attention.register_forward_hook(lambda *_: attention_calls.append(1))
@@ -446,7 +447,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind):
         if kind == "lora":  # B factors that are not zero, so that A's gradients are not
             for stage in stages:
                 for factor in stage.lora_B.values():
-                    torch.nn.init.normal_(factor, std=0.1, generator=torch.Generator().manual_seed(1))
+                    torch.nn.init.normal_(factor, std=0.1,
+                                          generator=torch.Generator().manual_seed(1))
         if recompute:
             from fthss.training.checkpoint import enable_layer_recompute
             enable_layer_recompute(base)

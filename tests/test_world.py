@@ -67,11 +67,14 @@ def test_splits_do_not_leak_and_tasks_read_them(built):
             records = get_task(task).records(built / "tasks" / task / f"{split}.jsonl")
             assert all(r.answer for r in records)
         assert not (ids["train"] & ids["test"]) and not (ids["train"] & ids["dev"])
-    questions = {json.loads(x)["shared"] for x in (built / "tasks" / "rewrite_qa" / "test.jsonl").open()}
+    questions = {json.loads(x)["shared"]
+                 for x in (built / "tasks" / "rewrite_qa" / "test.jsonl").open()}
     comparisons = [q for q in questions if " or " in q]
-    flipped = {q.split(", ", 1)[0] + ", " + " or ".join(reversed(q.split(", ", 1)[1][:-1].split(" or "))) + "?"
+    flipped = {q.split(", ", 1)[0] + ", "
+               + " or ".join(reversed(q.split(", ", 1)[1][:-1].split(" or "))) + "?"
                for q in comparisons}
-    train = {json.loads(x)["shared"] for x in (built / "tasks" / "rewrite_qa" / "train.jsonl").open()}
+    train = {json.loads(x)["shared"]
+             for x in (built / "tasks" / "rewrite_qa" / "train.jsonl").open()}
     assert not (flipped & train)  # a pair asked one way in test is not asked the other in train
     # rewrite_qa and active_rag ask the same questions: split alike, none crosses over
     def ids(task, split):
@@ -189,15 +192,18 @@ def test_instruction_positions_keep_the_shared_mode_holes(built, tmp_path):
     chain = SegmentCodec(tokenizer).encode(load_chains(tmp_path / "compress_qa" / "train.jsonl")[0])
     shared, [a, b] = len(chain.shared_ids), chain.steps
     assert starts.tolist() == [0, shared + len(a.input_ids) + len(a.output_ids),
-                               starts[1] + shared + len(a.output_ids) + len(b.input_ids) + len(b.output_ids)]
+                               starts[1] + shared + len(a.output_ids) + len(b.input_ids)
+                               + len(b.output_ids)]
     assert steps[starts].tolist() == [1, 1, 1]
-    a_steps, b_steps, single_steps = steps[: starts[1]], steps[starts[1]: starts[2]], steps[starts[2]:]
+    a_steps, b_steps, single_steps = (steps[: starts[1]], steps[starts[1]: starts[2]],
+                                      steps[starts[2]:])
     assert (a_steps == 1).all() and (single_steps == 1).all()  # nothing hidden from them
     jumps = (b_steps > 1).nonzero().flatten().tolist()
     assert jumps == [shared]  # the first compression token, after the hidden passages
     assert b_steps[shared] == len(a.input_ids) + 1
     # B's own tokens come right after A's output, at the positions the one-pass layout gives
-    assert int(b_steps.sum()) == shared + len(a.input_ids) + len(a.output_ids) + len(b.input_ids) + len(b.output_ids)
+    assert int(b_steps.sum()) == (shared + len(a.input_ids) + len(a.output_ids)
+                                  + len(b.input_ids) + len(b.output_ids))
 
 
 def test_chain_windows_are_the_shared_mode_sequence_under_the_visibility_mask(built):
@@ -284,7 +290,8 @@ def test_the_demo_pretrains_draws_of_both_phases_for_a_world_without_a_committed
     scored = chosen["selection"]["candidates"]
     assert [c["base"] for c in scored] == [str(draws / "seed-0"), str(draws / "seed-1")]
     best = min(scored, key=lambda c: c["held_out_loss"])
-    assert chosen["selection"]["chosen"] == best["base"] and chosen["config"]["seed"] == best["seed"]
+    assert (chosen["selection"]["chosen"] == best["base"]
+            and chosen["config"]["seed"] == best["seed"])
     weights = (tmp_path / "base" / "model.safetensors").read_bytes()
     assert weights == (Path(best["base"]) / "model.safetensors").read_bytes()
     # a rerun pretrains nothing: the draws and the chosen base are reused as they are

@@ -153,8 +153,9 @@ def cmd_bench_decode(args) -> int:
                            ("floor ms", _cell("floor_ms_per_token", ".2f")),
                            ("share of floor", _cell("share_of_floor", ".1%"))])]
     if routing:
-        tables.append(table(routing, [("context", _cell("context_tokens")),
-                                      ("lora/prompt ms/token", _cell("ms_per_token_ratio", ".2f"))]))
+        tables.append(table(routing, [
+            ("context", _cell("context_tokens")),
+            ("lora/prompt ms/token", _cell("ms_per_token_ratio", ".2f"))]))
     if note:
         tables.append(note)
     return _emit(args, base, tables, rows=rows, routing_cost=routing, note=note)

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from fthss.layout.chain import ChainSample
 from fthss.errors import MissingDependencyError
+from fthss.layout.chain import ChainSample
 from fthss.models.base import BaseModel
 
 

@@ -58,7 +58,8 @@ def record(benchmark: str, argv: list[str], settings: dict, base: BaseModel) -> 
 def table(rows: list[dict], columns: list[Column]) -> str:
     cells = [[header for header, _ in columns]] + [[cell(r) for _, cell in columns] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True))
+                     for line in cells)
 
 
 def emit(result: dict, tables: list[str], out: str | Path, as_json: bool = False) -> None:

@@ -129,7 +129,7 @@ def serve_throughput(base: BaseModel, concurrencies: list[int], intermediate_tok
             figures = asyncio.run(drive(base_url, {**body, "mode": mode}, concurrency,
                                         rounds * concurrency))
             count, total = (now - then for now, then in
-                            zip(_batch_totals(app.state.metrics), (count, total)))
+                            zip(_batch_totals(app.state.metrics), (count, total), strict=True))
             rows.append({"mode": mode, "concurrency": concurrency,
                          "intermediate_tokens": intermediate_tokens, "new_tokens": new_tokens,
                          "intermediate": "generated" if generate_intermediate else "given",

@@ -101,7 +101,8 @@ class ChainCache:
         every token is computed by the stage that owns it."""
         self.base, self.batch_size, self._decode_step = base, batch_size, decode_step
         self.bank = bank
-        prompt_meta, self.first_position = prompt_slots([layers[0][0].shape[2] for layers in prompts])
+        prompt_meta, self.first_position = prompt_slots(
+            [layers[0][0].shape[2] for layers in prompts])
         prompt_meta = prompt_meta.to(base.device)
         self.length, self.capacity = 0, 0  # columns written, columns allocated
         self.slots = _meta_like(prompt_meta, batch_size, 0)
@@ -114,7 +115,7 @@ class ChainCache:
         for i, (k, v) in enumerate(side_by_side(prompts)):
             self.store.keys[i][:, :, : self.length] = k
             self.store.values[i][:, :, : self.length] = v
-        for mine, theirs in zip(_fields(self.slots), _fields(prompt_meta)):
+        for mine, theirs in zip(_fields(self.slots), _fields(prompt_meta), strict=True):
             mine[:, : self.length] = theirs
         self.next_position = torch.full((batch_size,), self.first_position, device=base.device)
         self.decode_mask: torch.Tensor | None = None
@@ -136,7 +137,7 @@ class ChainCache:
                 new[:, :, :keep] = old[:, :, :keep]
                 tensors[i] = _static(new)
         slots = _meta_like(self.slots, self.batch_size, capacity)
-        for new, old in zip(_fields(slots), _fields(self.slots)):
+        for new, old in zip(_fields(slots), _fields(self.slots), strict=True):
             new[:, :keep] = old[:, :keep]
         self.slots, self.capacity = slots, capacity
 
@@ -151,7 +152,7 @@ class ChainCache:
 
     def _write(self, meta: TokenMeta) -> None:
         end = self.length + meta.length
-        for mine, theirs in zip(_fields(self.slots), _fields(meta)):
+        for mine, theirs in zip(_fields(self.slots), _fields(meta), strict=True):
             mine[:, self.length:end] = theirs
         self.store.start.fill_(self.length)
         self.length = end
@@ -210,14 +211,14 @@ class ChainCache:
     def append_causal(self, prompt: torch.Tensor, input_ids: torch.Tensor, meta: TokenMeta
                       ) -> torch.Tensor:
         """Text mode's prefill, on the causal path: the cache holds one stage's prompt slots
-        (a prompt or lora stage: embeddings) and nothing else, and the chunk (`[batch, q]`, right-padded) is plain
-        text after it, so every real token sees exactly the tokens before it. Then the prompt
-        embeddings (`prompt`, `[N, hidden]`) are re-encoded together with the chunk in one
-        forward with no mask, as PEFT + `generate` runs a prompt-tuned model: SDPA takes its
-        causal kernel, which skips the blocks above the diagonal that an explicit mask makes
-        it compute. The prompt's K/V come out as the cached ones (within float) and overwrite
-        them. Rows run in groups of at most PREFILL_TOKENS tokens. Returns the logits of each
-        row's last real token, `[batch, vocab]`."""
+        (a prompt or lora stage: embeddings) and nothing else, and the chunk (`[batch, q]`,
+        right-padded) is plain text after it, so every real token sees exactly the tokens before it.
+        Then the prompt embeddings (`prompt`, `[N, hidden]`) are re-encoded together with the chunk
+        in one forward with no mask, as PEFT + `generate` runs a prompt-tuned model: SDPA takes its
+        causal kernel, which skips the blocks above the diagonal that an explicit mask makes it
+        compute. The prompt's K/V come out as the cached ones (within float) and overwrite them.
+        Rows run in groups of at most PREFILL_TOKENS tokens. Returns the logits of each row's last
+        real token, `[batch, vocab]`."""
         n = prompt.shape[0]
         if self.length != n or self.first_position != n:
             raise ValueError("append_causal needs a cache holding one stage's prompt only")

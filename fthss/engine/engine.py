@@ -134,7 +134,8 @@ class ChainEngine:
         self.stages = {stage.name: stage for stage in stages}
         if len(self.stages) != len(stages):
             names = [s.name for s in stages]
-            raise ConfigError(f"two stages share a name: {sorted({n for n in names if names.count(n) > 1})}")
+            raise ConfigError("two stages share a name: "
+                              f"{sorted({n for n in names if names.count(n) > 1})}")
         for stage in stages:
             stage.check_fits(base)
         self.codec = SegmentCodec(base.tokenizer, step_marker_id)
@@ -186,7 +187,8 @@ class ChainEngine:
         added as a bias, turns an inf into NaN for every request of the batch, not only those
         reading the stage (finite but huge stage weights, 3e38, do this)."""
         limit = torch.finfo(self.base.dtype).max ** 0.5
-        largest = max((float(x.detach().abs().max()) for layer in layers for x in layer if x.numel()),
+        largest = max((float(x.detach().abs().max())
+                       for layer in layers for x in layer if x.numel()),
                       default=0.0)  # a lora stage may have no prompt
         if not largest <= limit:  # NaN compares false
             raise NonFiniteError(f"stage {name}: its prompt's keys or values reach {largest:.3g}, "
@@ -252,7 +254,7 @@ class ChainEngine:
                              request_key(requests[i]), None if seeds is None else seeds[i]),
                              TokenChain([], [])) for slot, i in enumerate(batch)]
                 self._run_batch(rows, mode, sampling, step_input, output_scores, listener)
-                for i, row in zip(batch, rows):
+                for i, row in zip(batch, rows, strict=True):
                     results[i] = ChainResult(row.request.id, mode, row.results, row.tokens,
                                              row.error)
                 # the failed requests after this batch, up to the next runnable one, are done too
@@ -310,7 +312,8 @@ class ChainEngine:
                 stats = StepStats(
                     prefilled_tokens=len(chunks[id(row)]),
                     decoded_tokens=len(out_ids) if step.output is None else 0,
-                    time_to_first_token_s=None if first_token_at is None else first_token_at - started,
+                    time_to_first_token_s=(None if first_token_at is None
+                                           else first_token_at - started),
                     wall_s=time.perf_counter() - started, kv_bytes=kv_bytes,
                     kv_bytes_allocated=allocated,
                     kv_tokens=sum(int(c.tokens_held()[row.slot]) for c in caches))

@@ -48,7 +48,8 @@ class SamplingConfig:
         if self.top_p < 1:
             ordered, order = torch.sort(scores, descending=True)
             # drop a token once the mass before it already reaches top_p (the first always stays)
-            drop = torch.cumsum(torch.softmax(ordered, -1), -1) - torch.softmax(ordered, -1) >= self.top_p
+            drop = (torch.cumsum(torch.softmax(ordered, -1), -1) - torch.softmax(ordered, -1)
+                    >= self.top_p)
             scores[order[drop]] = float("-inf")
         return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
 

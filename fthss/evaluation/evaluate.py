@@ -76,7 +76,7 @@ def run_method(base: BaseModel, task: Task, records: list[TaskRecord], method: s
     results = engine.run(requests, mode, step_input=step_input, progress=progress)
     predictions = [task.prediction(r) for r in results]
     scores = defaultdict(list)
-    for prediction, record in zip(predictions, records):
+    for prediction, record in zip(predictions, records, strict=True):
         for name, value in task.score(prediction, record).items():
             scores[name].append(value)
     per_stage = defaultdict(lambda: defaultdict(list))
@@ -123,7 +123,7 @@ def evaluate(base: BaseModel, task: Task, records: list[TaskRecord],
                  "steps": steps, "prediction": prediction, "answer": record.answer,
                  "scores": {m: v[i] for m, v in r.scores.items()}}
                 for r in runs for i, (record, steps, prediction)
-                in enumerate(zip(records, r.steps, r.predictions))]}
+                in enumerate(zip(records, r.steps, r.predictions, strict=True))]}
 
 
 def compare(runs: list[MethodResult], metric: str) -> list[dict]:

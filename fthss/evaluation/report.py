@@ -59,7 +59,7 @@ def _metrics(report: dict) -> tuple[str, ...]:
 
 def plot(reports: list[dict], path: Path) -> None:
     fig, axes = plots.subplots(1, len(reports), figsize=(4.5 * len(reports), 3.6), squeeze=False)
-    for ax, r in zip(axes[0], reports):
+    for ax, r in zip(axes[0], reports, strict=True):
         main = _metrics(r)[0]
         rows = r["methods"]
         ax.bar(range(len(rows)), [m[main] for m in rows],
@@ -83,8 +83,8 @@ def plot_tuning(reports: list[dict], path: Path) -> bool:
         if any(rows):
             drawn = True
             ax.bar([t + 0.27 * (i - 1) for t in range(len(reports))],
-                   [m[_metrics(r)[0]] if m else 0 for m, r in zip(rows, reports)], width=0.27,
-                   label=method)
+                   [m[_metrics(r)[0]] if m else 0 for m, r in zip(rows, reports, strict=True)],
+                   width=0.27, label=method)
     ax.set_xticks(range(len(reports)), [r["task"] for r in reports], fontsize=8)
     ax.set(ylabel="EM / Acc %", ylim=(0, 100), title="Shared mode: no tuning, adapt, FTHSS")
     ax.legend(fontsize=8)
@@ -101,7 +101,8 @@ def benchmark_markdown(latency: list[dict], memory: list[dict]) -> str:
                              r["mode"] == mode) for mode in ("text", "shared"))
         lines.append(f"| {length} | {1000 * text['latency_s']:.1f} | "
                      f"{1000 * shared['latency_s']:.1f} | "
-                     f"{text['latency_s'] / shared['latency_s']:.2f}× | {1000 * text['ttft_s']:.1f} | "
+                     f"{text['latency_s'] / shared['latency_s']:.2f}× | "
+                     f"{1000 * text['ttft_s']:.1f} | "
                      f"{1000 * shared['ttft_s']:.1f} | {text['ttft_s'] / shared['ttft_s']:.2f}× |")
     lines += ["", "## KV memory held by a two-round chain, against the number of stages", "",
               "| stages | chain tokens | text KV MiB | shared KV MiB | text/shared |",
@@ -110,7 +111,8 @@ def benchmark_markdown(latency: list[dict], memory: list[dict]) -> str:
         text, shared = (next(r for r in memory if r["stages"] == count and r["mode"] == mode)
                         for mode in ("text", "shared"))
         lines.append(f"| {count} | {shared['chain_tokens']} | {text['kv_bytes'] / 2**20:.2f} | "
-                     f"{shared['kv_bytes'] / 2**20:.2f} | {text['kv_bytes'] / shared['kv_bytes']:.2f}× |")
+                     f"{shared['kv_bytes'] / 2**20:.2f} | "
+                     f"{text['kv_bytes'] / shared['kv_bytes']:.2f}× |")
     return "\n".join(lines) + "\n"
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fthss.layout.chain import ChainSample
 from fthss.errors import ConfigError
+from fthss.layout.chain import ChainSample
 from fthss.layout.visibility import Kind, TokenMeta, visibility
 
 

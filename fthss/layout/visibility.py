@@ -1,9 +1,10 @@
 """The cascade visibility rule: which key every query token may attend to.
 
-This is the only place where the rule (docs/design.md, "One visibility rule") lives. Training
-builds its one-pass mask with it, the engine builds each incremental chunk's mask with it, and
-text mode picks the tokens a step re-encodes with it. Every token carries a little metadata (`TokenMeta`): its kind, the step
-it belongs to, the stage that runs that step and, for inputs, whether later steps may see it.
+This is the only place where the rule (docs/design.md, "One visibility rule") lives. Training builds
+its one-pass mask with it, the engine builds each incremental chunk's mask with it, and text mode
+picks the tokens a step re-encodes with it. Every token carries a little metadata (`TokenMeta`): its
+kind, the step it belongs to, the stage that runs that step and, for inputs, whether later steps may
+see it.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class TokenMeta:
         meta = cls.fill(len(rows), length, Kind.PAD)
         for i, row in enumerate(rows):
             if row:
-                kind, step, stage, visible = (torch.tensor(col) for col in zip(*row))
+                kind, step, stage, visible = (torch.tensor(col) for col in zip(*row, strict=True))
                 meta.kind[i, : len(row)] = kind
                 meta.step[i, : len(row)] = step
                 meta.stage[i, : len(row)] = stage

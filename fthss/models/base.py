@@ -193,7 +193,8 @@ class BaseModel:
         """What a stage must match: architecture, shapes and a hash of the embedding matrix
         (taken in bf16, so the same weights loaded in another dtype still match)."""
         weight = self.model.get_input_embeddings().weight.detach()
-        digest = hashlib.sha256(weight.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+        digest = hashlib.sha256(
+            weight.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
         return {
             "architecture": type(self.model).__name__,
             "hidden_size": self.hidden_size,

@@ -118,8 +118,10 @@ def _lora_tensors(stage: Stage, base: BaseModel) -> dict[str, torch.Tensor]:
     for (layer, name), path in module_paths(base.model).items():
         if name in stage.lora_A:
             key = f"base_model.model.{path}"
-            tensors[f"{key}.lora_A.weight"] = stage.lora_A[name][layer].detach().float().cpu().clone()
-            tensors[f"{key}.lora_B.weight"] = stage.lora_B[name][layer].detach().float().cpu().clone()
+            tensors[f"{key}.lora_A.weight"] = (
+                stage.lora_A[name][layer].detach().float().cpu().clone())
+            tensors[f"{key}.lora_B.weight"] = (
+                stage.lora_B[name][layer].detach().float().cpu().clone())
     return tensors
 
 

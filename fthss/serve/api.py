@@ -171,7 +171,8 @@ def create_app(engine: ChainEngine, step_input: StepInput | None = None, *,
             scheduler.submit(job)
         except Refused as err:
             metrics.requests.labels("rejected").inc()
-            raise HTTPException(503, str(err), headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise HTTPException(503, str(err),
+                                headers={"Retry-After": str(RETRY_AFTER_S)}) from err
         if body.stream:
             # no caching, and no buffering by a proxy in front (nginx reads X-Accel-Buffering)
             return EventSourceResponse(_events(job, events, scheduler, engine),

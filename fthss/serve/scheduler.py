@@ -207,7 +207,7 @@ class Scheduler:
             results = [err] * len(batch)
         finally:
             self.metrics.kv_bytes.set(0)  # the batch's caches are gone
-        for job, result in zip(batch, results):
+        for job, result in zip(batch, results, strict=True):
             if isinstance(result, ChainResult) and job.error:
                 result.error = job.error
             self._finish(job, result)

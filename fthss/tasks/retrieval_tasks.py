@@ -42,7 +42,8 @@ class _RetrievalTask(Task):
     # per query, so the stages are trained on what inference gives them when retrieval is right
     def __init__(self, passages_per_query: int = 1, query_tokens: int = 32,
                  answer_tokens: int = 24):
-        self.k, self.query_tokens, self.answer_tokens = passages_per_query, query_tokens, answer_tokens
+        self.k, self.query_tokens, self.answer_tokens = (passages_per_query, query_tokens,
+                                                         answer_tokens)
 
     def record(self, index: int, sample: ChainSample) -> TaskRecord:
         stages = [s.stage for s in sample.steps]

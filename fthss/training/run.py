@@ -87,7 +87,7 @@ def train_method(base: BaseModel, samples: list[ChainSample], method: str, stage
         return chain
 
     encoded = parse_each(((s.source or f"sample {i}", (s, v))
-                          for i, (s, v) in enumerate(zip(samples, views))), encode,
+                          for i, (s, v) in enumerate(zip(samples, views, strict=True))), encode,
                          (ChainFormatError, SequenceTooLongError), on_bad)
     phases = ([[n] for n in in_chain_order if n in train]
               if trains_one_stage_per_phase(method, rounds) else [train])

@@ -79,10 +79,12 @@ class StageSet(torch.nn.Module):
         logits = one_pass_logits(base, prompts, layout, bank)
         labels = layout.labels({ids[n] for n in names if n in self.trained}).to(logits.device)
         token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                     labels[:, 1:].flatten(), reduction="none").view(len(chains), -1)
+                                     labels[:, 1:].flatten(),
+                                     reduction="none").view(len(chains), -1)
         targets = (labels[:, 1:] != -100).sum(dim=1)
         per_sequence = token_loss.sum(dim=1) / targets.clamp(min=1)
-        loss = per_sequence[targets > 0].mean() if bool((targets > 0).any()) else token_loss.sum() * 0
+        loss = (per_sequence[targets > 0].mean() if bool((targets > 0).any())
+                else token_loss.sum() * 0)
         # every trained parameter takes part in the graph, as DDP requires, even when a
         # micro-batch happens not to contain one of the trained stages
         loss = loss + sum(p.sum() for p in self.trained.parameters()) * 0
@@ -192,8 +194,9 @@ class Trainer:
         """This process's sequences for every micro-step of optimizer step `step`: a pure
         function of (seed, step), so a resumed run sees the data an uninterrupted one would."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.chains),
-                               generator=torch.Generator().manual_seed(self.config.seed * 100_003 + epoch))
+        order = torch.randperm(
+            len(self.chains),
+            generator=torch.Generator().manual_seed(self.config.seed * 100_003 + epoch))
         start = index * self.global_batch
         return [int(order[(start + j) % len(self.chains)]) for j in range(self.global_batch)]
 
@@ -207,8 +210,9 @@ class Trainer:
         model = acc.prepare_model(self.stage_set)
         log = MetricsLog(self.work_dir / "metrics.jsonl", enabled=acc.is_main_process,
                          keep_until=start_step)
-        bar = tqdm(total=self.total_steps, initial=start_step, desc=f"train {'+'.join(self.trained)}",
-                   unit="step", disable=not (self.progress and acc.is_main_process))
+        bar = tqdm(total=self.total_steps, initial=start_step,
+                   desc=f"train {'+'.join(self.trained)}", unit="step",
+                   disable=not (self.progress and acc.is_main_process))
         micro, world, rank = config.micro_batch_size, acc.num_processes, acc.process_index
         # a resumed run counts on from the checkpoint: its tokens and its time so far
         last = log.rows[-1] if log.rows else {}
@@ -240,7 +244,8 @@ class Trainer:
                       tokens=tokens_seen, tokens_per_s=tokens_seen / max(elapsed, 1e-9),
                       wall_s=elapsed, epoch=(step + 1) / self.steps_per_epoch)
             bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
+            bar.set_postfix(loss=f"{mean_loss:.4f}",
+                            tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
             done = step + 1 == self.total_steps
             if done or (config.save_every and (step + 1) % config.save_every == 0):
                 self._save_checkpoint(step + 1)

@@ -69,7 +69,8 @@ def build(out: str | Path, seed: int = 0, renderings: int = 8, test_size: int = 
             atomic_write_text(out / "tasks" / task / f"{name}.jsonl",
                               _jsonl(s.to_json() for s in samples))
         counts[task] = {name: len(samples) for name, samples in splits.items()}
-        train_texts += [" ".join([s.shared] + [t for st in s.steps for t in (st.input, st.output) if t])
+        train_texts += [" ".join([s.shared]
+                                 + [t for st in s.steps for t in (st.input, st.output) if t])
                         for s in splits["train"]]
     tokenizer = train_tokenizer(documents + train_texts, vocab_size)
     tokenizer.save_pretrained(out / "tokenizer")

@@ -63,8 +63,10 @@ def _multi_hop(world: World, rnd: random.Random, comparisons: int = 2500):
     for company in world.of_type("company"):
         founder = world.entities[company.facts["founded_by"]]
         items.append((f"Where was the founder of {company.name} born?",
-                      [(f"{company.name} founder", company, sentence(world, company, "founded_by", 0)),
-                       (f"{founder.name} birthplace", founder, sentence(world, founder, "born_in", 0))],
+                      [(f"{company.name} founder", company,
+                        sentence(world, company, "founded_by", 0)),
+                       (f"{founder.name} birthplace", founder,
+                        sentence(world, founder, "born_in", 0))],
                       world.value(founder, "born_in"), f"{company.id}:founder-born"))
     for person in world.of_type("person"):
         employer = world.entities[person.facts["works_for"]]
@@ -88,7 +90,8 @@ def _multi_hop(world: World, rnd: random.Random, comparisons: int = 2500):
             pairs.add(key)
             earlier = a if a.facts[fact] < b.facts[fact] else b
             items.append((question.format(a=a.name, b=b.name),
-                          [(query.format(x=e.name), e, sentence(world, e, fact, 0)) for e in (a, b)],
+                          [(query.format(x=e.name), e, sentence(world, e, fact, 0))
+                           for e in (a, b)],
                           earlier.name, f"{a.id}:{b.id}:{tag}"))
     return items
 
@@ -132,7 +135,7 @@ def memory_reasoning(world: World, rnd: random.Random) -> list[ChainSample]:
             options = rnd.sample([c for c in choices if c != answer], 4) + [answer]
             rnd.shuffle(options)
             letter = LETTERS[options.index(answer)]
-            shown = " ".join(f"{L}.{o}" for L, o in zip(LETTERS, options))
+            shown = " ".join(f"{L}.{o}" for L, o in zip(LETTERS, options, strict=True))
             samples.append(ChainSample(
                 f"Question: {question.format(s=person.name)} Options: {shown}", [
                     Step("A", output=f"Let's reason: first recall the {first.replace('_', ' ')} "
@@ -151,7 +154,8 @@ def memory_reasoning(world: World, rnd: random.Random) -> list[ChainSample]:
 
 BUILDERS = {"compress_qa": compress_qa, "rewrite_qa": rewrite_qa,
             "memory_reasoning": memory_reasoning, "active_rag": active_rag}
-SAME_QUESTIONS = {"active_rag": "rewrite_qa"}  # task -> the task whose questions (and split) it reuses
+# task -> the task whose questions (and split) it reuses
+SAME_QUESTIONS = {"active_rag": "rewrite_qa"}
 
 
 def split(samples: list[ChainSample], rnd: random.Random, test: int, dev: int
@@ -159,5 +163,6 @@ def split(samples: list[ChainSample], rnd: random.Random, test: int, dev: int
     order = list(samples)
     rnd.shuffle(order)
     if len(order) < test + dev + 1:
-        raise ConfigError(f"{len(order)} samples cannot make a test split of {test} and dev of {dev}")
+        raise ConfigError(f"{len(order)} samples cannot make a test split of {test} and dev "
+                          f"of {dev}")
     return {"test": order[:test], "dev": order[test:test + dev], "train": order[test + dev:]}

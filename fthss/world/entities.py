@@ -55,7 +55,8 @@ class World:
     def value(self, entity: Entity, relation: str) -> str:
         """A fact's object as text: an entity's name, or the value itself."""
         obj = entity.facts[relation]
-        return self.entities[obj].name if isinstance(obj, str) and obj in self.entities else str(obj)
+        return (self.entities[obj].name if isinstance(obj, str) and obj in self.entities
+                else str(obj))
 
 
 def _word(rnd: random.Random, syllables: int) -> str:
@@ -77,9 +78,15 @@ def build_world(seed: int = 0, people: int = 600, cities: int = 150, countries: 
     rnd = random.Random(seed)
     taken: set[str] = set()
     surnames = _unique(rnd, max(20, people // 8), lambda: _word(rnd, 2), taken)
-    country_names = _unique(rnd, countries, lambda: _word(rnd, 2) + rnd.choice(["ia", "land", "stan", "ora"]), taken)
-    city_names = _unique(rnd, cities, lambda: _word(rnd, 2) + rnd.choice(["ford", "burg", "ton", "vik", "polis", ""]), taken)
-    company_names = _unique(rnd, companies, lambda: _word(rnd, 2) + " " + rnd.choice(["Corp", "Labs", "Works", "Systems", "Group"]), taken)
+    country_names = _unique(
+        rnd, countries, lambda: _word(rnd, 2) + rnd.choice(["ia", "land", "stan", "ora"]), taken)
+    city_names = _unique(
+        rnd, cities,
+        lambda: _word(rnd, 2) + rnd.choice(["ford", "burg", "ton", "vik", "polis", ""]), taken)
+    company_names = _unique(
+        rnd, companies,
+        lambda: _word(rnd, 2) + " " + rnd.choice(["Corp", "Labs", "Works", "Systems", "Group"]),
+        taken)
     entities: dict[str, Entity] = {}
 
     def add(kind, name):
@@ -90,13 +97,19 @@ def build_world(seed: int = 0, people: int = 600, cities: int = 150, countries: 
     country_list = [add("country", n) for n in country_names]
     city_list = [add("city", n) for n in city_names]
     for i, city in enumerate(city_list):  # every country gets at least one city
-        city.facts["located_in"] = country_list[i % countries].id if i < countries else rnd.choice(country_list).id
+        city.facts["located_in"] = (country_list[i % countries].id if i < countries
+                                    else rnd.choice(country_list).id)
     for country in country_list:
-        country.facts["capital"] = rnd.choice([c for c in city_list if c.facts["located_in"] == country.id]).id
-    uni_names = _unique(rnd, universities, lambda: rnd.choice(["University of ", "Institute of "]) + rnd.choice(city_list).name, taken)
+        country.facts["capital"] = rnd.choice(
+            [c for c in city_list if c.facts["located_in"] == country.id]).id
+    uni_names = _unique(
+        rnd, universities,
+        lambda: rnd.choice(["University of ", "Institute of "]) + rnd.choice(city_list).name,
+        taken)
     for name in uni_names:
         add("university", name).facts["university_city"] = rnd.choice(city_list).id
-    person_names = _unique(rnd, people, lambda: f"{rnd.choice(FIRST_NAMES)} {rnd.choice(surnames)}", taken)
+    person_names = _unique(
+        rnd, people, lambda: f"{rnd.choice(FIRST_NAMES)} {rnd.choice(surnames)}", taken)
     person_list = [add("person", n) for n in person_names]
     company_list = [add("company", n) for n in company_names]
     university_list = [e for e in entities.values() if e.type == "university"]

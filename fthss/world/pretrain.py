@@ -115,12 +115,14 @@ def step_sequences(tokenizer, tasks_dir: Path, split: str = "train"):
                 for k, sequence in enumerate(sequences):
                     [step] = sequence.steps
                     own = len(view.steps[k].input_ids) + len(view.steps[k].output_ids)
-                    where = view.text_view_slots(k) + list(range(content_before, content_before + own))
+                    where = (view.text_view_slots(k)
+                             + list(range(content_before, content_before + own)))
                     yield step.input_ids, step.output_ids, [1] + [b - a for a, b in pairwise(where)]
                     content_before += own
 
 
-def instruction_stream(tokenizer, tasks_dir: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def instruction_stream(tokenizer, tasks_dir: Path
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The train splits' step sequences as one stream, with the offset where each sequence
     starts and every token's position step (`step_sequences`)."""
     ids, starts, steps = [], [], []
@@ -253,7 +255,8 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
     model.train()
     for step in bar:
         batch, positions_, visible, labels = (
-            torch.stack(t).to(device) for t in zip(*(window() for _ in range(config.batch_size))))
+            torch.stack(t).to(device)
+            for t in zip(*(window() for _ in range(config.batch_size)), strict=True))
         # without chain windows every row is causal: no mask, the kernels' causal path
         mask = visible[:, None] if config.mask_share else None
         loss = model(input_ids=batch, position_ids=positions_, attention_mask=mask,
@@ -271,7 +274,8 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    recipe = {"config": asdict(config), "world": json.loads((world_dir / "manifest.json").read_text()),
+    recipe = {"config": asdict(config),
+              "world": json.loads((world_dir / "manifest.json").read_text()),
               "stream_tokens": len(stream), "instruction_tokens": len(instructions),
               "instruction_sequences": len(instruction_starts), "first_loss": losses[0],
               "final_loss": sum(losses[-tail:]) / tail,  # mean over the last 10% of steps
@@ -301,5 +305,6 @@ def load_world_base(base_dir: Path, world_dir: Path, tokenizer):
                             + ", ".join(f"{k}: {theirs.get(k)!r} there, {world.get(k)!r} here"
                                         for k in differing) + ")")
     if AutoTokenizer.from_pretrained(base_dir).get_vocab() != tokenizer.get_vocab():
-        raise PretrainError(f"{base_dir}: its tokenizer is not the one of {world_dir / 'tokenizer'}")
+        raise PretrainError(f"{base_dir}: its tokenizer is not the one of "
+                            f"{world_dir / 'tokenizer'}")
     return LlamaForCausalLM.from_pretrained(base_dir), recipe
