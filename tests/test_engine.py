@@ -345,10 +345,21 @@ def test_text_mode_prefills_on_the_causal_path_with_the_masked_paths_logits(
                 ChainSample("q", [Step("A", input="d", max_new_tokens=4),
                                   Step("C", max_new_tokens=2)]),
                 ChainSample("q", [Step("A", max_new_tokens=2), Step("B", max_new_tokens=2)])]
-    causal_calls = []
+    causal_calls, kernels = [], []  # per append_causal, whether each attention ran causal
     append_causal = cache.ChainCache.append_causal
-    monkeypatch.setattr(cache.ChainCache, "append_causal",
-                        lambda self, *a: causal_calls.append(1) or append_causal(self, *a))
+
+    def counted(self, *args):
+        kernels.clear()
+        logits = append_causal(self, *args)
+        causal_calls.append(all(kernels) and len(kernels) > 0)
+        return logits
+    monkeypatch.setattr(cache.ChainCache, "append_causal", counted)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs):  # SDPA's causal kernel taken?
+        kernels.append(attn_mask is None and is_causal)
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     runs = {}
     for name, prefill in [("causal", 16384), ("row groups", 40), ("masked", None)]:
         if prefill is None:
@@ -358,8 +369,9 @@ def test_text_mode_prefills_on_the_causal_path_with_the_masked_paths_logits(
         causal_calls.clear()
         runs[name] = ChainEngine(llama, three_stages, batch_size=3).run(requests, "text",
                                                                         output_scores=True)
-        # step 0 (A alone) is causal; step 1 mixes C with the prefix stage B: masked
-        assert len(causal_calls) == (0 if prefill is None else 1)
+        # step 0 (A alone) is causal, every attention without a mask; step 1 mixes C with the
+        # prefix stage B: masked
+        assert causal_calls == ([] if prefill is None else [True])
     for name in ("causal", "row groups"):
         assert_same_generations(runs[name], runs["masked"])
 
