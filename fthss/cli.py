@@ -18,6 +18,7 @@ from fthss.options import (
     add_base_arguments,
     add_device_argument,
     add_skip_bad,
+    add_stage_argument,
     load_base,
     load_stages,
     positive_int,
@@ -358,8 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run chain requests from a JSONL (or authors' JSON) file")
     add_base_arguments(run)
-    run.add_argument("--stage", action="append", required=True, metavar="DIR",
-                     help="a stage directory (repeat for each stage)")
+    add_stage_argument(run, True, "a stage folder (repeat for each stage)")
     run.add_argument("--input", required=True, help="requests: .jsonl (ours) or .json (authors')")
     run.add_argument("--output", required=True, help="results JSONL: texts and per-step stats")
     run.add_argument("--mode", choices=("shared", "text"), default="shared")
@@ -388,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "'multi' jointly")
     train.add_argument("--data", action="append", required=True, metavar="FILE",
                        help="training chains: .jsonl (ours) or .json (authors'); repeatable")
-    train.add_argument("--stage", action="append", metavar="DIR",
-                       help="an existing stage: frozen upstream, or the start for --train")
+    add_stage_argument(train, False, "an existing stage: frozen upstream, or the start for "
+                       "--train")
     train.add_argument("--train", nargs="+", metavar="NAME",
                        help="stages to train (default: every stage the chains use)")
     train.add_argument("--out", required=True, help="output folder (rerun to resume)")

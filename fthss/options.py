@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -29,17 +30,37 @@ def print_skipped(args, skips) -> None:
               file=sys.stderr)
 
 
-def load_stages(paths, base) -> list:
-    """Stage folders; two with one name would silently shadow each other, so refuse them."""
+def add_stage_argument(parser: argparse.ArgumentParser, required: bool, help: str) -> None:
+    """`--stage [NAME=]DIR`, repeatable: a stage folder, optionally bound to the step name NAME
+    (a PEFT adapter, or a stage trained under another name, runs as NAME without copying)."""
+    parser.add_argument("--stage", action="append", required=required, metavar="[NAME=]DIR",
+                        help=f"{help}; NAME= runs the folder's stage under that step name")
+
+
+def stage_source(text: str) -> tuple[str | None, str]:
+    """A `--stage` value as (NAME or None, DIR). `NAME=DIR` only when NAME is a stage name and
+    the whole text is not itself an existing path (a folder may have '=' in its name)."""
+    from fthss.layout.chain import is_stage_name
+
+    name, sep, path = text.partition("=")
+    if sep and is_stage_name(name) and not Path(text).exists():
+        return name, path
+    return None, text
+
+
+def load_stages(sources, base) -> list:
+    """The stages of `--stage` values (`[NAME=]DIR`); two with one name would silently shadow
+    each other, so refuse them."""
     from fthss.prompts.io import load_stage
 
     stages, seen = [], {}
-    for path in paths:
-        stage = load_stage(path, base)
+    for source in sources:
+        name, path = stage_source(source)
+        stage = load_stage(path, base, name=name)
         if stage.name in seen:
-            raise ConfigError(f"stages {seen[stage.name]} and {path} are both named "
+            raise ConfigError(f"stages {seen[stage.name]} and {source} are both named "
                               f"'{stage.name}'")
-        seen[stage.name] = path
+        seen[stage.name] = source
         stages.append(stage)
     return stages
 

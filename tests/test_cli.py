@@ -187,6 +187,20 @@ def test_run_skips_bad_requests_when_asked(stages, tmp_path, capsys):
         "compress-1", "rounds-1"]
 
 
+def test_a_stage_folder_runs_under_the_name_given(tmp_path, capsys):
+    """`--stage B=DIR`: the folder's stage (named A) runs the steps of stage B; a folder whose
+    own name holds '=' is still a folder."""
+    for folder in ("A1", "x=A2"):
+        assert main(["stage", "create", "--arch", "tiny-llama", "--name", "A", "--tokens", "2",
+                     "--out", str(tmp_path / folder)]) == 0
+    out = tmp_path / "out.jsonl"
+    assert main(["run", "--arch", "tiny-llama", "--stage", str(tmp_path / "x=A2"),
+                 "--stage", f"B={tmp_path / 'A1'}", "--input", str(CHAINS), "--output", str(out),
+                 "--max-new-tokens", "2"]) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {step["stage"] for row in rows for step in row["steps"]} == {"A", "B"}
+
+
 def test_run_refuses_two_stages_of_one_name(tmp_path, capsys):
     for folder, seed in (("A1", "0"), ("A2", "1")):
         assert main(["stage", "create", "--arch", "tiny-llama", "--name", "A", "--tokens", "2",

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import os
 
-from fthss.options import add_base_arguments, load_base, load_stages, positive_int
+from fthss.options import (
+    add_base_arguments,
+    add_stage_argument,
+    load_base,
+    load_stages,
+    positive_int,
+)
 
 
 def retrieval_step_input(retriever, passages: int):
@@ -51,8 +57,7 @@ def add_serve_command(commands) -> None:
     parser = commands.add_parser("serve", help="serve chains over HTTP (POST /v1/chains), "
                                  "batched under load")
     add_base_arguments(parser)
-    parser.add_argument("--stage", action="append", required=True, metavar="DIR",
-                        help="a stage directory (repeat for each stage)")
+    add_stage_argument(parser, True, "a stage folder (repeat for each stage)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to bind (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
