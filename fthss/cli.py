@@ -27,7 +27,6 @@ from fthss.options import (
 )
 from fthss.ranges import (
     COUNT,
-    FRACTION,
     NON_NEGATIVE,
     NON_NEGATIVE_FLOAT,
     POSITIVE,
@@ -174,13 +173,8 @@ def cmd_train(args) -> int:
         if args.method == "adapt":
             raise ConfigError(f"adapt starts from trained stages: pass --stage DIR for '{name}'")
         stages[name] = Stage.create(_stage_config(args, name), base, seed=args.seed + i)
-    config = TrainConfig(
-        learning_rate=args.lr, lora_learning_rate=args.lora_lr, epochs=args.epochs,
-        max_steps=args.max_steps,
-        micro_batch_size=args.micro_batch_size, grad_accumulation=args.grad_accumulation,
-        warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
-        max_length=args.max_length, gradient_checkpointing=args.gradient_checkpointing,
-        reparam_hidden=args.reparam_hidden, save_every=args.save_every, seed=args.seed)
+    config = TrainConfig(**{f.name: getattr(args, f.name)
+                            for f in dataclasses.fields(TrainConfig)})
     results = train_method(base, samples, args.method, list(stages.values()), args.train,
                            config, args.out, rounds=args.rounds, max_samples=args.max_samples,
                            on_bad=skips, extend=args.extend)
@@ -330,10 +324,35 @@ def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default: all of {' '.join(LORA_TARGETS)})")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none worth saying (None, off)
+    or the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "default" in text
+                or action.default in (None, False, argparse.SUPPRESS)):
+            return action.help
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """fthss's parsers, the subcommands' included (argparse makes those of the parent's class):
+    help with defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fthss import __version__
+    from fthss.engine.engine import MODES
+    from fthss.tasks import TASKS
+    from fthss.training.methods import METHODS
+    from fthss.training.run import ROUNDS
 
-    parser = argparse.ArgumentParser(prog="fthss", description=__doc__)
+    parser = _Parser(prog="fthss", description=__doc__)
     parser.add_argument("--version", action="version",
                         version=f"fthss {__version__} (torch {torch.__version__})")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -350,9 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="check shared-KV inference is exact on a model")
     add_base_arguments(verify)
-    verify.add_argument("--chains", type=positive_int, default=16)
-    verify.add_argument("--batch-size", type=positive_int, default=4)
-    verify.add_argument("--seed", type=SEED.arg, default=0)
+    verify.add_argument("--chains", type=positive_int, default=16,
+                        help="random chains to check")
+    verify.add_argument("--batch-size", type=positive_int, default=4,
+                        help="requests per batch (padding is part of what is checked)")
+    verify.add_argument("--seed", type=SEED.arg, default=0, help="seed of the random stages "
+                        "and chains")
     verify.add_argument("--tol", type=NON_NEGATIVE_FLOAT.arg, default=None,
                         help="largest logit difference allowed (default 1e-4 fp32, 5e-2 else)")
     verify.set_defaults(func=cmd_verify)
@@ -362,28 +384,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_stage_argument(run, True, "a stage folder (repeat for each stage)")
     run.add_argument("--input", required=True, help="requests: .jsonl (ours) or .json (authors')")
     run.add_argument("--output", required=True, help="results JSONL: texts and per-step stats")
-    run.add_argument("--mode", choices=("shared", "text"), default="shared")
+    run.add_argument("--mode", choices=MODES, default="shared",
+                     help="shared: one cache per request (FTHSS); text: the chain-of-models "
+                     "baseline")
     run.add_argument("--given-outputs", action="store_true",
                      help="use outputs present in the input as given (teacher-forced) instead "
                      "of generating them")
-    run.add_argument("--batch-size", type=positive_int, default=8)
+    run.add_argument("--batch-size", type=positive_int, default=8, help="requests run together")
     run.add_argument("--max-request-tokens", type=positive_int, default=None,
                      help="K/V slots one request may hold; a request that needs more fails "
                      "alone (its error in the output), as one past the base's positions does")
     run.add_argument("--max-new-tokens", type=positive_int, default=64,
                      help="per-step limit unless the request sets max_new_tokens")
     run.add_argument("--temperature", type=NON_NEGATIVE_FLOAT.arg, default=0.0, help="0 = greedy")
-    run.add_argument("--top-k", type=NON_NEGATIVE.arg, default=0)
-    run.add_argument("--top-p", type=PROBABILITY.arg, default=1.0)
-    run.add_argument("--seed", type=SEED.arg, default=0)
+    run.add_argument("--top-k", type=NON_NEGATIVE.arg, default=0,
+                     help="sample from the k likeliest tokens (0: no cut)")
+    run.add_argument("--top-p", type=PROBABILITY.arg, default=1.0, help="nucleus sampling mass")
+    run.add_argument("--seed", type=SEED.arg, default=0,
+                     help="sampling seed (each request's generator is keyed to it and the "
+                     "request)")
     add_skip_bad(run)
     run.set_defaults(func=cmd_run)
 
     train = commands.add_parser("train", help="train stages (FTHSS or a baseline method)")
     add_base_arguments(train)
-    train.add_argument("--method", choices=("fthss", "chain", "distill", "single", "adapt"),
-                       default="fthss")
-    train.add_argument("--rounds", choices=("single", "multi"), default="multi",
+    train.add_argument("--method", choices=METHODS,
+                       default="fthss",
+                       help="what to train: fthss (stages reading each other's K/V), or a baseline "
+                       "(docs/training.md)")
+    train.add_argument("--rounds", choices=ROUNDS, default="multi",
                        help="fthss/adapt: 'single' trains stages one by one in chain order, "
                        "'multi' jointly")
     train.add_argument("--data", action="append", required=True, metavar="FILE",
@@ -397,30 +426,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="resume a run to more steps (a larger --max-steps or --epochs); any "
                        "other change of settings on rerun is refused")
     _add_stage_arguments(train)  # the stages created here
-    train.add_argument("--lr", type=POSITIVE.arg, default=2e-4)
-    train.add_argument("--lora-lr", type=POSITIVE.arg, default=None,
-                       help="learning rate of lora stages' deltas (default: --lr)")
-    train.add_argument("--epochs", type=POSITIVE.arg, default=3.0)
-    train.add_argument("--max-steps", type=COUNT.arg, default=None)
-    train.add_argument("--micro-batch-size", type=COUNT.arg, default=1)
-    train.add_argument("--grad-accumulation", type=COUNT.arg, default=8)
-    train.add_argument("--warmup-ratio", type=FRACTION.arg, default=0.03)
-    train.add_argument("--max-grad-norm", type=POSITIVE.arg, default=None)
-    train.add_argument("--max-length", type=COUNT.arg, default=1224)
-    train.add_argument("--gradient-checkpointing", action="store_true")
-    train.add_argument("--reparam-hidden", type=NON_NEGATIVE.arg, default=0,
-                       help="prefix stages: train through a P-Tuning v2 MLP of this width")
-    train.add_argument("--save-every", type=NON_NEGATIVE.arg, default=0,
-                       help="checkpoint every K steps")
-    train.add_argument("--max-samples", type=NON_NEGATIVE.arg, default=None)
-    train.add_argument("--seed", type=SEED.arg, default=0)
+    from fthss.training.config import TrainConfig
+
+    for option in dataclasses.fields(TrainConfig):  # one option per hyper-parameter
+        flags = [f"--{option.name.replace('_', '-')}", *option.metadata["aliases"]]
+        if option.type == "bool" or isinstance(option.default, bool):
+            train.add_argument(*flags, dest=option.name, action="store_true",
+                               help=option.metadata["help"])
+        else:
+            train.add_argument(*flags, dest=option.name, type=option.metadata["range"].arg,
+                               default=option.default, help=option.metadata["help"])
+    train.add_argument("--max-samples", type=NON_NEGATIVE.arg, default=None,
+                       help="use the first N samples of --data")
     add_skip_bad(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate methods on a task and write a report")
     add_base_arguments(evaluate)
     evaluate.add_argument("--task", required=True,
-                          choices=("compress_qa", "rewrite_qa", "memory_reasoning", "active_rag"))
+                          choices=list(TASKS),
+                          help="which task's records and metric")
     evaluate.add_argument("--data", required=True, help="task records (authors' JSON or JSONL)")
     evaluate.add_argument("--stages", action="append", required=True, metavar="METHOD=DIR",
                           help="stages trained by METHOD (single, distill, chain, fthss, adapt), "
@@ -429,8 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="runs/eval", help="report folder")
     evaluate.add_argument("--overwrite", action="store_true",
                           help="replace an older report in --out (its files removed first)")
-    evaluate.add_argument("--max-records", type=NON_NEGATIVE.arg, default=None)
-    evaluate.add_argument("--batch-size", type=COUNT.arg, default=16)
+    evaluate.add_argument("--max-records", type=NON_NEGATIVE.arg, default=None,
+                          help="evaluate the first N records")
+    evaluate.add_argument("--batch-size", type=COUNT.arg, default=16,
+                          help="requests run together")
     evaluate.add_argument("--max-new-tokens", type=COUNT.arg, default=None,
                           help="cap every step's generation (the tasks' own limits otherwise)")
     evaluate.add_argument("--no-gold-upstream", action="store_true",
@@ -441,20 +468,23 @@ def build_parser() -> argparse.ArgumentParser:
     world = commands.add_parser("world", help="the synthetic world (offline data for the demo)")
     world_commands = world.add_subparsers(dest="world_command", required=True)
     build = world_commands.add_parser("build", help="generate world, corpus, tasks, tokenizer")
-    build.add_argument("--out", default="runs/world")
-    build.add_argument("--seed", type=SEED.arg, default=0)
+    build.add_argument("--out", default="runs/world", help="folder for the world")
+    build.add_argument("--seed", type=SEED.arg, default=0, help="the world's seed")
     build.add_argument("--renderings", type=COUNT.arg, default=8,
                        help="pretraining renderings of each entity's facts")
-    build.add_argument("--test-size", type=COUNT.arg, default=1000)
-    build.add_argument("--dev-size", type=COUNT.arg, default=200)
-    build.add_argument("--vocab-size", type=COUNT.arg, default=2048)
+    build.add_argument("--test-size", type=COUNT.arg, default=1000,
+                       help="test questions per task")
+    build.add_argument("--dev-size", type=COUNT.arg, default=200,
+                       help="dev questions per task")
+    build.add_argument("--vocab-size", type=COUNT.arg, default=2048,
+                       help="BPE vocabulary size of the world's tokenizer")
     build.set_defaults(func=cmd_world_build)
 
     base_parser = commands.add_parser("base", help="the demo's small base model")
     base_commands = base_parser.add_subparsers(dest="base_command", required=True)
     pre = base_commands.add_parser("pretrain", help="pretrain a small Llama on a built world")
     pre.add_argument("--world", default="runs/world", help="folder from `fthss world build`")
-    pre.add_argument("--out", default="runs/base")
+    pre.add_argument("--out", default="runs/base", help="folder for the base")
     add_device_argument(pre)
     from fthss.world.pretrain import PretrainConfig
 
@@ -464,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
         kind = type(field.default)
         parse = (ranges[field.name].arg if field.name in ranges else COUNT.arg if kind is int
                  else SHARE.arg if field.name.endswith("_share") else kind)
-        pre.add_argument(f"--{field.name.replace('_', '-')}", type=parse, default=field.default)
+        pre.add_argument(f"--{field.name.replace('_', '-')}", type=parse, default=field.default,
+                         help=f"the recipe's {field.name.replace('_', ' ')} (PretrainConfig)")
     pre.set_defaults(func=cmd_base_pretrain)
     select = base_commands.add_parser(
         "select", help="keep the pretraining draw with the lowest loss on the world's dev splits")
@@ -478,10 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     stage_commands = stage.add_subparsers(dest="stage_command", required=True)
     create = stage_commands.add_parser("create", help="initialise an untrained stage")
     add_base_arguments(create)
-    create.add_argument("--name", required=True)
+    create.add_argument("--name", required=True, help="the stage's name (a chain's steps use it)")
     _add_stage_arguments(create)
-    create.add_argument("--seed", type=SEED.arg, default=0)
-    create.add_argument("--out", required=True)
+    create.add_argument("--seed", type=SEED.arg, default=0, help="initialisation seed")
+    create.add_argument("--out", required=True, help="folder for the stage")
     create.add_argument("--overwrite", action="store_true",
                         help="replace the stage in a folder that holds one")
     create.set_defaults(func=cmd_stage_create)

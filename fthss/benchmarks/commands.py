@@ -221,35 +221,43 @@ def add_bench_commands(commands) -> None:
                   "against intermediate length, batch 1", 3)
     latency.add_argument("--lengths", type=positive_int, nargs="+",
                          default=[250, 500, 1000, 3000], help="intermediate tokens")
-    latency.add_argument("--new-tokens", type=positive_int, default=16)
+    latency.add_argument("--new-tokens", type=positive_int, default=16,
+                         help="tokens stage B writes (forced)")
     _add_kinds(latency)
     latency.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
                          help="shared and text: the engine's modes; hf-peft: PEFT + generate")
 
     memory = add("memory", cmd_bench_memory, "KV memory: multi-round chains of 1, 2, 3 "
                  "stages; compress -> QA", None)
-    memory.add_argument("--stages", type=positive_int, nargs="+", default=[1, 2, 3])
+    memory.add_argument("--stages", type=positive_int, nargs="+", default=[1, 2, 3],
+                        help="stages in the multi-round chain")
     memory.add_argument("--total-tokens", type=positive_int, default=1000,
                         help="tokens the multi-round chain generates in all")
-    memory.add_argument("--rounds", type=positive_int, default=2)
+    memory.add_argument("--rounds", type=positive_int, default=2,
+                        help="rounds of the multi-round chain")
     memory.add_argument("--passage-tokens", type=positive_int, default=800,
                         help="compress -> QA: stage A's passages")
-    memory.add_argument("--compression-tokens", type=positive_int, default=150)
-    memory.add_argument("--answer-tokens", type=positive_int, default=16)
+    memory.add_argument("--compression-tokens", type=positive_int, default=150,
+                        help="compress -> QA: tokens stage A writes")
+    memory.add_argument("--answer-tokens", type=positive_int, default=16,
+                        help="compress -> QA: tokens stage B writes")
 
     throughput = add("throughput", cmd_bench_throughput, "requests/s and tokens/s of a "
                      "2-stage chain's stage B against batch size", 2)
     throughput.add_argument("--batch-sizes", type=positive_int, nargs="+",
-                            default=[1, 8, 32, 64])
+                            default=[1, 8, 32, 64],
+                            help="batch sizes, side by side")
     throughput.add_argument("--intermediate-tokens", type=positive_int, default=1000,
                             help="stage A's output, given")
-    throughput.add_argument("--new-tokens", type=positive_int, default=16)
+    throughput.add_argument("--new-tokens", type=positive_int, default=16,
+                            help="tokens stage B writes per request (forced)")
 
     decode = add("decode", cmd_bench_decode, "ms per decoded token (batch 1) against the "
                  "memory-bandwidth floor", 3)
     decode.add_argument("--contexts", type=positive_int, nargs="+", default=[1000],
                         help="context tokens before the decoded ones")
-    decode.add_argument("--new-tokens", type=positive_int, default=64)
+    decode.add_argument("--new-tokens", type=positive_int, default=64,
+                        help="tokens decoded per run (forced)")
     _add_kinds(decode)
     decode.add_argument("--bandwidth-gbs", type=positive_float, default=None,
                         help="device memory bandwidth, GB/s (default: known GPUs by name)")
@@ -262,7 +270,8 @@ def add_bench_commands(commands) -> None:
                        help="stage A's output: given, unless --generate-intermediate")
     serve.add_argument("--generate-intermediate", action="store_true",
                        help="stage A writes its intermediate instead of having it given")
-    serve.add_argument("--new-tokens", type=positive_int, default=16)
+    serve.add_argument("--new-tokens", type=positive_int, default=16,
+                       help="tokens stage B writes per request (forced)")
     serve.add_argument("--rounds", type=positive_int, default=3,
                        help="requests per point: rounds × concurrency")
     serve.add_argument("--max-wait-ms", type=float, default=10.0,

@@ -60,8 +60,9 @@ def add_serve_command(commands) -> None:
     add_stage_argument(parser, True, "a stage folder (repeat for each stage)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to bind (default: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch-size", type=positive_int, default=32)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--max-batch-size", type=positive_int, default=32,
+                        help="requests run together at most")
     parser.add_argument("--max-wait-ms", type=float, default=10.0,
                         help="how long a request waits for batch-mates")
     parser.add_argument("--max-queue", type=positive_int, default=1024,
@@ -81,5 +82,6 @@ def add_serve_command(commands) -> None:
     parser.add_argument("--passages", type=positive_int, default=1,
                         help="--corpus: passages per query")
     parser.add_argument("--log-level", default="info",
-                        choices=("critical", "error", "warning", "info", "debug"))
+                        choices=("critical", "error", "warning", "info", "debug"),
+                        help="uvicorn's log level")
     parser.set_defaults(func=cmd_serve)

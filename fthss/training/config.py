@@ -4,28 +4,46 @@ tokens, Adam without weight decay. Prompt parameters are fp32 whatever the base'
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from fthss.errors import ConfigError
+from fthss.ranges import COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, SEED
+
+
+def _option(default, help: str, range=None, aliases: tuple[str, ...] = ()):
+    """A field with what its `fthss train` option needs: help, the range it must lie in
+    (`fthss.ranges`; none for a switch), and the short spellings it also takes."""
+    return field(default=default, metadata={"help": help, "range": range, "aliases": aliases})
 
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = 2e-4
-    lora_learning_rate: float | None = None  # lora stages' deltas (None: learning_rate)
-    epochs: float = 3.0
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    micro_batch_size: int = 1  # sequences per process per forward
-    grad_accumulation: int = 8  # global batch = micro_batch_size * processes * grad_accumulation
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = None
-    max_length: int | None = 1224  # prompt + content tokens; longer samples are an error
-    gradient_checkpointing: bool = False
-    reparam_hidden: int = 0  # prefix stages: P-Tuning v2 MLP width while training (0: none)
-    save_every: int = 0  # checkpoint every K optimizer steps (0: only at the end)
-    keep_checkpoints: int = 2
-    seed: int = 0
+    """How stages are trained; `fthss train` has one option per field (`--learning-rate`, ...)."""
+
+    learning_rate: float = _option(2e-4, "learning rate of prompts and prefixes", POSITIVE,
+                                   ("--lr",))
+    lora_learning_rate: float | None = _option(
+        None, "learning rate of lora stages' deltas (default: --lr)", POSITIVE, ("--lora-lr",))
+    epochs: float = _option(3.0, "passes over the training sequences", POSITIVE)
+    max_steps: int | None = _option(None, "optimizer steps; overrides --epochs when set", COUNT)
+    micro_batch_size: int = _option(1, "sequences per process per forward", COUNT)
+    grad_accumulation: int = _option(
+        8, "micro-batches per optimizer step (global batch = micro-batch x processes x this)",
+        COUNT)
+    warmup_ratio: float = _option(0.03, "share of the steps with a linear warm-up, then a "
+                                  "linear decay", FRACTION)
+    weight_decay: float = _option(0.0, "AdamW's weight decay", NON_NEGATIVE_FLOAT)
+    max_grad_norm: float | None = _option(None, "clip the gradient norm to this", POSITIVE)
+    max_length: int | None = _option(1224, "prompt + content positions a training sequence "
+                                     "may take; a longer one is an error (or --skip-bad)", COUNT)
+    gradient_checkpointing: bool = _option(False, "recompute each decoder layer in the "
+                                           "backward pass (less memory, more time)")
+    reparam_hidden: int = _option(0, "prefix stages: train through a P-Tuning v2 MLP of this "
+                                  "width (0: none)", NON_NEGATIVE)
+    save_every: int = _option(0, "checkpoint every K optimizer steps (0: only at the end)",
+                              NON_NEGATIVE)
+    keep_checkpoints: int = _option(2, "checkpoints kept (the latest ones)", COUNT)
+    seed: int = _option(0, "seed of the data order (and of new stages' initialisation)", SEED)
 
     def __post_init__(self):
         positive = {"learning_rate": self.learning_rate, "epochs": self.epochs,
