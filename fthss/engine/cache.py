@@ -93,6 +93,20 @@ def _fields(meta: TokenMeta) -> tuple[torch.Tensor, ...]:
 
 
 class ChainCache:
+    """One KV cache for a batch of chains (see the module doc): the prompt slots of the stages
+    in use, then content, every slot with its `TokenMeta`.
+
+    Args (of `__init__`):
+        base: the frozen base model.
+        prompts: `prompts[s]`, stage s's prompt cache (stage id = index).
+        batch_size: rows (one request each).
+        decode_step: a compiled `BaseModel.forward` for decoding (`compiled_decode_step`).
+        bank: the lora stages' deltas by the same stage ids.
+
+    `append` / `append_causal` prefill a chunk and return logits, `start_decoding` and
+    `decode` generate token by token, `free_hidden` drops what no later step can see.
+    """
+
     def __init__(self, base: BaseModel, prompts: list[list[LayerKV]], batch_size: int,
                  decode_step=None, bank: LoraBank | None = None):
         """`prompts[s]` is stage s's prompt cache (stage id = index), all made for the same C.

@@ -122,6 +122,22 @@ class _Row:
 
 
 class ChainEngine:
+    """Runs chains of stages on one frozen base, in batches: in shared mode each request keeps
+    one KV cache that every step appends to and reads (FTHSS), in text mode each step
+    re-encodes its view as text (the chain-of-models baseline).
+
+    Args:
+        base: the frozen base model.
+        stages: the stages requests may name (names unique).
+        max_new_tokens: a step's generation limit unless the request sets its own.
+        batch_size: requests run together.
+        step_marker_id: the token that opens each step (default: BOS, else EOS).
+        check_every, compile, max_request_tokens: see `__init__`.
+
+    Use `run` (results in request order); `prompt_caches` and `lora_bank` are what a run
+    builds its caches from, exposed for the exactness checks (`fthss.verify`).
+    """
+
     def __init__(self, base: BaseModel, stages: list[Stage], max_new_tokens: int = 64,
                  batch_size: int = 8, step_marker_id: int | None = None, check_every: int = 8,
                  compile: bool = False, max_request_tokens: int | None = None):

@@ -29,6 +29,12 @@ class UnsupportedModelError(FthssError):
 
 @dataclass
 class BaseModel:
+    """A frozen Hugging Face causal LM with rotary positions and a maskable attention, and its
+    tokenizer: what every stage is made for. `BaseModel.load(DIR)` loads one (refusing models it
+    cannot run exactly); `fthss.models.presets.preset_base` builds random-init ones.
+    `forward` is the one forward every fthss path runs (cache, positions, 4D mask, lora route).
+    """
+
     model: torch.nn.Module
     tokenizer: object
 
@@ -152,6 +158,7 @@ class BaseModel:
         return keys * cos[:, None].to(keys.dtype) + rotated_half * sin[:, None].to(keys.dtype)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings `[batch, tokens, hidden]` of `input_ids`."""
         return self.model.get_input_embeddings()(input_ids)
 
     @cached_property

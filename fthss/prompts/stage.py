@@ -172,12 +172,16 @@ class Stage(torch.nn.Module):
         return cls(config, _pack_prefix(layers))
 
     def save_pretrained(self, directory, base: BaseModel):
+        """Write the stage to `directory` in PEFT's adapter format (`fthss.prompts.io`);
+        returns the folder."""
         from fthss.prompts.io import save_stage
 
         return save_stage(self, directory, base)
 
     @classmethod
     def from_pretrained(cls, directory, base: BaseModel | None = None, name: str | None = None):
+        """The stage in `directory` (saved by fthss, or a PEFT adapter), checked against `base`
+        when given, named `name` when given (else its saved name, else the folder's)."""
         from fthss.prompts.io import load_stage
 
         return load_stage(directory, base, name)
