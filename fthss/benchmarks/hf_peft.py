@@ -18,6 +18,7 @@ import torch
 
 from fthss.errors import MissingDependencyError
 from fthss.layout.chain import ChainSample
+from fthss.layout.sequence import pad_id
 from fthss.models.base import BaseModel
 
 
@@ -64,14 +65,13 @@ def _generate(model, base: BaseModel, text: str, new_tokens: int) -> tuple[float
     """Tokenize, generate, decode, as a user's pipeline does: (seconds, seconds to the first
     new token, input tokens)."""
     tokenizer, clock = base.tokenizer, _Clock()
-    pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     started = time.perf_counter()
     inputs = tokenizer(text, return_tensors="pt").to(base.device)
     with torch.no_grad(), warnings.catch_warnings():
         # PEFT warns on every call that prompt tuning ignores position ids: nothing to act on
         warnings.filterwarnings("ignore", message="Position ids are not supported")
         output = model.generate(**inputs, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
-                                do_sample=False, pad_token_id=pad_id, streamer=clock)
+                                do_sample=False, pad_token_id=pad_id(tokenizer), streamer=clock)
     tokenizer.decode(output[0, inputs.input_ids.shape[1]:])
     if base.device.type == "cuda":
         torch.cuda.synchronize(base.device)

@@ -394,10 +394,9 @@ class ChainEngine:
         token, the input segment, and a given output. Text mode: what the step re-encodes (as
         its own input, under its prompt) and the input segment; nothing for a given output,
         which no model has to produce."""
-        step, tokens = row.request.steps[k], row.tokens.steps[k]
+        step = row.request.steps[k]
         stage = cache_ids[step.stage]
-        segment = [(t, (Kind.INPUT, k, stage, step.input_visible)) for t in tokens.input_ids]
-        given = [(t, (Kind.OUTPUT, k, stage, False)) for t in tokens.output_ids]
+        segment, given = row.tokens.steps[k].rows(k, stage)
         if mode == "shared":
             chunk, row.pending = row.pending + segment + given, []
             return chunk

@@ -26,6 +26,13 @@ class TokenStep:
     input_visible: bool = False
     input_text: str | None = None  # the text the input ids came from, when known
 
+    def rows(self, k: int, stage: int) -> tuple[list, list]:
+        """The step's input and output tokens as `(token, (kind, step, stage, visible))` rows,
+        this step being step `k` run by stage id `stage`: the one labelling of a step's tokens,
+        for the training layout and the engine's chunks alike."""
+        return ([(t, (Kind.INPUT, k, stage, self.input_visible)) for t in self.input_ids],
+                [(t, (Kind.OUTPUT, k, stage, False)) for t in self.output_ids])
+
 
 @dataclass
 class TokenChain:
@@ -36,9 +43,8 @@ class TokenChain:
         """Every content token in sequence order as `(token, (kind, step, stage, visible))`."""
         rows = [(t, (Kind.SHARED, -1, -1, False)) for t in self.shared_ids]
         for k, step in enumerate(self.steps):
-            stage = stage_ids[step.stage]
-            rows += [(t, (Kind.INPUT, k, stage, step.input_visible)) for t in step.input_ids]
-            rows += [(t, (Kind.OUTPUT, k, stage, False)) for t in step.output_ids]
+            inputs, outputs = step.rows(k, stage_ids[step.stage])
+            rows += inputs + outputs
         return rows
 
     def text_view(self, k: int) -> list[int]:
@@ -61,6 +67,12 @@ class TokenChain:
         return [i for i, keep in enumerate(seen.tolist()) if keep]
 
 
+def pad_id(tokenizer) -> int:
+    """The id padding takes: the tokenizer's pad token, else EOS. Padding is masked, so any id
+    would do; one choice everywhere keeps training, inference and benchmarks alike."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 class SegmentCodec:
     """How each kind of segment becomes tokens, for one tokenizer.
 
@@ -76,7 +88,7 @@ class SegmentCodec:
         self.eos_id = tokenizer.eos_token_id
         self.step_marker_id = (step_marker_id if step_marker_id is not None
                                else (self.bos or [self.eos_id])[0])
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.pad_id = pad_id(tokenizer)
         # tokenizers that encode every text as if it followed a space (SentencePiece's Llama,
         # byte-level BPE with add_prefix_space) decode it back with that space: drop it
         self.prefix_space = self.tokenizer.decode(self.text("a")) == " a"

@@ -30,7 +30,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from fthss.errors import ConfigError, EmptyDataError, NonFiniteError, SequenceTooLongError
 from fthss.layout.chain import phase_folder
-from fthss.layout.sequence import TokenChain, build_layout
+from fthss.layout.sequence import TokenChain, build_layout, pad_id
 from fthss.models.base import BaseModel
 from fthss.models.lora import LoraBank
 from fthss.prompts.stage import Stage
@@ -72,7 +72,7 @@ class StageSet(torch.nn.Module):
                 prompts.append(stage.prompt_cache(base, first))
         ids = {n: i for i, n in enumerate(names)}
         layout = build_layout(chains, ids, [s.num_virtual_tokens for s in stages],
-                              pad_id=base.tokenizer.pad_token_id or 0)
+                              pad_id=pad_id(base.tokenizer))
         lora = [s.lora_weights if s.name in self.trained or s.lora_weights is None
                 else s.lora_weights.detach() for s in stages]
         bank = LoraBank.of(lora, base.dtype, base.device)
