@@ -324,10 +324,14 @@ class ChainCache:
         steps not marked visible downstream, once that gives back at least one block. Each row
         keeps its other slots in order (K/V keep their rotations: positions are not slots),
         and the capacity shrinks to fit. Slots left in place stay masked."""
-        kind, step, visible = self.slots.kind, self.slots.step, self.slots.visible
-        used = torch.arange(self.capacity, device=kind.device) < self.length
-        dead = (kind == Kind.PAD) | ((kind == Kind.INPUT) & ~visible & (step < next_step))
-        keep = used & ~dead
+        kind = self.slots.kind
+        # what the rule lets step `next_step` see (a later step sees no more of what is written
+        # now); prompt slots are kept for whichever stage runs next
+        written = TokenMeta(*(t[:, : self.length] for t in _fields(self.slots)))
+        query = TokenMeta.fill(self.batch_size, 1, Kind.OUTPUT, step=next_step).to(kind.device)
+        seen = visibility(written.cat(query), 1)[:, 0, 0, : self.length]
+        keep = torch.zeros_like(kind, dtype=torch.bool)
+        keep[:, : self.length] = seen | (written.kind == Kind.PROMPT)
         counts = keep.sum(dim=1)
         new_length = int(counts.max())
         if _blocks(new_length) >= self.capacity:
