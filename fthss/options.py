@@ -95,7 +95,8 @@ def add_base_arguments(parser: argparse.ArgumentParser) -> None:
     from fthss.models.presets import PRESETS
 
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--base", help="local Hugging Face model directory")
+    source.add_argument("--base", help="a Hugging Face model folder, or a hub id already in the "
+                        "local Hugging Face cache (nothing is downloaded)")
     source.add_argument("--arch", choices=PRESETS, help="random-init architecture preset")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="weights dtype (default: the checkpoint's; float32 for --arch)")

@@ -57,6 +57,24 @@ def test_load_from_a_folder(tmp_path):
         BaseModel.load(tmp_path / "missing")
 
 
+def test_a_hub_id_loads_from_the_local_cache_only(tmp_path, monkeypatch):
+    """`--base org/name` resolves through the Hugging Face cache, offline; one not there is
+    named with the way to get it."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--acme--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    base = preset_base("tiny-llama")
+    base.model.save_pretrained(repo / "snapshots" / "abc123")
+    base.tokenizer.save_pretrained(repo / "snapshots" / "abc123")
+    assert BaseModel.load("acme/tiny").fingerprint == base.fingerprint
+    with pytest.raises(ModelLoadError, match=r"acme/other: neither a local folder nor a model "
+                       r"in the Hugging Face cache .*huggingface-cli download acme/other"):
+        BaseModel.load("acme/other")
+
+
 @pytest.fixture
 def saved_llama(tmp_path):
     base = preset_base("tiny-llama")

@@ -27,6 +27,30 @@ class UnsupportedModelError(FthssError):
     """A base model fthss cannot run; the message says why."""
 
 
+def _local_model(name: str | Path) -> Path:
+    """A model folder: `name` itself when it exists, else the cached snapshot of the hub id
+    `name` (offline: a model not downloaded yet is an error saying how to get it)."""
+    path = Path(name)
+    if path.exists() or str(name).count("/") != 1 or str(name).startswith((".", "/", "~")):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(name), local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError) as err:
+        raise ModelLoadError(
+            f"{name}: neither a local folder nor a model in the Hugging Face cache "
+            f"({_hub_cache()}); fthss never downloads: fetch it first "
+            f"(`huggingface-cli download {name}`) or pass its folder") from err
+
+
+def _hub_cache() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return str(HF_HUB_CACHE)
+
+
 @dataclass
 class BaseModel:
     """A frozen Hugging Face causal LM with rotary positions and a maskable attention, and its
@@ -46,12 +70,13 @@ class BaseModel:
     @classmethod
     def load(cls, path: str | Path, dtype: torch.dtype | None = None, device: str | None = None,
              attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> BaseModel:
-        """Load a local model directory (weights and tokenizer). Weights are read from
-        safetensors only (a pickle can run code), and the directory's own Python code runs only
-        with `trust_remote_code`."""
+        """Load a local model directory (weights and tokenizer), or a hub id
+        (`meta-llama/Llama-3.2-1B`) already in the local Hugging Face cache: nothing is
+        downloaded. Weights are read from safetensors only (a pickle can run code), and the
+        directory's own Python code runs only with `trust_remote_code`."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = Path(path)
+        path = _local_model(path)
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path}: not a model directory (no config.json)")
         if not any(path.glob("*.safetensors")):
