@@ -302,9 +302,12 @@ class ChainCache:
         if step is None:  # eager: read only the columns written
             step, mask = self.base.forward, mask[..., : self.length]
             self.store.read = self.length
-        owners = torch.where(live, query.stage[:, 0], -1)[:, None]
+        # lora stages only (the decode loop pays nothing otherwise): each row's new token
+        # through its step's stage, an idle row's through none
+        route = (None if self.bank is None else
+                 self._route(torch.where(live, query.stage[:, 0], -1)[:, None]))
         logits = step(self.store, pos, input_ids=tokens[:, None],
-                      attention_mask=self.base.attention_mask(mask), route=self._route(owners))
+                      attention_mask=self.base.attention_mask(mask), route=route)
         self.next_position = self.next_position + live.long()
         return logits[:, -1]
 

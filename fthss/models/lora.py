@@ -186,6 +186,8 @@ class LoraRouting:
 
     def run(self, route: Route | None, forward: Callable, *args, **kwargs):
         """`forward(*args, **kwargs)` with `route` in effect (None: the base alone)."""
+        if route is None and self.route is None:  # nothing to route: no state to swap
+            return forward(*args, **kwargs)
         if route is not None and not self._installed:
             self._install()
         saved = self.route, self._columns
