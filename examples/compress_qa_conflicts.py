@@ -19,7 +19,7 @@ import re
 from fthss.engine.engine import ChainEngine
 from fthss.layout.chain import ChainSample, Step
 from fthss.models.base import BaseModel
-from fthss.prompts.io import load_stage
+from fthss.prompts.stage import load_stage
 from fthss.tasks import get_task
 
 

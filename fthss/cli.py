@@ -191,7 +191,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from fthss.evaluation.evaluate import RUNS, evaluate
     from fthss.evaluation.report import REPORT_FILES, write_report
-    from fthss.prompts.io import load_stage
+    from fthss.prompts.stage import load_stage
     from fthss.tasks import get_task
 
     out = output_folder(args.out, "--out")
@@ -275,7 +275,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_stage_create(args) -> int:
-    from fthss.prompts.io import save_stage
     from fthss.prompts.stage import Stage
 
     out = output_folder(args.out, "--out")
@@ -284,7 +283,7 @@ def cmd_stage_create(args) -> int:
                                 "stage there, or choose another folder")
     base = load_base(args)
     config = _stage_config(args, args.name)
-    save_stage(Stage.create(config, base, seed=args.seed), args.out, base)
+    Stage.create(config, base, seed=args.seed).save_pretrained(args.out, base)
     lora = (f", LoRA r={config.lora_rank} on {','.join(config.lora_targets)}"
             if config.kind == "lora" else "")
     print(f"stage {args.name} ({args.kind}, {config.num_virtual_tokens} virtual tokens{lora}) "

@@ -51,7 +51,7 @@ def stage_source(text: str) -> tuple[str | None, str]:
 def load_stages(sources, base) -> list:
     """The stages of `--stage` values (`[NAME=]DIR`); two with one name would silently shadow
     each other, so refuse them."""
-    from fthss.prompts.io import load_stage
+    from fthss.prompts.stage import load_stage
 
     stages, seen = [], {}
     for source in sources:

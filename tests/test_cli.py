@@ -55,7 +55,7 @@ def stages(tmp_path):
 
 
 def test_stage_create_makes_a_lora_stage_without_a_prompt_by_default(tmp_path, capsys):
-    from fthss.prompts.io import load_stage
+    from fthss.prompts.stage import load_stage
 
     assert main(["stage", "create", "--arch", "tiny-llama", "--name", "qa", "--kind", "lora",
                  "--lora-rank", "4", "--lora-targets", "q_proj", "v_proj", "--out",

@@ -70,7 +70,7 @@ def test_adapt_trains_copies_of_the_stages_it_starts_from(demo, tmp_path):
 
     from fthss.demo import prepare, train_stages
     from fthss.layout.chain import load_chains
-    from fthss.prompts.io import load_stage
+    from fthss.prompts.stage import load_stage
     from fthss.tasks import get_task
 
     _, base = prepare(TINY, demo, "cpu")

@@ -426,7 +426,8 @@ def test_stages_that_cannot_be_used_are_refused(llama, tmp_path):
     from safetensors.torch import save_file
 
     from fthss.errors import ConfigError
-    from fthss.prompts.io import StageLoadError, load_stage
+    from fthss.prompts.io import StageLoadError
+    from fthss.prompts.stage import load_stage
 
     with pytest.raises(ConfigError, match="virtual tokens, but the base has"):
         Stage.create(StageConfig("A", "prompt", llama.position_limit), llama)

@@ -16,8 +16,8 @@ from fthss.engine.engine import ChainEngine
 from fthss.layout.chain import ChainSample, Step
 from fthss.layout.sequence import SegmentCodec
 from fthss.models.presets import preset_base
-from fthss.prompts.io import PROMPT_FILE, StageLoadError, load_stage, save_stage
-from fthss.prompts.stage import Stage, StageConfig
+from fthss.prompts.io import PROMPT_FILE, StageLoadError
+from fthss.prompts.stage import Stage, StageConfig, load_stage, save_stage
 from fthss.verify import text_view
 
 # The logits checks use a larger init scale: at 0.02 the tiny model's logits are nearly uniform
@@ -513,3 +513,27 @@ def test_atomic_writes_replace_whole_files_or_nothing(tmp_path):
     assert torch.equal(load_file(tmp_path / "t.safetensors")["x"], torch.arange(6.0).view(2, 3).t())
     assert sorted(os.listdir(tmp_path)) == ["deep", "t.safetensors"]
     assert os.listdir(tmp_path / "deep") == ["file.txt"]
+
+
+def test_io_does_not_import_the_stage_model():
+    """stage.py imports io.py (its save/load module), never the reverse: io.py imported first,
+    in a fresh interpreter, loads without the stage model, and stage.py then loads on top."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fthss.prompts.io as io\n"
+            "assert 'fthss.prompts.stage' not in sys.modules\n"
+            "import fthss.prompts.stage as stage\n"
+            "assert stage.StageConfig is io.StageConfig\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env=os.environ.copy())
+
+
+def test_stage_round_trips_through_its_parts(tmp_path):
+    base = get_base("tiny-llama")
+    stage = _trained_lora(Stage.create(StageConfig("A", "lora", 2), base))
+    stage.save_pretrained(tmp_path / "A", base)
+    loaded = Stage.from_pretrained(tmp_path / "A", base)
+    assert loaded.config == stage.config and torch.equal(loaded.weight, stage.weight)
+    for name in stage.lora_A:
+        assert torch.equal(loaded.lora_A[name], stage.lora_A[name])
+        assert torch.equal(loaded.lora_B[name], stage.lora_B[name])

@@ -23,6 +23,10 @@ loads as a plain prefix. A LoRA adapter's layers are read from its weights' keys
 deltas); what a stage cannot compute per token is refused (DoRA, rsLoRA, biases, per-module
 ranks or alphas, modules other than attention and MLP projections). Only safetensors are read:
 no pickle runs.
+
+This module reads and writes a stage's parts (`StageParts`: its config, weight and lora deltas);
+`fthss.prompts.stage` imports it and assembles the `Stage` (`Stage.from_pretrained`,
+`Stage.save_pretrained`), so this module never imports the stage model.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import json
 import re
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -41,8 +46,8 @@ from fthss.atomic import atomic_save_safetensors, atomic_write_text
 from fthss.datafiles import json_document
 from fthss.errors import FthssError
 from fthss.models.base import BaseModel
-from fthss.models.lora import LORA_TARGETS, LoraShapeError, module_paths
-from fthss.prompts.stage import Stage, StageConfig, prefix_width
+from fthss.models.lora import LORA_TARGETS, LoraShapeError, LoraWeights, module_paths
+from fthss.prompts.config import StageConfig, prefix_width
 
 CONFIG, WEIGHTS, FTHSS_FILE = "adapter_config.json", "adapter_model.safetensors", "fthss_stage.json"
 PROMPT_FILE = "fthss_prompt.safetensors"
@@ -63,21 +68,35 @@ class StageLoadError(FthssError):
     """A stage folder that cannot be used; the message names the file and what differs."""
 
 
-def save_stage(stage: Stage, directory: str | Path, base: BaseModel) -> Path:
-    """Write `stage` (made for `base`) to `directory`, creating it; each file atomically."""
-    stage.check_fits(base)
+# {target name: (A [layers, r, in], B [layers, out, r])}, as a Stage holds its deltas.
+LoraFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class StageParts(NamedTuple):
+    """What a stage folder holds: `weight` the prompt or prefix `[N, width]`, `lora` the lora
+    kind's deltas (None for the other kinds). `Stage(*parts)` is the stage."""
+
+    config: StageConfig
+    weight: torch.Tensor
+    lora: LoraFactors | None = None
+
+
+def write_stage(parts: StageParts, directory: str | Path, base: BaseModel) -> Path:
+    """Write a stage's `parts` (made for `base`, which the caller has checked) to `directory`,
+    creating it; each file atomically."""
+    config, weight, lora = parts
     directory = Path(directory)
-    kind, n = stage.config.kind, stage.num_virtual_tokens
+    kind, n = config.kind, config.num_virtual_tokens
     peft_config = {
         "task_type": "CAUSAL_LM", "peft_type": PEFT_TYPES[kind], "auto_mapping": None,
         "base_model_name_or_path": getattr(base.config, "_name_or_path", None) or None,
-        "revision": None, "inference_mode": True, **_peft_specific(stage, base)}
-    ours = {"format": "fthss-stage", "version": 1, "name": stage.name, "kind": kind,
-            "num_virtual_tokens": n, "init": stage.config.init,
-            "init_text": stage.config.init_text, "base": base.fingerprint}
-    prompt = {"prompt_embeddings": stage.current_weight.detach().float().cpu()}
+        "revision": None, "inference_mode": True, **_peft_specific(config, base)}
+    ours = {"format": "fthss-stage", "version": 1, "name": config.name, "kind": kind,
+            "num_virtual_tokens": n, "init": config.init,
+            "init_text": config.init_text, "base": base.fingerprint}
+    prompt = {"prompt_embeddings": weight.detach().float().cpu()}
     if kind == "lora":
-        ours["weights_sha256"] = atomic_save_safetensors(_lora_tensors(stage, base),
+        ours["weights_sha256"] = atomic_save_safetensors(_lora_tensors(lora, base),
                                                          directory / WEIGHTS)
         if n:
             ours["prompt_sha256"] = atomic_save_safetensors(prompt, directory / PROMPT_FILE)
@@ -90,9 +109,8 @@ def save_stage(stage: Stage, directory: str | Path, base: BaseModel) -> Path:
     return directory
 
 
-def _peft_specific(stage: Stage, base: BaseModel) -> dict:
+def _peft_specific(config: StageConfig, base: BaseModel) -> dict:
     """The kind's own fields of PEFT's config."""
-    config = stage.config
     if config.kind == "lora":
         return {"r": config.lora_rank, "lora_alpha": config.lora_alpha,
                 "target_modules": sorted(config.lora_targets), "lora_dropout": 0.0,
@@ -112,16 +130,15 @@ def _peft_specific(stage: Stage, base: BaseModel) -> dict:
             "encoder_hidden_size": width, "prefix_projection": False, "init_weights": None}
 
 
-def _lora_tensors(stage: Stage, base: BaseModel) -> dict[str, torch.Tensor]:
+def _lora_tensors(lora: LoraFactors, base: BaseModel) -> dict[str, torch.Tensor]:
     """A lora stage's factors under PEFT's keys, one [r, in] / [out, r] pair per module."""
     tensors = {}
     for (layer, name), path in module_paths(base.model).items():
-        if name in stage.lora_A:
+        if name in lora:
             key = f"base_model.model.{path}"
-            tensors[f"{key}.lora_A.weight"] = (
-                stage.lora_A[name][layer].detach().float().cpu().clone())
-            tensors[f"{key}.lora_B.weight"] = (
-                stage.lora_B[name][layer].detach().float().cpu().clone())
+            a, b = lora[name]
+            tensors[f"{key}.lora_A.weight"] = a[layer].detach().float().cpu().clone()
+            tensors[f"{key}.lora_B.weight"] = b[layer].detach().float().cpu().clone()
     return tensors
 
 
@@ -150,10 +167,11 @@ _OURS_TYPES = {"format": str, "version": int, "name": str, "kind": str, "num_vir
                "prompt_sha256": str}
 
 
-def load_stage(directory: str | Path, base: BaseModel | None = None,
-               name: str | None = None) -> Stage:
-    """The stage saved in `directory` (by fthss or by PEFT). With `base`, also check that it
-    was made for that base: its shapes always, its fingerprint when fthss_stage.json is there."""
+def read_stage(directory: str | Path, base: BaseModel | None = None,
+               name: str | None = None) -> StageParts:
+    """The parts of the stage saved in `directory` (by fthss or by PEFT). With `base`, also
+    check that it was made for that base: its shapes always, its fingerprint when
+    fthss_stage.json is there."""
     directory = Path(directory)
     if not directory.is_dir():
         raise StageLoadError(f"{directory}: no such stage folder")
@@ -185,10 +203,31 @@ def load_stage(directory: str | Path, base: BaseModel | None = None,
         if not str(err).startswith("stage name"):  # init or init_text: only ours sets those
             source = FTHSS_FILE
         raise StageLoadError(f"{directory}: {err} (from {source})") from err
-    stage = Stage(stage_config, weight, lora)
+    parts = StageParts(stage_config, weight, lora)
     if base is not None:
-        _check_base(directory, stage, base, ours)
-    return stage
+        _check_base(directory, parts, base, ours)
+    return parts
+
+
+# Transitional, for fthss/demo.py only, which still imports load_stage from here (it is being
+# edited elsewhere; new code calls Stage.from_pretrained or fthss.prompts.stage.load_stage).
+# load_stage returns a Stage, which this module cannot build without importing the stage model;
+# the stage module hands its class over when it is imported (demo.py imports it before it loads).
+_stage_type: type | None = None
+
+
+def set_stage_type(stage_type: type) -> None:
+    """Called by fthss.prompts.stage on import: the class `load_stage` builds."""
+    global _stage_type
+    _stage_type = stage_type
+
+
+def load_stage(directory: str | Path, base: BaseModel | None = None, name: str | None = None):
+    """Deprecated here: use `Stage.from_pretrained` (or `fthss.prompts.stage.load_stage`)."""
+    if _stage_type is None:
+        raise ImportError("fthss.prompts.io.load_stage builds a Stage: import "
+                          "fthss.prompts.stage first, or call Stage.from_pretrained")
+    return _stage_type(*read_stage(directory, base, name))
 
 
 def _kind(path: Path, config: dict) -> str:
@@ -354,26 +393,31 @@ def _read_weight(directory: Path, config: dict, kind: str, sha256: str | None) -
     return weight
 
 
-def _check_base(directory: Path, stage: Stage, base: BaseModel, ours: dict | None) -> None:
-    prefix = stage.config.kind == "prefix"
+def _check_base(directory: Path, parts: StageParts, base: BaseModel, ours: dict | None) -> None:
+    config, weight, lora = parts
+    prefix = config.kind == "prefix"
     expected = prefix_width(base) if prefix else base.hidden_size
-    if stage.weight.shape[1] != expected:
+    if weight.shape[1] != expected:
         what = "layers*2*kv_heads*head_dim" if prefix else "hidden_size"
-        path = directory / (PROMPT_FILE if stage.config.kind == "lora" else WEIGHTS)
-        raise StageLoadError(f"{path}: width {stage.weight.shape[1]} does not fit "
-                             f"this base (a {stage.config.kind} stage needs its {what} = "
+        path = directory / (PROMPT_FILE if config.kind == "lora" else WEIGHTS)
+        raise StageLoadError(f"{path}: width {weight.shape[1]} does not fit "
+                             f"this base (a {config.kind} stage needs its {what} = "
                              f"{expected})")
-    if stage.lora_weights is not None:
+    if lora is not None:
+        deltas = LoraWeights({n: a for n, (a, _) in lora.items()},
+                             {n: b for n, (_, b) in lora.items()},
+                             config.lora_alpha / config.lora_rank)
         try:
-            stage.lora_weights.check_fits(base.model, "LoRA factors")
+            deltas.check_fits(base.model, "LoRA factors")
         except LoraShapeError as err:
             raise StageLoadError(f"{directory / WEIGHTS}: {err}") from err
     if ours is None:
+        # 4: the caller of load_stage / Stage.from_pretrained (they call read_stage)
         warnings.warn(f"{directory}: a PEFT adapter without {FTHSS_FILE}; only its shapes can "
-                      "be checked against the base", stacklevel=3)
+                      "be checked against the base", stacklevel=4)
         return
     found = ours.get("base")
     differs = base.fingerprint_differences(found if isinstance(found, dict) else {}, "stage")
     if differs:
-        raise StageLoadError(f"{directory / FTHSS_FILE}: stage '{stage.name}' was trained for "
+        raise StageLoadError(f"{directory / FTHSS_FILE}: stage '{config.name}' was trained for "
                              "another base model (" + "; ".join(differs) + ")")

@@ -19,65 +19,24 @@ stage's too), `[N, layers * 2 * kv_heads * head_dim]` for a prefix. A lora stage
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
-from fthss.datafiles import is_valid_unicode
 from fthss.errors import ConfigError
-from fthss.layout.chain import STAGE_NAME_RULE, is_stage_name
 from fthss.models.base import BaseModel
-from fthss.models.lora import LORA_TARGETS, LoraBank, LoraWeights, Route, target_layers
+from fthss.models.lora import LoraBank, LoraWeights, Route, target_layers
 
-KINDS = ("prompt", "prefix", "lora")
-INITS = ("random", "vocab", "text")
+# StageConfig, KINDS and INITS live in fthss.prompts.config (io.py needs them without this
+# module); importing them from here keeps working.
+from fthss.prompts.config import INITS as INITS
+from fthss.prompts.config import KINDS as KINDS
+from fthss.prompts.config import StageConfig, prefix_width
+from fthss.prompts.io import StageParts, read_stage, set_stage_type, write_stage
 
 # One layer's (keys, values), each [batch, kv_heads, tokens, head_dim].
 LayerKV = tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass
-class StageConfig:
-    """What a stage is. `num_virtual_tokens`: N (>= 1; a lora stage may have 0). `init`: how a
-    new prompt starts: random (scaled to the embedding table), vocab (embeddings of random
-    tokens) or text (`init_text`'s embeddings, repeated). The `lora_*` fields are the lora
-    kind's: rank r, alpha (the deltas are scaled by alpha / r, as in PEFT) and the target
-    module names."""
-
-    name: str
-    kind: Literal["prompt", "prefix", "lora"] = "prompt"
-    num_virtual_tokens: int = 100
-    init: Literal["random", "vocab", "text"] = "random"
-    init_text: str | None = None
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_targets: tuple[str, ...] = LORA_TARGETS
-
-    def __post_init__(self):
-        if not is_stage_name(self.name):
-            raise ConfigError(f"stage name {self.name!r:.80}: use {STAGE_NAME_RULE}")
-        if self.kind not in KINDS:
-            raise ConfigError(f"stage {self.name}: kind must be one of {KINDS}, not {self.kind!r}")
-        if self.init not in INITS:
-            raise ConfigError(f"stage {self.name}: init must be one of {INITS}, not {self.init!r}")
-        if self.init == "text" and not self.init_text:
-            raise ConfigError(f"stage {self.name}: init 'text' needs init_text")
-        if self.init_text is not None and not (isinstance(self.init_text, str)
-                                               and is_valid_unicode(self.init_text)):
-            raise ConfigError(f"stage {self.name}: init_text must be valid Unicode text")
-        least = 0 if self.kind == "lora" else 1
-        if self.num_virtual_tokens < least:
-            raise ConfigError(f"stage {self.name}: num_virtual_tokens must be >= {least}")
-        self.lora_targets = tuple(self.lora_targets)
-        if self.kind == "lora":
-            if self.lora_rank < 1 or not self.lora_alpha > 0:
-                raise ConfigError(f"stage {self.name}: lora_rank must be >= 1 and lora_alpha > 0")
-            unknown = set(self.lora_targets) - set(LORA_TARGETS)
-            if unknown or not self.lora_targets:
-                raise ConfigError(f"stage {self.name}: lora_targets must be some of "
-                                  f"{LORA_TARGETS}, not {sorted(unknown) or 'none'}")
 
 
 def side_by_side(prompts: list[list[LayerKV]]) -> list[LayerKV]:
@@ -86,10 +45,6 @@ def side_by_side(prompts: list[list[LayerKV]]) -> list[LayerKV]:
     layers = len(prompts[0]) if prompts else 0
     return [(torch.cat([p[i][0] for p in prompts], dim=2),
              torch.cat([p[i][1] for p in prompts], dim=2)) for i in range(layers)]
-
-
-def prefix_width(base: BaseModel) -> int:
-    return base.num_layers * 2 * base.num_kv_heads * base.head_dim
 
 
 class Stage(torch.nn.Module):
@@ -171,20 +126,31 @@ class Stage(torch.nn.Module):
             layers = prompt.prompt_cache(base, config.num_virtual_tokens)
         return cls(config, _pack_prefix(layers))
 
-    def save_pretrained(self, directory, base: BaseModel):
+    def save_pretrained(self, directory: str | Path, base: BaseModel) -> Path:
         """Write the stage to `directory` in PEFT's adapter format (`fthss.prompts.io`);
         returns the folder."""
-        from fthss.prompts.io import save_stage
-
-        return save_stage(self, directory, base)
+        self.check_fits(base)
+        return write_stage(self.parts(), directory, base)
 
     @classmethod
-    def from_pretrained(cls, directory, base: BaseModel | None = None, name: str | None = None):
+    def from_pretrained(cls, directory: str | Path, base: BaseModel | None = None,
+                        name: str | None = None) -> Stage:
         """The stage in `directory` (saved by fthss, or a PEFT adapter), checked against `base`
         when given, named `name` when given (else its saved name, else the folder's)."""
-        from fthss.prompts.io import load_stage
+        return cls.from_parts(read_stage(directory, base, name))
 
-        return load_stage(directory, base, name)
+    @classmethod
+    def from_parts(cls, parts: StageParts) -> Stage:
+        return cls(parts.config, parts.weight, parts.lora)
+
+    def parts(self) -> StageParts:
+        """What is saved: the config, the current weight (through the reparameterisation, if
+        any) and the lora deltas, detached."""
+        lora = None
+        if self.config.kind == "lora":
+            lora = {name: (self.lora_A[name].detach(), self.lora_B[name].detach())
+                    for name in self.lora_A}
+        return StageParts(self.config, self.current_weight.detach(), lora)
 
     def check_fits(self, base: BaseModel) -> None:
         """Raises ConfigError unless the stage's shapes are the base's."""
@@ -282,3 +248,21 @@ def _pack_prefix(layers: list[LayerKV]) -> torch.Tensor:
     """Inverse of the prefix view in `prompt_cache`: per-layer K/V to PEFT's [N, L*2*H*D]."""
     kv = torch.stack([t[0] for layer in layers for t in layer])  # [L*2, H, N, D]
     return kv.permute(2, 0, 1, 3).reshape(kv.shape[2], -1).detach().float().cpu()
+
+
+set_stage_type(Stage)  # for the callers of the deprecated fthss.prompts.io.load_stage
+
+
+def load_stage(directory: str | Path, base: BaseModel | None = None,
+               name: str | None = None) -> Stage:
+    """The stage saved in `directory` (by fthss or by PEFT); `Stage.from_pretrained`. With
+    `base`, also check that it was made for that base: its shapes always, its fingerprint when
+    fthss_stage.json is there."""
+    return Stage.from_parts(read_stage(directory, base, name))
+
+
+def save_stage(stage: Stage, directory: str | Path, base: BaseModel) -> Path:
+    """Write `stage` (made for `base`) to `directory`, creating it, each file atomically;
+    `stage.save_pretrained`."""
+    stage.check_fits(base)
+    return write_stage(stage.parts(), directory, base)

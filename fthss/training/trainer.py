@@ -280,13 +280,11 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _finish(self, log: MetricsLog, tokens_per_s: float) -> TrainResult:
-        from fthss.prompts.io import save_stage
-
         for name in self.trained:
             stage = self.stage_set.trained[name]
             stage.fold()
             if self.accelerator.is_main_process:
-                save_stage(stage, self.output_dir / name, self.base)
+                stage.save_pretrained(self.output_dir / name, self.base)
         losses = log.losses()
         if self.accelerator.is_main_process:
             log.plot(self.work_dir / "loss_curve.png", title=f"training {'+'.join(self.trained)}")
