@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from fthss.engine.cache import ChainCache, compiled_decode_step
 from fthss.engine.sampling import SamplingConfig, request_key
 from fthss.errors import ConfigError, NonFiniteError
-from fthss.layout.chain import ChainFormatError, ChainSample, check_request
+from fthss.layout.chain import ChainFormatError, ChainSample, Step, check_request
 from fthss.layout.sequence import SegmentCodec, TokenChain, TokenStep
 from fthss.layout.visibility import Kind, TokenMeta
 from fthss.models.base import BaseModel
@@ -52,6 +52,9 @@ END = _End()  # returned by a StepInput: the request's chain ends before this st
 StepInput = Callable[[ChainSample, int, list[str]], "str | None | _End"]
 
 Meta = tuple[int, int, int, bool]  # (kind, step, stage id, visible), as in TokenMeta
+Chunk = list[tuple[int, Meta]]  # tokens to encode, each with its metadata
+# per row (id of its _Row): the logits of each generated token (or None), time of the first
+DecodeOutputs = dict[int, tuple[torch.Tensor | None, float | None]]
 
 
 @dataclass
@@ -115,10 +118,28 @@ class _Row:
     request: ChainSample
     generator: torch.Generator | None
     tokens: TokenChain
-    pending: list[tuple[int, Meta]] = field(default_factory=list)  # generated, not yet encoded
+    pending: Chunk = field(default_factory=list)  # generated, not yet encoded
     results: list[StepResult] = field(default_factory=list)
     ended: bool = False  # the between-steps callable ended this chain, or it failed
     error: str | None = None
+
+
+@dataclass
+class _Decoding:
+    """One step's decoding, for the whole batch, as device tensors (`[batch]` unless said): the
+    loop runs without waiting for the host, which reads them only at its looks."""
+
+    steps: dict[int, Step]  # slot -> the step the row generates (the active rows only)
+    live: torch.Tensor  # bool: the row is still generating
+    limit: torch.Tensor  # max_new_tokens
+    least: torch.Tensor  # min_new_tokens
+    held_back: int  # the largest min_new_tokens: before it, some row may not stop
+    stops: torch.Tensor  # [batch, vocab] bool: the tokens that end the row's output
+    chosen: torch.Tensor  # [batch, longest]: the tokens generated (those past `counts` unused)
+    counts: torch.Tensor  # tokens generated per row
+    broken: torch.Tensor  # bool: the row's logits went NaN or +inf
+    unchecked: torch.Tensor  # bool: the row may have met a stop string since the last look
+    scores: list[torch.Tensor] = field(default_factory=list)  # per token, [batch, vocab] on CPU
 
 
 class ChainEngine:
@@ -279,7 +300,12 @@ class ChainEngine:
         hand_over(len(requests))
         return results
 
-    def _run_batch(self, rows, mode, sampling, step_input, output_scores, listener):
+    def _run_batch(self, rows: list[_Row], mode: str, sampling: SamplingConfig,
+                   step_input: StepInput | None, output_scores: bool,
+                   listener: RunListener | None) -> None:
+        """Run one batch's chains step by step, each row's results into `row.results`. A step:
+        the rows that take part, the cache they write to, the chunk each encodes (prefill),
+        the outputs they generate (decode), then their results."""
         names = list(dict.fromkeys(s for row in rows for s in row.request.stages))
         shared_cache = None
         if mode == "shared":
@@ -287,57 +313,81 @@ class ChainEngine:
                                       self.decode_step, self.lora_bank(names))
         held: dict[str, ChainCache] = {}  # text mode: each stage's latest cache
         started = time.perf_counter()  # step 0's clock includes encoding the shared content
-        for row in rows:
-            row.tokens.shared_ids = self.codec.shared(row.request.shared)
-            row.pending = [(t, (Kind.SHARED, -1, -1, False)) for t in row.tokens.shared_ids]
+        self._queue_shared(rows)
         for k in range(max(len(row.request.steps) for row in rows)):
             started = started if k == 0 else time.perf_counter()
             active = [row for row in rows if k < len(row.request.steps) and not row.ended
                       and self._take_input(row, k, step_input)]
             if not active:
                 break
-            if mode == "shared":
+            if shared_cache is not None:
                 cache, cache_ids = shared_cache, {name: i for i, name in enumerate(names)}
-            else:  # a fresh cache with the prompts of this step's stages only
-                step_names = list(dict.fromkeys(row.request.steps[k].stage for row in active))
-                cache = ChainCache(self.base, self.prompt_caches(step_names), len(rows),
-                                   self.decode_step, self.lora_bank(step_names))
-                cache_ids = {name: i for i, name in enumerate(step_names)}
-                held.update({name: cache for name in step_names})
+            else:
+                cache, cache_ids = self._text_step_cache(active, k, len(rows), held)
             chunks = {id(row): self._step_chunk(row, k, mode, cache_ids) for row in active}
             active = self._within_limits(cache, active, chunks, k)
-            ids, meta = self._pad([chunks.get(id(row), []) for row in rows])
-            prompt = self._causal_prompt(step_names) if mode == "text" else None
-            if prompt is not None:
-                logits = cache.append_causal(prompt, ids, meta)
-            else:
-                logits = cache.append(ids, meta, last_only=True)
+            prompt = self._causal_prompt(list(cache_ids)) if mode == "text" else None
+            logits = self._prefill(cache, [chunks.get(id(row), []) for row in rows], prompt)
             if mode == "shared":  # the last token of step k-1 is in: free what no step from k sees
                 cache.free_hidden(k)
-            generating = [row for row in active if row.request.steps[k].output is None]
             if not active:
                 continue
+            generating = [row for row in active if row.request.steps[k].output is None]
             outputs = self._decode(cache, logits, rows, generating, k, sampling, output_scores,
                                    cache_ids, listener)
             caches = [shared_cache] if mode == "shared" else list(dict.fromkeys(held.values()))
-            kv_bytes = sum(c.kv_bytes for c in caches)
-            allocated = sum(c.kv_bytes_allocated for c in caches)
-            for row in active:
-                scores, first_token_at = outputs.get(id(row), (None, None))
-                step, out_ids = row.request.steps[k], row.tokens.steps[k].output_ids
-                stats = StepStats(
-                    prefilled_tokens=len(chunks[id(row)]),
-                    decoded_tokens=len(out_ids) if step.output is None else 0,
-                    time_to_first_token_s=(None if first_token_at is None
-                                           else first_token_at - started),
-                    wall_s=time.perf_counter() - started, kv_bytes=kv_bytes,
-                    kv_bytes_allocated=allocated,
-                    kv_tokens=sum(int(c.tokens_held()[row.slot]) for c in caches))
-                row.results.append(StepResult(step.stage, row.tokens.steps[k].input_text,
-                                              self._output_text(out_ids, step.stop), out_ids,
-                                              stats, scores))
-                if listener is not None:
-                    listener.step_done(row.index, k, row.results[-1])
+            self._record_step(active, k, chunks, outputs, caches, started, listener)
+
+    def _queue_shared(self, rows: list[_Row]) -> None:
+        """Each row's shared content, tokenized and queued: step 0's chunk starts with it."""
+        for row in rows:
+            row.tokens.shared_ids = self.codec.shared(row.request.shared)
+            row.pending = [(t, (Kind.SHARED, -1, -1, False)) for t in row.tokens.shared_ids]
+
+    def _text_step_cache(self, active: list[_Row], k: int, batch: int,
+                         held: dict[str, ChainCache]) -> tuple[ChainCache, dict[str, int]]:
+        """Text mode: a fresh cache for step k, with the prompts of this step's stages only (as
+        separate models would each start from their own), and the stage ids it gives them.
+        `held` keeps each stage's latest cache, for the memory figures."""
+        step_names = list(dict.fromkeys(row.request.steps[k].stage for row in active))
+        cache = ChainCache(self.base, self.prompt_caches(step_names), batch,
+                           self.decode_step, self.lora_bank(step_names))
+        held.update({name: cache for name in step_names})
+        return cache, {name: i for i, name in enumerate(step_names)}
+
+    def _prefill(self, cache: ChainCache, chunks: list[Chunk], prompt: torch.Tensor | None
+                 ) -> torch.Tensor:
+        """Encode each row's chunk (`chunks[slot]`, empty for a row not in the step); the
+        logits of each row's last real token, `[batch, vocab]`. With `prompt` (text mode, one
+        prompt or lora stage) on the causal path, else under the visibility mask."""
+        ids, meta = self._pad(chunks)
+        if prompt is not None:
+            return cache.append_causal(prompt, ids, meta)
+        return cache.append(ids, meta, last_only=True)
+
+    def _record_step(self, active: list[_Row], k: int, chunks: dict[int, Chunk],
+                     outputs: DecodeOutputs, caches: list[ChainCache], started: float,
+                     listener: RunListener | None) -> None:
+        """Each active row's result of step k (its text, ids, scores and stats), told to
+        `listener` too. `caches`: every cache the batch holds, for the memory figures."""
+        kv_bytes = sum(c.kv_bytes for c in caches)
+        allocated = sum(c.kv_bytes_allocated for c in caches)
+        for row in active:
+            scores, first_token_at = outputs.get(id(row), (None, None))
+            step, out_ids = row.request.steps[k], row.tokens.steps[k].output_ids
+            stats = StepStats(
+                prefilled_tokens=len(chunks[id(row)]),
+                decoded_tokens=len(out_ids) if step.output is None else 0,
+                time_to_first_token_s=(None if first_token_at is None
+                                       else first_token_at - started),
+                wall_s=time.perf_counter() - started, kv_bytes=kv_bytes,
+                kv_bytes_allocated=allocated,
+                kv_tokens=sum(int(c.tokens_held()[row.slot]) for c in caches))
+            row.results.append(StepResult(step.stage, row.tokens.steps[k].input_text,
+                                          self._output_text(out_ids, step.stop), out_ids,
+                                          stats, scores))
+            if listener is not None:
+                listener.step_done(row.index, k, row.results[-1])
 
     def _causal_prompt(self, names: list[str]) -> torch.Tensor | None:
         """Text mode: the prompt embeddings to re-encode with the step's text on the causal
@@ -348,7 +398,8 @@ class ChainEngine:
             return None
         return self.stages[names[0]].weight.detach()
 
-    def _within_limits(self, cache, active, chunks, k) -> list:
+    def _within_limits(self, cache: ChainCache, active: list[_Row], chunks: dict[int, Chunk],
+                       k: int) -> list[_Row]:
         """The rows whose step k fits the base's positions and the per-request cache budget,
         counting its whole generation; the others fail alone (their chunks are dropped, their
         results carry the error) and the batch goes on without them."""
@@ -374,7 +425,7 @@ class ChainEngine:
                 fitting.append(row)
         return fitting
 
-    def _take_input(self, row, k, step_input) -> bool:
+    def _take_input(self, row: _Row, k: int, step_input: StepInput | None) -> bool:
         """Record step k's input (and given output) in `row.tokens`; False if the chain ends."""
         step = row.request.steps[k]
         text = step.input
@@ -389,7 +440,7 @@ class ChainEngine:
                                           step.input_visible, input_text=text))
         return True
 
-    def _step_chunk(self, row, k, mode, cache_ids) -> list[tuple[int, Meta]]:
+    def _step_chunk(self, row: _Row, k: int, mode: str, cache_ids: dict[str, int]) -> Chunk:
         """What to encode before step k's first token. Shared mode: the previous step's last
         token, the input segment, and a given output. Text mode: what the step re-encodes (as
         its own input, under its prompt) and the input segment; nothing for a given output,
@@ -404,7 +455,8 @@ class ChainEngine:
             return []
         return [(t, (Kind.INPUT, k, stage, False)) for t in row.tokens.text_view(k)] + segment
 
-    def _pad(self, chunks: list[list[tuple[int, Meta]]]):
+    def _pad(self, chunks: list[Chunk]) -> tuple[torch.Tensor, TokenMeta]:
+        """The chunks as one right-padded batch: token ids `[batch, q]` and their metadata."""
         meta = TokenMeta.from_rows([[m for _, m in c] for c in chunks])
         ids = torch.full((len(chunks), max(meta.length, 1)), self.codec.pad_id, dtype=torch.long)
         if meta.length == 0:  # every row idle: one padding column keeps shapes valid
@@ -413,8 +465,10 @@ class ChainEngine:
             ids[i, : len(c)] = torch.tensor([t for t, _ in c], dtype=torch.long)
         return ids, meta
 
-    def _decode(self, cache, logits, rows, active, k, sampling, output_scores, cache_ids,
-                listener=None):
+    def _decode(self, cache: ChainCache, logits: torch.Tensor, rows: list[_Row],
+                active: list[_Row], k: int, sampling: SamplingConfig, output_scores: bool,
+                cache_ids: dict[str, int], listener: RunListener | None = None
+                ) -> DecodeOutputs:
         """Generate step k's outputs for the active rows into `row.tokens`. The whole batch
         decodes on the device: tokens, per-row limits and stop tokens stay there, and the host
         looks only after the first token and every `check_every` tokens (for stop strings and
@@ -424,10 +478,33 @@ class ChainEngine:
         `listener` is told each row's tokens so far at every look."""
         if not active:
             return {}
-        device, batch = logits.device, len(rows)
+        state = self._prepare_decoding(cache, logits, len(rows), active, k, cache_ids)
+        first_token_at = None
+        longest = state.chosen.shape[1]
+        for t in range(longest):
+            logits = self._screen_logits(state, logits, t)
+            token = self._choose_tokens(state, logits, rows, sampling)
+            self._record_token(state, t, token, logits if output_scores else None)
+            # the host looks after the first token (its time is the time to first token),
+            # every check_every tokens and at the end; at every token when sampling, which
+            # reads the logits on the host anyway
+            if t == 0 or not sampling.greedy or (t + 1) % self.check_every == 0 or t + 1 == longest:
+                first_token_at = first_token_at or time.perf_counter()
+                if not self._look(cache, state, active, k, listener):
+                    break
+            logits = cache.decode(token, state.live)
+        self._fail_broken(state.broken, active, k)
+        return self._collect_outputs(state, active, k, cache_ids, first_token_at, output_scores)
+
+    def _prepare_decoding(self, cache: ChainCache, logits: torch.Tensor, batch: int,
+                        active: list[_Row], k: int, cache_ids: dict[str, int]) -> _Decoding:
+        """Step k's decoding state, every per-row limit on the device, and the cache ready to
+        decode: room reserved for the longest output and each row's mask made."""
+        device = logits.device
         steps = {row.slot: row.request.steps[k] for row in active}
         live = torch.zeros(batch, dtype=torch.bool, device=device)
         live[list(steps)] = True
+
         def per_row(value):
             return torch.tensor([value(steps[i]) if i in steps else 0 for i in range(batch)],
                                 device=device)
@@ -436,59 +513,88 @@ class ChainEngine:
         stops = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=device)
         for i, step in steps.items():
             stops[i, [self.codec.eos_id, *step.stop_token_ids]] = True
+        # what each row's new tokens are to the visibility rule (padding for an idle row)
         query = TokenMeta.fill(batch, 1, Kind.PAD)
         for i, step in steps.items():
             query.kind[i], query.step[i], query.stage[i] = Kind.OUTPUT, k, cache_ids[step.stage]
         longest = int(limit.max())
         cache.reserve(longest)  # before the mask is made: no reallocation while decoding
         cache.start_decoding(query)
-        chosen = torch.zeros(batch, longest, dtype=torch.long, device=device)
-        counts = torch.zeros(batch, dtype=torch.long, device=device)
-        scores, first_token_at = [], None
-        unchecked = live.clone()  # rows that may have met a stop string since the last look
-        held_back = int(least.max())  # tokens before which some row may not stop
-        broken = torch.zeros(batch, dtype=torch.bool, device=device)  # NaN or +inf logits
-        for t in range(longest):
-            # a stage holding huge values can make a row's logits NaN: it ends here and fails
-            # alone (`_fail_broken`); checked on the device, so the loop does not wait for it
-            broken |= live & (logits.isnan() | logits.isposinf()).any(dim=-1)
-            if t < held_back:  # as transformers' min_new_tokens: no EOS or stop token before it
-                logits = logits.masked_fill(stops & (counts < least)[:, None], float("-inf"))
-            if sampling.greedy:
-                token = logits.argmax(dim=-1)
-            else:  # each live row draws from its own generator, so batch-mates don't matter
-                flags = (live & ~broken).tolist()
-                token = torch.tensor([sampling.choose(logits[r.slot], r.generator)
-                                      if flags[r.slot] else 0 for r in rows], device=device)
-            if output_scores:
-                scores.append(logits.float().cpu())
-            chosen[:, t] = token
-            counts += live.long()
-            done = live & (stops.gather(1, token[:, None])[:, 0] | (counts >= limit) | broken)
-            live = live & ~done
-            if t == 0 or not sampling.greedy or (t + 1) % self.check_every == 0 or t + 1 == longest:
-                first_token_at = first_token_at or time.perf_counter()
-                live = self._stop_strings(cache, chosen, counts, live, unchecked, steps, k)
-                if listener is not None:  # after the stop strings: what is told stays
-                    self._tell_tokens(listener, active, chosen, counts, unchecked, k)
-                unchecked = live.clone()
-                if not bool(live.any()):
-                    break
-            logits = cache.decode(token, live)
-        self._fail_broken(broken, active, k)
-        counts = counts.tolist()
+        return _Decoding(
+            steps, live, limit, least, held_back=int(least.max()), stops=stops,
+            chosen=torch.zeros(batch, longest, dtype=torch.long, device=device),
+            counts=torch.zeros(batch, dtype=torch.long, device=device),
+            broken=torch.zeros(batch, dtype=torch.bool, device=device),
+            unchecked=live.clone())
+
+    @staticmethod
+    def _screen_logits(state: _Decoding, logits: torch.Tensor, t: int) -> torch.Tensor:
+        """Note the rows whose logits are broken, and forbid stopping before min_new_tokens."""
+        # a stage holding huge values can make a row's logits NaN: it ends here and fails
+        # alone (`_fail_broken`); checked on the device, so the loop does not wait for it
+        state.broken |= state.live & (logits.isnan() | logits.isposinf()).any(dim=-1)
+        if t < state.held_back:  # as transformers' min_new_tokens: no EOS or stop token before it
+            logits = logits.masked_fill(state.stops & (state.counts < state.least)[:, None],
+                                        float("-inf"))
+        return logits
+
+    @staticmethod
+    def _choose_tokens(state: _Decoding, logits: torch.Tensor, rows: list[_Row],
+                       sampling: SamplingConfig) -> torch.Tensor:
+        """Each row's next token `[batch]` (0 for a row that is not live or broken, when
+        sampling: its generator must not move)."""
+        if sampling.greedy:
+            return logits.argmax(dim=-1)
+        # each live row draws from its own generator, so batch-mates don't matter
+        flags = (state.live & ~state.broken).tolist()
+        return torch.tensor([sampling.choose(logits[r.slot], r.generator)
+                             if flags[r.slot] else 0 for r in rows], device=logits.device)
+
+    @staticmethod
+    def _record_token(state: _Decoding, t: int, token: torch.Tensor,
+                      scores: torch.Tensor | None) -> None:
+        """Keep token t of every row (and the logits it came from), count it for the live
+        rows, and end those it stops: a stop token, the row's limit or broken logits."""
+        if scores is not None:
+            state.scores.append(scores.float().cpu())
+        state.chosen[:, t] = token
+        state.counts += state.live.long()
+        done = state.live & (state.stops.gather(1, token[:, None])[:, 0]
+                             | (state.counts >= state.limit) | state.broken)
+        state.live = state.live & ~done
+
+    def _look(self, cache: ChainCache, state: _Decoding, active: list[_Row], k: int,
+              listener: RunListener | None) -> bool:
+        """The host's look at the batch: end the rows past a stop string, tell `listener` the
+        tokens so far; False once no row is live (the loop ends)."""
+        state.live = self._stop_strings(cache, state.chosen, state.counts, state.live,
+                                        state.unchecked, state.steps, k)
+        if listener is not None:  # after the stop strings: what is told stays
+            self._tell_tokens(listener, active, state.chosen, state.counts, state.unchecked, k)
+        state.unchecked = state.live.clone()
+        return bool(state.live.any())
+
+    @staticmethod
+    def _collect_outputs(state: _Decoding, active: list[_Row], k: int, cache_ids: dict[str, int],
+                         first_token_at: float | None, output_scores: bool) -> DecodeOutputs:
+        """Write each row's output ids into its step, and queue its last token for the next
+        step to encode; per row (its scores or None, time of the first token)."""
+        counts = state.counts.tolist()
         out = {}
         for row in active:
-            ids = chosen[row.slot, : counts[row.slot]].tolist()
+            ids = state.chosen[row.slot, : counts[row.slot]].tolist()
             row.tokens.steps[k].output_ids[:] = ids
-            row.pending = [(t, (Kind.OUTPUT, k, cache_ids[steps[row.slot].stage], False))
+            stage = cache_ids[state.steps[row.slot].stage]
+            row.pending = [(t, (Kind.OUTPUT, k, stage, False))
                            for t in ids[-1:]]  # none for a row that failed before its first
-            kept = torch.stack([s[row.slot] for s in scores[: len(ids)]]) if output_scores else None
+            kept = (torch.stack([s[row.slot] for s in state.scores[: len(ids)]])
+                    if output_scores else None)
             out[id(row)] = (kept, first_token_at)
         return out
 
     @staticmethod
-    def _tell_tokens(listener, active, chosen, counts, unchecked, k) -> None:
+    def _tell_tokens(listener: RunListener, active: list[_Row], chosen: torch.Tensor,
+                     counts: torch.Tensor, unchecked: torch.Tensor, k: int) -> None:
         """Tell `listener` the tokens of the rows live at the last look (the others have
         been told all theirs)."""
         flags, lengths, ids = unchecked.tolist(), counts.tolist(), chosen.tolist()
@@ -497,7 +603,7 @@ class ChainEngine:
                 listener.tokens(row.index, k, ids[row.slot][: lengths[row.slot]])
 
     @staticmethod
-    def _fail_broken(broken, active, k) -> None:
+    def _fail_broken(broken: torch.Tensor, active: list[_Row], k: int) -> None:
         """End, with an error, the rows whose logits went NaN or +inf (-inf is only a masked
         token) while decoding step k: their output would be garbage, and sampling from them
         would fail the whole batch."""
@@ -510,7 +616,9 @@ class ChainEngine:
                              "NaN or inf (does a stage hold huge values?)")
                 row.ended = True
 
-    def _stop_strings(self, cache, chosen, counts, live, unchecked, steps, k) -> torch.Tensor:
+    def _stop_strings(self, cache: ChainCache, chosen: torch.Tensor, counts: torch.Tensor,
+                      live: torch.Tensor, unchecked: torch.Tensor, steps: dict[int, Step],
+                      k: int) -> torch.Tensor:
         """End the rows whose text now holds a stop string at the token that completed it
         (rows live at the last look: some may have ended since by a stop token or their
         limit). What they decoded after that token is taken back from the cache."""
