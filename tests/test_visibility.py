@@ -143,3 +143,36 @@ def test_no_visibility_row_is_empty_and_the_rule_is_causal(layout):
     seen_stage = layout.prompt.stage[0][None, None, :].expand_as(mask[:, :, :prompt])
     own = seen_stage == layout.meta.stage[:, :, None]
     assert (mask[:, :, :prompt] == own)[step_rows].all()
+
+
+def test_every_decode_mask_row_is_the_rules_row_for_the_new_token(llama, monkeypatch):
+    """The decode step updates its mask in place, from what the rule said at the step's start;
+    each row still decoding (and each idle row) must see exactly what the rule says its newest
+    token sees. A row that has stopped is not checked: its logits are not used."""
+    from fthss.engine.engine import ChainEngine
+    from fthss.layout.chain import ChainSample, Step
+    from fthss.layout.visibility import visibility
+
+    checked = []
+    decode = ChainCache.decode
+
+    def checking(self, tokens, live):
+        logits = decode(self, tokens, live)
+        written = TokenMeta(*(t[:, : self.length] for t in (self.slots.kind, self.slots.step,
+                                                             self.slots.stage, self.slots.visible)))
+        rule = visibility(written, 1)[:, 0, 0]
+        for row in range(self.batch_size):
+            if live[row] or self._decode_query.kind[row, 0] == Kind.PAD:
+                assert torch.equal(self.decode_mask[row, 0, 0, : self.length], rule[row]), row
+                checked.append(bool(live[row]))
+        return logits
+
+    monkeypatch.setattr(ChainCache, "decode", checking)
+    stages = [Stage.create(StageConfig(n, "prompt", 2 + i), llama, seed=i) for i, n in
+              enumerate("AB")]
+    requests = [ChainSample("q", [Step("A", input="doc", max_new_tokens=5, input_visible=True),
+                                  Step("B", max_new_tokens=3)]),
+                ChainSample("another q", [Step("A", input="d", max_new_tokens=2)]),
+                ChainSample("q3", [Step("B", max_new_tokens=4), Step("A", max_new_tokens=6)])]
+    ChainEngine(llama, stages, batch_size=3).run(requests)
+    assert True in checked and False in checked  # live rows and idle ones

@@ -5,10 +5,11 @@ head_dim]` per layer) that start with the prompt caches of the stages in use and
 of columns. Every slot carries its `TokenMeta`. A chunk (shared content, a step's input, a
 batch of decoded tokens) gets its mask from the visibility rule over the slots written so far
 and its positions from each row's count of real tokens. Decoding keeps one mask row per request
-over the whole capacity and updates it in place (`start_decoding`, `decode`): a decode step is
-then a fixed-shape forward with no host synchronisation, which can be compiled and replayed
-with CUDA graphs. `free_hidden` drops the segments no later step can see (the compressor's
-passages once stage A is done), which the paper leaves on the table.
+over the whole capacity, asks the rule once per step what a decoded token sees, and updates
+the mask in place from that (`start_decoding`, `decode`): a decode step is then a fixed-shape
+forward with no host synchronisation, which can be compiled and replayed with CUDA graphs.
+`free_hidden` drops the segments no later step can see (the compressor's passages once stage A
+is done), which the paper leaves on the table.
 
 Training's one-pass forward (`fthss.training.forward`) runs a whole `Layout` over the same
 prompt caches under the same visibility rule, so engine and training agree by construction, up
@@ -133,6 +134,8 @@ class ChainCache:
             mine[:, : self.length] = theirs
         self.next_position = torch.full((batch_size,), self.first_position, device=base.device)
         self.decode_mask: torch.Tensor | None = None
+        self._sees_itself = self._sees_earlier = None  # per row, from the rule (start_decoding)
+        self._decode_start = 0
 
     def _route(self, owners: torch.Tensor) -> Route | None:
         """Each token through its owner's deltas (`owners`: stage ids, -1 for none)."""
@@ -269,10 +272,18 @@ class ChainCache:
         or PAD for a row that does not decode)."""
         query = query.to(self.base.device)
         written = TokenMeta(*(t[:, : self.length] for t in _fields(self.slots)))
-        seen = visibility(written.cat(query), 1)[:, :, :, : self.length]
+        # The rule is asked once per step, for two of the row's output tokens appended (every
+        # token a row decodes in the step has the same metadata): the first one's view of the
+        # slots so far is the mask row; its own column says whether a decoded token sees
+        # itself, and the second one's column of the first whether a token sees those decoded
+        # before it in the step. `decode` copies these into each new column.
+        views = visibility(written.cat(query).cat(query), 2)[:, 0]  # [batch, 2, length + 2]
         self.decode_mask = torch.zeros(self.batch_size, 1, 1, self.capacity, dtype=torch.bool,
                                        device=self.base.device)
-        self.decode_mask[..., : self.length] = seen
+        self.decode_mask[:, 0, 0, : self.length] = views[:, 0, : self.length]
+        self._sees_itself = views[:, 0, self.length]
+        self._sees_earlier = views[:, 1, self.length]
+        self._decode_start = self.length  # the first column decoding writes
         self._decode_query = query
 
     def decode(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -292,8 +303,13 @@ class ChainCache:
         self.slots.step[:, column] = query.step[:, 0]
         self.slots.stage[:, column] = query.stage[:, 0]
         self.slots.visible[:, column] = False
-        # every row sees its own new token: a live row as its own step, an idle one as padding
-        self.decode_mask[..., column] = True
+        # The row's mask for the new token, as the rule gave it in `start_decoding`: the new
+        # column is the token itself, and the one before it (when this step decoded it) an
+        # earlier token of the step. A row that has stopped keeps its step's view: its logits
+        # are not used, and its row of the mask must not be empty (NaN).
+        self.decode_mask[:, 0, 0, column] = self._sees_itself
+        if column > self._decode_start:
+            self.decode_mask[:, 0, 0, column - 1] = self._sees_earlier
         self.store.start.fill_(column)
         self.length += 1
         pos = self.next_position[:, None]
