@@ -1,10 +1,11 @@
 """Where do a report's points come from? Reads `predictions.jsonl` from an `fthss eval` or
-`fthss demo` report folder and prints, per task and method (generated upstream), the main
-metric overall, by question kind (the last `:` field of a record's id: the relation for
-compress_qa, the hop pattern for rewrite_qa and active_rag), and split by whether the first
+`fthss demo` report folder and prints, per task and method (with its stage kind in a demo
+report; generated upstream), the main metric overall, by question kind (the last `:` field of a
+record's id: the relation for compress_qa, the hop pattern for rewrite_qa and active_rag), and
+split by whether the first
 step's output equals the gold one (taken from the method's gold-upstream run).
 
-    python examples/breakdown.py runs/demo-s0 [--task compress_qa]
+    python examples/breakdown.py runs/demo [--task compress_qa]
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from pathlib import Path
 
 def percent(values: list[float]) -> str:
     return f"{100 * sum(values) / len(values):.1f} (n={len(values)})" if values else "–"
+
+
+def label(row: dict) -> str:
+    """A method run's name: its stage kind first when the report compares kinds (the demo)."""
+    return f"{row['kind']} {row['method']}" if row.get("kind") else row["method"]
 
 
 def main() -> None:
@@ -47,9 +53,9 @@ def main() -> None:
         print("| method | all | first step exact | first step wrong | "
               + " | ".join(kinds) + " |")
         print("|---" * (4 + len(kinds)) + "|")
-        for method in dict.fromkeys(r["method"] for r in mine):
+        for method in dict.fromkeys(map(label, mine)):
             by = defaultdict(list)
-            for r in (r for r in mine if r["method"] == method):
+            for r in (r for r in mine if label(r) == method):
                 score = r["scores"][metric]
                 by["all"].append(score)
                 by[r["id"].rsplit(":", 1)[-1]].append(score)

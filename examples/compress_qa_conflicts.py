@@ -6,9 +6,9 @@ hole), the distractor's passage alone (`short`), or nothing but "." (`none`): in
 hole between the question and the answer shrinks while B's reading task stays the same.
 
     python examples/compress_qa_conflicts.py --base fthss/assets/base-s0 \
-        --data runs/demo-s0/world/tasks/compress_qa/test.jsonl \
-        chain:text:runs/demo-s0/stages/compress_qa/chain \
-        fthss:shared:runs/demo-s0/stages/compress_qa/fthss
+        --data runs/demo/world/tasks/compress_qa/test.jsonl \
+        chain:text:runs/demo/stages/compress_qa/lora/chain \
+        fthss:shared:runs/demo/stages/compress_qa/lora/fthss
 """
 
 from __future__ import annotations

@@ -266,8 +266,12 @@ def cmd_base_select(args) -> int:
 def cmd_demo(args) -> int:
     from fthss.demo import DemoConfig, run_demo
 
-    config = (DemoConfig.quick(args.seed, args.base) if args.quick
-              else DemoConfig(seed=args.seed, base=args.base))
+    if args.quick:
+        config = DemoConfig.quick(args.seed, args.base, args.shared_mode_base)
+    elif args.shared_mode_base:
+        config = DemoConfig.shared_mode_base(args.seed, args.base)
+    else:
+        config = DemoConfig(seed=args.seed, base=args.base)
     summary = run_demo(config, args.out, device=args.device)
     print((Path(args.out) / "report.md").read_text())
     print(f"[demo] done in {summary['wall_s'] / 60:.1f} min: {args.out}/report.md")
@@ -363,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="folder for the world, stages, report")
     demo.add_argument("--base", default=None, help="a base pretrained on this seed's world "
                       "(`fthss base pretrain`), instead of the embedded one")
+    demo.add_argument("--shared-mode-base", action="store_true",
+                      help="the bases whose second pretraining phase ran in shared mode "
+                      "(docs/experiments.md) instead of the text-only ones")
     add_device_argument(demo)
     demo.set_defaults(func=cmd_demo)
 

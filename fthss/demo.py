@@ -1,11 +1,17 @@
 """`fthss demo`: the whole paper on a laptop. Builds the synthetic world, takes the embedded
-base (or pretrains one), trains every method on the four tasks, evaluates them on the test
-splits, measures stage-B latency and KV memory, and writes one report.
+base (or pretrains one), trains every method on the four tasks with each stage kind (`prompt`
+and `lora`), evaluates them on the test splits, measures stage-B latency and KV memory, and
+writes one report.
 
-Everything lands under `--out` (default `runs/demo`): world/, stages/<task>/<method>/<stage>/,
-report.md, report.json, predictions.jsonl and the plots. Trained stages already in the folder
-are reused, so an interrupted demo picks up where it stopped (the trainer resumes from its
-checkpoints too).
+The embedded bases are pretrained as any LM is (documents and instruction data, text mode
+only): untuned shared mode reads nothing on them, so what FTHSS − untuned shows is what FTHSS
+tuning teaches (the paper's Fig. 4). `--shared-mode-base` takes the bases whose second
+pretraining phase ran instruction windows in shared mode instead (docs/experiments.md).
+
+Everything lands under `--out` (default `runs/demo`): world/,
+stages/<task>/<kind>/<method>/<stage>/, report.md, report.json, predictions.jsonl and the plots.
+Trained stages already in the folder are reused, so an interrupted demo picks up where it stopped
+(the trainer resumes from its checkpoints too).
 `--quick` is the smoke run CI executes: the same pipeline on a few records and steps.
 """
 
@@ -23,6 +29,10 @@ from fthss.atomic import atomic_write_text
 from fthss.errors import ConfigError
 
 ASSETS = Path(__file__).parent / "assets"
+# every kind trains single, chain and fthss (fthss-untuned runs the chain's stages); distill and
+# adapt, the paper's other rows, run for one kind (`DemoConfig.every_method_kind`): the budget
+KIND_METHODS = ("single", "chain", "fthss")
+EXTRA_METHODS = ("distill", "adapt")
 
 
 @dataclass
@@ -34,32 +44,74 @@ class DemoConfig:
     micro_batch_size: int = 16
     # single-round FTHSS (and adapt) trains one stage per phase where the chain trains all in one:
     # dividing the micro-batch by the number of stages gives each stage the chain's number of
-    # updates, each of as many of its own sequences (docs/experiments.md, exp11)
+    # updates, each of as many of its own sequences
     equal_stage_updates: bool = True
-    learning_rate: float = 3e-2
-    prompt_tokens: int = 8
+    kinds: tuple[str, ...] = ("prompt", "lora")
+    every_method_kind: str = "lora"  # the kind that also trains distill and adapt
+    learning_rate: float = 3e-2  # soft prompts
+    prompt_tokens: int = 8  # prompt kind
     prompt_init: str = "vocab"
+    lora_rank: int = 8  # lora kind: deltas on all seven projections, no soft prompt
+    lora_alpha: float = 16.0
+    lora_learning_rate: float = 2e-3
     batch_size: int = 128  # generation
     max_new_tokens: int | None = None  # cap on every step's generation (the tasks set their own)
     latency_lengths: tuple[int, ...] = (250, 500, 1000, 1500)
     memory_total_tokens: int = 1000
     pretrain_steps: int = 1000  # only when no embedded base matches the world
-    shared_mode_steps: int = 667  # then mostly in shared mode (PretrainConfig.shared_mode_after)
-    pretrain_draws: int = 3  # pretraining seeds 0..n-1, the lowest dev loss kept (world/select.py)
+    # > 0: a second pretraining phase of that many steps, mostly in shared mode
+    # (PretrainConfig.shared_mode_after); 0: text mode only, as any LM is pretrained
+    shared_mode_steps: int = 0
+    pretrain_draws: int = 1  # pretraining seeds 0..n-1, the lowest dev loss kept (world/select.py)
     base: str | None = None  # a base pretrained on this world, instead of the embedded one
 
     @classmethod
-    def quick(cls, seed: int = 0, base: str | None = None) -> DemoConfig:
+    def quick(cls, seed: int = 0, base: str | None = None, shared_mode_base: bool = False
+              ) -> DemoConfig:
         return cls(seed=seed, base=base, test_records=48, train_samples=64, max_new_tokens=32,
                    latency_lengths=(100, 400), memory_total_tokens=120, pretrain_steps=40,
-                   shared_mode_steps=10, pretrain_draws=1)
+                   shared_mode_steps=10 if shared_mode_base else 0, pretrain_draws=1)
+
+    @classmethod
+    def shared_mode_base(cls, seed: int = 0, base: str | None = None) -> DemoConfig:
+        """The text recipe continued for 667 steps mostly in shared mode, the lowest dev loss
+        of three draws: the bases whose shared-mode exposure, not FTHSS tuning, does the
+        reading (docs/experiments.md)."""
+        return cls(seed=seed, base=base, shared_mode_steps=667, pretrain_draws=3)
+
+    def __post_init__(self):
+        self.kinds = tuple(self.kinds)
+        unknown = [k for k in self.kinds if k not in ("prompt", "lora")]
+        if unknown or not self.kinds:
+            raise ConfigError(f"demo kinds must be some of prompt, lora, not {unknown or 'none'}")
+        if self.every_method_kind not in self.kinds:
+            raise ConfigError(f"every_method_kind {self.every_method_kind!r} is not one of the "
+                              f"kinds {self.kinds}")
+
+    def methods(self, kind: str) -> tuple[str, ...]:
+        """The training methods the demo runs with stages of `kind`, in training order (adapt
+        starts from the chain's stages)."""
+        return KIND_METHODS + (EXTRA_METHODS if kind == self.every_method_kind else ())
+
+    def stage_config(self, name: str, kind: str):
+        """The `StageConfig` of a new stage `name` of `kind`, as the demo trains it."""
+        from fthss.prompts.stage import StageConfig
+
+        if kind == "lora":
+            return StageConfig(name, "lora", 0, lora_rank=self.lora_rank,
+                               lora_alpha=self.lora_alpha)
+        return StageConfig(name, "prompt", self.prompt_tokens, self.prompt_init)
 
 
-def embedded_base(world_manifest: dict) -> Path | None:
-    """The committed base pretrained on exactly this world, if there is one."""
-    for recipe in sorted(ASSETS.glob("base-s*/recipe.json")):
-        if json.loads(recipe.read_text())["world"] == world_manifest:
-            return recipe.parent
+def embedded_base(world_manifest: dict, shared_mode: bool = False) -> Path | None:
+    """The committed base pretrained on exactly this world, if there is one: the text-only
+    recipe's, or with `shared_mode` the one whose second phase ran in shared mode."""
+    for recipe_path in sorted(ASSETS.glob("*/recipe.json")):
+        recipe = json.loads(recipe_path.read_text())
+        config = recipe["config"]
+        if (recipe["world"] == world_manifest
+                and (config.get("hole_share", 0) + config.get("mask_share", 0) > 0) == shared_mode):
+            return recipe_path.parent
     return None
 
 
@@ -76,7 +128,8 @@ def prepare(config: DemoConfig, out: Path, device: str):
         print(f"[demo] building the world (seed {config.seed}) in {world}")
         build(world, seed=config.seed)
     manifest = json.loads(manifest_path.read_text())
-    base_dir = Path(config.base) if config.base else embedded_base(manifest)
+    base_dir = (Path(config.base) if config.base
+                else embedded_base(manifest, config.shared_mode_steps > 0))
     if base_dir is None:
         base_dir = out / "base"
         if not (base_dir / "recipe.json").is_file():
@@ -90,16 +143,18 @@ def prepare(config: DemoConfig, out: Path, device: str):
 
 
 def pretrain_base(world: Path, base_dir: Path, config: DemoConfig, device: str) -> None:
-    """The committed bases' recipe for a world without one: `pretrain_draws` draws of both
-    phases (seeds 0, 1, ...), the one with the lowest dev loss copied to `base_dir`. Draws
-    already in the folder are reused."""
+    """The committed bases' recipe for a world without one: `pretrain_draws` draws (seeds 0,
+    1, ...) of the text-mode pretraining, each continued in shared mode when
+    `shared_mode_steps` > 0, the one with the lowest dev loss copied to `base_dir`. Draws already
+    in the folder are reused."""
     from fthss.world.pretrain import PretrainConfig, PretrainData, pretrain
     from fthss.world.select import select_base
 
+    phases = f"{config.pretrain_steps}" + (f" + {config.shared_mode_steps}"
+                                           if config.shared_mode_steps else "")
     print(f"[demo] no embedded base for world seed {config.seed}: pretraining "
-          f"{config.pretrain_draws} draw(s) of {config.pretrain_steps} + "
-          f"{config.shared_mode_steps} steps (~70 min each for 1,000 + 667 on a 2-core CPU), "
-          "keeping the one with the lowest dev loss")
+          f"{config.pretrain_draws} draw(s) of {phases} steps (~40 min per 1,000 on a 2-core "
+          "CPU), keeping the one with the lowest dev loss")
     data, draws = PretrainData(world), []
     for seed in range(config.pretrain_draws):
         first = base_dir.parent / "base-draws" / f"seed-{seed}-first"
@@ -107,6 +162,9 @@ def pretrain_base(world: Path, base_dir: Path, config: DemoConfig, device: str) 
         if not (first / "recipe.json").is_file():
             pretrain(world, first, PretrainConfig(steps=config.pretrain_steps, seed=seed),
                      device=device, data=data)
+        if not config.shared_mode_steps:
+            draws.append(first)
+            continue
         if not (draw / "recipe.json").is_file():
             pretrain(world, draw, PretrainConfig.shared_mode_after(
                 first, config.shared_mode_steps, seed=seed), device=device, data=data)
@@ -114,11 +172,11 @@ def pretrain_base(world: Path, base_dir: Path, config: DemoConfig, device: str) 
     select_base(world, draws, base_dir, device=device)
 
 
-def train_stages(base, task, samples, method: str, config: DemoConfig, folder: Path,
+def train_stages(base, task, samples, method: str, kind: str, config: DemoConfig, folder: Path,
                  start_from: list | None = None) -> list:
-    """The method's trained stages: loaded from `folder` if a previous run saved them all."""
-    from fthss.prompts.io import load_stage
-    from fthss.prompts.stage import Stage, StageConfig
+    """The method's trained stages of `kind`: loaded from `folder` if a previous run saved them
+    all."""
+    from fthss.prompts.stage import Stage, load_stage
     from fthss.training.config import TrainConfig
     from fthss.training.methods import method_view
     from fthss.training.run import train_method, trains_one_stage_per_phase
@@ -128,12 +186,13 @@ def train_stages(base, task, samples, method: str, config: DemoConfig, folder: P
         return [load_stage(folder / n, base) for n in names]
     # adapt trains copies: the stages it starts from are evaluated as they are
     stages = [copy.deepcopy(s) for s in start_from] if start_from else [
-        Stage.create(StageConfig(n, "prompt", config.prompt_tokens, config.prompt_init), base,
-                     seed=config.seed * 100 + i) for i, n in enumerate(names)]
+        Stage.create(config.stage_config(n, kind), base, seed=config.seed * 100 + i)
+        for i, n in enumerate(names)]
     micro_batch = config.micro_batch_size
     if config.equal_stage_updates and trains_one_stage_per_phase(method, task.rounds):
         micro_batch = max(1, micro_batch // len(names))
-    train = TrainConfig(learning_rate=config.learning_rate, epochs=config.epochs,
+    train = TrainConfig(learning_rate=config.learning_rate,
+                        lora_learning_rate=config.lora_learning_rate, epochs=config.epochs,
                         micro_batch_size=micro_batch, grad_accumulation=1,
                         warmup_ratio=0.03, max_length=None, seed=config.seed)
     count = len(samples) // 4 if method == "adapt" else len(samples)
@@ -142,8 +201,12 @@ def train_stages(base, task, samples, method: str, config: DemoConfig, folder: P
     return [load_stage(folder / n, base) for n in names]
 
 
-def run_task(base, task_name: str, world: Path, config: DemoConfig, out: Path) -> dict:
-    from fthss.evaluation.evaluate import evaluate
+def run_task(base, task_name: str, world: Path, config: DemoConfig, out: Path,
+             timings: dict[str, float]) -> dict:
+    """One task's report section: for each stage kind, its methods trained and evaluated on the
+    same test records. `timings` gets the wall seconds of each phase ("task/kind/method" for a
+    training, "task/kind/evaluate"), which is where the demo's budget goes."""
+    from fthss.evaluation.evaluate import evaluate, merge_sections
     from fthss.layout.chain import load_chains
     from fthss.retrieval.bm25 import BM25Retriever
     from fthss.tasks import get_task
@@ -152,19 +215,26 @@ def run_task(base, task_name: str, world: Path, config: DemoConfig, out: Path) -
     data = world / "tasks" / task_name
     samples = load_chains(data / "train.jsonl")[: config.train_samples]
     records = task.records(data / "test.jsonl")[: config.test_records]
-    folder = out / "stages" / task_name
-    stage_sets = {}
-    for method in ("single", "distill", "chain", "fthss"):
-        print(f"[demo] {task_name}: training {method}")
-        stage_sets[method] = train_stages(base, task, samples, method, config, folder / method)
-    print(f"[demo] {task_name}: training adapt (FTHSS tuning of the chain stages on a subset)")
-    stage_sets["adapt"] = train_stages(base, task, samples, "adapt", config, folder / "adapt",
-                                       start_from=stage_sets["chain"])
     retriever = BM25Retriever.from_file(world / "corpus.jsonl")
-    print(f"[demo] {task_name}: evaluating {len(records)} test questions")
-    return evaluate(base, task, records, stage_sets, retriever, gold_upstream=True,
-                    batch_size=config.batch_size, progress=True,
-                    max_new_tokens=config.max_new_tokens)
+    sections = []
+    for kind in config.kinds:
+        folder = out / "stages" / task_name / kind
+        stage_sets = {}
+        for method in config.methods(kind):
+            note = " (FTHSS tuning of the chain stages on a subset)" if method == "adapt" else ""
+            print(f"[demo] {task_name}, {kind} stages: training {method}{note}")
+            started = time.perf_counter()
+            stage_sets[method] = train_stages(
+                base, task, samples, method, kind, config, folder / method,
+                start_from=stage_sets["chain"] if method == "adapt" else None)
+            timings[f"{task_name}/{kind}/{method}"] = time.perf_counter() - started
+        print(f"[demo] {task_name}, {kind} stages: evaluating {len(records)} test questions")
+        started = time.perf_counter()
+        sections.append(evaluate(base, task, records, stage_sets, retriever, gold_upstream=True,
+                                 batch_size=config.batch_size, progress=True,
+                                 max_new_tokens=config.max_new_tokens, kind=kind))
+        timings[f"{task_name}/{kind}/evaluate"] = time.perf_counter() - started
+    return merge_sections(sections)
 
 
 def run_demo(config: DemoConfig, out: str | Path, device: str | None = None) -> dict:
@@ -177,18 +247,20 @@ def run_demo(config: DemoConfig, out: str | Path, device: str | None = None) -> 
     out.mkdir(parents=True, exist_ok=True)
     _check_same_config(config, out / "demo_config.json")
     world, base = prepare(config, out, device)
-    reports, timings = [], {}
+    reports, timings, phases = [], {}, {}
     for task_name in TASKS:
         task_started = time.perf_counter()
-        reports.append(run_task(base, task_name, world, config, out))
+        reports.append(run_task(base, task_name, world, config, out, phases))
         timings[task_name] = time.perf_counter() - task_started
-        write_report(reports, out, {"task_wall_s": timings})  # so far, should the run stop
+        # so far, should the run stop
+        write_report(reports, out, {"task_wall_s": timings, "phase_wall_s": phases})
     print("[demo] measuring stage-B latency and KV memory (text vs shared)")
     latency = stage_b_latency(base, list(config.latency_lengths))
     memory = kv_memory(base, [1, 2, 3], config.memory_total_tokens)
-    extra = {"config": asdict(config), "device": str(base.device), "torch": torch.__version__,
+    extra = {"config": asdict(config), "base": base.model.config.name_or_path,
+             "device": str(base.device), "torch": torch.__version__,
              "latency": latency, "memory": memory, "task_wall_s": timings,
-             "wall_s": time.perf_counter() - started}
+             "phase_wall_s": phases, "wall_s": time.perf_counter() - started}
     write_report(reports, out, extra)
     return extra
 

@@ -9,6 +9,7 @@ CPU in fp32.
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +79,29 @@ def assert_same_generations(results, reference, scores: bool = True) -> None:
             logits = ref_step.scores[same]
             assert float(logits[theirs[same]] - logits[ours[same]]) <= TOLERANCE, (ours, theirs)
             break  # the rest of this request follows another path
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """What every figure saved through `fthss.plots.save` shows, by file name: per axes its
+    title, axis labels, tick labels, legend entries and the number of bars and lines drawn (a
+    file's size says nothing of whether its plot is the right one)."""
+    import matplotlib.image
+
+    import fthss.plots
+
+    seen, save = {}, fthss.plots.save
+
+    def recording(fig, path):
+        legend = [ax.get_legend() for ax in fig.axes]
+        seen[Path(path).name] = [
+            {"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+             "xticklabels": [t.get_text() for t in ax.get_xticklabels()],
+             "legend": [t.get_text() for t in box.get_texts()] if box else [],
+             "bars": len(ax.patches), "lines": len(ax.lines)}
+            for ax, box in zip(fig.axes, legend, strict=True)]
+        save(fig, path)
+        assert matplotlib.image.imread(path).ndim == 3  # a PNG that opens
+
+    monkeypatch.setattr(fthss.plots, "save", recording)
+    return seen

@@ -70,8 +70,14 @@ def test_routing_cost_is_lora_over_prompt_per_system_and_length():
     assert routing_cost(rows[:1], "intermediate_tokens", ("latency_s",)) == []
 
 
-def bench(tmp_path, capsys, *options) -> dict:
-    """Run `fthss bench ...` on tiny-llama; the JSON file and stdout's last line must agree."""
+PLOT_TITLES = {"latency": ["Stage-B latency", "Slower than shared mode by"],
+               "throughput": ["Throughput", "Shared mode's gain"],
+               "memory": ["KV memory", "compress → QA"]}
+
+
+def bench(tmp_path, capsys, figures, *options) -> dict:
+    """Run `fthss bench ...` on tiny-llama; the JSON file and stdout's last line must agree,
+    and the plot beside it shows the benchmark's panels."""
     out = tmp_path / "bench.json"
     argv = ["bench", *options, "--arch", "tiny-llama", "--prompt-tokens", str(PROMPT),
             "--out", str(out)]
@@ -79,8 +85,11 @@ def bench(tmp_path, capsys, *options) -> dict:
     result = json.loads(out.read_text())
     printed = capsys.readouterr().out
     assert printed.strip().splitlines()[-1] == f"-> {out}" and "{" not in printed  # tables
-    if options[0] in ("latency", "memory", "throughput"):  # plots beside the record
-        assert (tmp_path / "bench.png").stat().st_size > 0
+    if options[0] in PLOT_TITLES:  # a plot beside the record, each panel with its data
+        panels = figures.pop("bench.png")
+        assert [p["title"] for p in panels] == PLOT_TITLES[options[0]]
+        assert all((p["xlabel"] or any(p["xticklabels"])) and p["ylabel"]
+                   and p["lines"] + p["bars"] > 0 for p in panels)
     assert main(argv + ["--json"]) == 0  # the record alone, for a pipe
     assert json.loads(capsys.readouterr().out) == json.loads(out.read_text())
     assert RECORD_KEYS <= set(result)
@@ -89,9 +98,9 @@ def bench(tmp_path, capsys, *options) -> dict:
     return result
 
 
-def test_bench_latency_three_systems_side_by_side(tmp_path, capsys, llama):
-    result = bench(tmp_path, capsys, "latency", "--lengths", "32", "64", "--new-tokens", "2",
-                   "--repeats", "1")
+def test_bench_latency_three_systems_side_by_side(tmp_path, capsys, figures, llama):
+    result = bench(tmp_path, capsys, figures, "latency", "--lengths", "32", "64",
+                   "--new-tokens", "2", "--repeats", "1")
     rows = {(r["mode"], r["intermediate_tokens"]): r for r in result["rows"]}
     assert set(rows) == {(m, n) for m in ("shared", "text", "hf-peft") for n in (32, 64)}
     assert all(r["new_tokens"] == 2 and 0 < r["ttft_s"] <= r["latency_s"] for r in rows.values())
@@ -106,11 +115,10 @@ def test_bench_latency_three_systems_side_by_side(tmp_path, capsys, llama):
             strongest = ratio["strongest_baseline"][what]
             assert strongest["ratio"] == min(ratio[f"{what}_ratio"].values())
             assert ratio[f"{what}_ratio"][strongest["system"]] == strongest["ratio"]
-    assert (tmp_path / "bench.png").stat().st_size > 0
 
 
-def test_bench_latency_and_decode_measure_the_routing_of_lora_stages(tmp_path, capsys):
-    latency = bench(tmp_path, capsys, "latency", "--lengths", "16", "--new-tokens", "2",
+def test_bench_latency_and_decode_measure_the_routing_of_lora_stages(tmp_path, capsys, figures):
+    latency = bench(tmp_path, capsys, figures, "latency", "--lengths", "16", "--new-tokens", "2",
                     "--repeats", "1", "--kinds", "prompt", "lora")
     # PEFT + generate runs prompt stages only; with lora stages text mode is the LoRA chain
     assert sorted((r["mode"], r["kind"]) for r in latency["rows"]) == sorted(
@@ -121,7 +129,7 @@ def test_bench_latency_and_decode_measure_the_routing_of_lora_stages(tmp_path, c
     assert [(r["mode"], r["intermediate_tokens"]) for r in latency["routing_cost"]] == [
         ("shared", 16), ("text", 16)]
     assert all(r["latency_s_ratio"] > 0 for r in latency["routing_cost"])
-    decode = bench(tmp_path, capsys, "decode", "--contexts", "16", "--new-tokens", "3",
+    decode = bench(tmp_path, capsys, figures, "decode", "--contexts", "16", "--new-tokens", "3",
                    "--repeats", "1", "--kinds", "prompt", "lora")
     assert [r["kind"] for r in decode["rows"]] == ["prompt", "lora"]
     [cost] = decode["routing_cost"]
@@ -144,12 +152,13 @@ def test_bench_latency_names_the_missing_peft(tmp_path, capsys, monkeypatch):
     assert "fthss[bench]" in capsys.readouterr().err
 
 
-def test_bench_memory_one_copy_shared_one_per_stage_text(tmp_path, capsys, llama, monkeypatch):
+def test_bench_memory_one_copy_shared_one_per_stage_text(tmp_path, capsys, figures, llama,
+                                                         monkeypatch):
     from fthss.engine import cache
 
     monkeypatch.setattr(cache, "BLOCK", 16)  # so that 40 passage tokens are worth freeing
-    result = bench(tmp_path, capsys, "memory", "--total-tokens", "48", "--passage-tokens", "40",
-                   "--compression-tokens", "6", "--answer-tokens", "2")
+    result = bench(tmp_path, capsys, figures, "memory", "--total-tokens", "48",
+                   "--passage-tokens", "40", "--compression-tokens", "6", "--answer-tokens", "2")
     rows = {(r["stages"], r["mode"]): r for r in result["multi_round"]}
     per_token = bytes_per_token(llama)
     shared = [rows[count, "shared"] for count in (1, 2, 3)]
@@ -176,8 +185,8 @@ def test_bench_memory_one_copy_shared_one_per_stage_text(tmp_path, capsys, llama
     assert compress["shared"]["kv_bytes_during_b"] < compress["text"]["kv_bytes_during_b"]
 
 
-def test_bench_throughput_rows_and_ratio(tmp_path, capsys):
-    result = bench(tmp_path, capsys, "throughput", "--batch-sizes", "1", "3",
+def test_bench_throughput_rows_and_ratio(tmp_path, capsys, figures):
+    result = bench(tmp_path, capsys, figures, "throughput", "--batch-sizes", "1", "3",
                    "--intermediate-tokens", "24", "--new-tokens", "2", "--repeats", "1")
     rows = {(r["batch"], r["mode"]): r for r in result["rows"]}
     assert set(rows) == {(b, m) for b in (1, 3) for m in ("text", "shared")}
@@ -185,16 +194,15 @@ def test_bench_throughput_rows_and_ratio(tmp_path, capsys):
         assert row["requests_per_s"] == pytest.approx(batch / row["stage_b_s"])
         assert row["tokens_per_s"] == pytest.approx(2 * batch / row["stage_b_s"])
     assert [r["batch"] for r in result["ratios"]] == [1, 3]
-    assert (tmp_path / "bench.png").stat().st_size > 0
 
 
-def test_bench_decode_floor_only_with_a_known_bandwidth(tmp_path, capsys):
-    unknown = bench(tmp_path, capsys, "decode", "--contexts", "16", "--new-tokens", "3",
+def test_bench_decode_floor_only_with_a_known_bandwidth(tmp_path, capsys, figures):
+    unknown = bench(tmp_path, capsys, figures, "decode", "--contexts", "16", "--new-tokens", "3",
                     "--repeats", "1")
     row = unknown["rows"][0]
     assert row["ms_per_token"] > 0 and row["floor_ms_per_token"] is None
     assert "--bandwidth-gbs" in unknown["note"]
-    known = bench(tmp_path, capsys, "decode", "--contexts", "16", "--new-tokens", "3",
+    known = bench(tmp_path, capsys, figures, "decode", "--contexts", "16", "--new-tokens", "3",
                   "--repeats", "1", "--bandwidth-gbs", "20")
     row = known["rows"][0]
     assert known["note"] is None
@@ -213,8 +221,8 @@ def test_large_presets_have_the_real_shapes_and_build_on_meta(preset, parameters
     assert base.dtype == torch.bfloat16 and base.position_limit >= 8192
 
 
-def test_bench_serve_rows_against_the_offline_ceiling(tmp_path, capsys):
-    result = bench(tmp_path, capsys, "serve", "--concurrency", "1", "3", "--rounds", "2",
+def test_bench_serve_rows_against_the_offline_ceiling(tmp_path, capsys, figures):
+    result = bench(tmp_path, capsys, figures, "serve", "--concurrency", "1", "3", "--rounds", "2",
                    "--intermediate-tokens", "16", "--new-tokens", "2", "--max-wait-ms", "50")
     rows = {(r["mode"], r["concurrency"]): r for r in result["rows"]}
     assert set(rows) == {(m, c) for m in ("text", "shared") for c in (1, 3)}

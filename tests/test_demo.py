@@ -1,17 +1,18 @@
 """`fthss demo` end to end on a miniature configuration: the world, a (barely) pretrained base,
-every method on the four tasks, the evaluation with its gold-upstream runs and bootstrap
-intervals, the latency and memory measurements, and the report; a rerun reuses the stages."""
+every method on the four tasks with both stage kinds, the evaluation with its gold-upstream runs
+and bootstrap intervals, the latency and memory measurements, and the report; a rerun reuses the
+stages."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from fthss.demo import DemoConfig, run_demo
-from fthss.evaluation.evaluate import GOLD_UPSTREAM, RUNS
+from fthss.evaluation.evaluate import COMPARISONS, GOLD_UPSTREAM, RUNS
 
 TINY = DemoConfig(test_records=4, train_samples=8, micro_batch_size=8, max_new_tokens=4,
-                  latency_lengths=(20,), memory_total_tokens=24, pretrain_steps=2,
-                  shared_mode_steps=2, pretrain_draws=1)
+                  latency_lengths=(20,), memory_total_tokens=24, pretrain_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +27,14 @@ def test_the_report_covers_every_task_method_and_measurement(demo):
     report = json.loads((demo / "report.json").read_text())
     assert [t["task"] for t in report["tasks"]] == ["compress_qa", "rewrite_qa",
                                                     "memory_reasoning", "active_rag"]
-    expected = {(m, False) for m in RUNS} | {(m, True) for m in GOLD_UPSTREAM}
+    # lora runs every method; prompt all but distill and adapt (TINY.every_method_kind)
+    expected = {("lora", m, False) for m in RUNS} | {("lora", m, True) for m in GOLD_UPSTREAM}
+    expected |= {("prompt", m, gold) for _, m, gold in expected if m not in ("distill", "adapt")}
     for task in report["tasks"]:
-        assert {(m["method"], m["gold_upstream"]) for m in task["methods"]} == expected
+        assert {(m["kind"], m["method"], m["gold_upstream"]) for m in task["methods"]} == expected
         assert task["records"] == 4
+        assert {(c["kind"], c["a"], c["b"]) for c in task["comparisons"]} == {
+            (kind, a, b) for kind in ("prompt", "lora") for a, b in COMPARISONS}
         for comparison in task["comparisons"]:
             low, high = comparison["ci95"]
             assert low <= comparison["diff"] <= high
@@ -37,13 +42,19 @@ def test_the_report_covers_every_task_method_and_measurement(demo):
         (20, "text"), (20, "shared")}
     assert {r["stages"] for r in report["memory"]} == {1, 2, 3}
     markdown = (demo / "report.md").read_text()
-    for heading in ("Paired differences", "fthss − chain", "chain − single",
-                    "fthss − fthss-untuned", "Stage-B latency", "KV memory", "Wall time"):
+    for heading in ("Paired differences", "lora fthss − chain", "prompt chain − single",
+                    "prompt fthss − fthss-untuned", "| lora adapt (gold upstream) |",
+                    "Stage-B latency", "KV memory", "Wall time"):
         assert heading in markdown
+    import matplotlib.image
+
     for plot in ("accuracy.png", "tuning.png", "latency_memory.png"):
-        assert (demo / plot).stat().st_size > 1000
+        assert matplotlib.image.imread(demo / plot).shape[0] > 300  # a picture that opens
     for method in ("single", "distill", "chain", "fthss", "adapt"):
-        assert (demo / "stages" / "compress_qa" / method).is_dir()
+        assert (demo / "stages" / "compress_qa" / "lora" / method).is_dir()
+    assert not (demo / "stages" / "compress_qa" / "prompt" / "adapt").exists()
+    predictions = [json.loads(line) for line in (demo / "predictions.jsonl").open()]
+    assert {p["kind"] for p in predictions} == {"prompt", "lora"}
 
 
 @pytest.mark.slow  # the quick demo, a few minutes
@@ -73,22 +84,26 @@ def test_adapt_trains_copies_of_the_stages_it_starts_from(demo, tmp_path):
     from fthss.prompts.stage import load_stage
     from fthss.tasks import get_task
 
+    def weights(stages):
+        return [p.detach().clone() for s in stages for p in s.parameters()]
+
     _, base = prepare(TINY, demo, "cpu")
-    chain = [load_stage(demo / "stages" / "compress_qa" / "chain" / n, base) for n in "AB"]
-    before = [s.weight.detach().clone() for s in chain]
+    chain = [load_stage(demo / "stages" / "compress_qa" / "lora" / "chain" / n, base)
+             for n in "AB"]
+    before = weights(chain)
     # adapt: 16, two steps
     samples = load_chains(demo / "world" / "tasks" / "compress_qa" / "train.jsonl")[:64]
-    adapted = train_stages(base, get_task("compress_qa"), samples, "adapt", TINY, tmp_path,
-                           start_from=chain)
-    assert all(torch.equal(b, s.weight) for b, s in zip(before, chain, strict=True))
-    assert any(not torch.equal(b, s.weight) for b, s in zip(before, adapted, strict=False))
+    adapted = train_stages(base, get_task("compress_qa"), samples, "adapt", "lora", TINY,
+                           tmp_path, start_from=chain)
+    assert all(torch.equal(b, w) for b, w in zip(before, weights(chain), strict=True))
+    assert any(not torch.equal(b, w) for b, w in zip(before, weights(adapted), strict=True))
 
 
 @pytest.mark.slow  # the quick demo, a few minutes
 def test_each_fthss_stage_gets_as_many_updates_as_in_the_chains_joint_phase(demo):
     def updates(task, method, phase):
-        return len((demo / "stages" / task / method / f"train-{phase}" / "metrics.jsonl")
-                   .read_text().splitlines())
+        return len((demo / "stages" / task / "prompt" / method / f"train-{phase}" /
+                    "metrics.jsonl").read_text().splitlines())
 
     for task in ("compress_qa", "rewrite_qa"):  # single-round: FTHSS trains A, then B
         chain = updates(task, "chain", "A+B")
@@ -96,3 +111,54 @@ def test_each_fthss_stage_gets_as_many_updates_as_in_the_chains_joint_phase(demo
         assert updates(task, "fthss", "A") == updates(task, "fthss", "B") == chain
     # multi-round FTHSS trains its stages jointly, one sequence per chain: the batch stays
     assert updates("memory_reasoning", "fthss", "A+B") == 1
+
+
+def test_each_committed_world_has_a_text_only_base_and_a_shared_mode_one():
+    from fthss.demo import ASSETS, embedded_base
+
+    worlds = {}
+    for recipe_path in sorted(ASSETS.glob("*/recipe.json")):
+        recipe = json.loads(recipe_path.read_text())
+        worlds.setdefault(recipe["world"]["seed"], recipe["world"])
+    assert sorted(worlds) == [0, 1]
+    for world in worlds.values():
+        text, shared = embedded_base(world), embedded_base(world, shared_mode=True)
+        assert text.name == f"base-s{world['seed']}"
+        assert shared.name == f"shared-mode-base-s{world['seed']}"
+        config = json.loads((text / "recipe.json").read_text())["config"]
+        assert config["hole_share"] == config["mask_share"] == 0 and not config["init_from"]
+    assert embedded_base({**worlds[0], "seed": 7}) is None
+
+
+@pytest.mark.parametrize("argv, shared_mode_steps, draws, records", [
+    ([], 0, 1, 1000),
+    (["--shared-mode-base"], 667, 3, 1000),
+    (["--quick"], 0, 1, 48),
+    (["--quick", "--shared-mode-base"], 10, 1, 48),
+])
+def test_the_command_picks_the_base_recipe(argv, shared_mode_steps, draws, records, tmp_path,
+                                          monkeypatch):
+    from fthss.cli import main
+
+    seen = []
+
+    def fake_run_demo(config, out, device=None):
+        seen.append(config)
+        (Path(out) / "report.md").write_text("report")
+        return {"wall_s": 0.0}
+
+    monkeypatch.setattr("fthss.demo.run_demo", fake_run_demo)
+    assert main(["demo", "--out", str(tmp_path), *argv]) == 0
+    [config] = seen
+    assert (config.shared_mode_steps, config.pretrain_draws, config.test_records) == (
+        shared_mode_steps, draws, records)
+    assert config.kinds == ("prompt", "lora")
+
+
+def test_demo_kinds_are_checked():
+    with pytest.raises(ValueError, match="prompt, lora"):
+        DemoConfig(kinds=("prefix",))
+    with pytest.raises(ValueError, match="every_method_kind"):
+        DemoConfig(kinds=("prompt",))
+    assert DemoConfig(kinds=("prompt",), every_method_kind="prompt").methods("prompt") == (
+        "single", "chain", "fthss", "distill", "adapt")

@@ -209,7 +209,7 @@ def test_evaluate_every_method_on_reference_formats(method_stages, task_name, da
                 assert [s["output"] for s in r["steps"][:len(gold)]] == gold
 
 
-def test_cli_eval_writes_the_report(method_stages, tmp_path):
+def test_cli_eval_writes_the_report(method_stages, tmp_path, figures):
     from fthss.cli import main
 
     _, _, root = method_stages
@@ -238,7 +238,11 @@ def test_cli_eval_writes_the_report(method_stages, tmp_path):
                          check=False, capture_output=True, text=True)
     assert bad.returncode != 0
     assert f"predictions.jsonl:{len(rows) + 1}: not a JSON row" in bad.stderr
-    assert (out / "accuracy.png").stat().st_size > 0
+    [accuracy] = figures["accuracy.png"]  # one panel per task, one bar per method run
+    assert accuracy["title"] == "compress_qa" and accuracy["bars"] == 6
+    assert accuracy["xticklabels"][:2] == ["chain", "chain\n(gold)"]
+    [tuning] = figures["tuning.png"]
+    assert tuning["legend"] == ["fthss-untuned", "fthss"] and tuning["bars"] == 2
     assert main(["eval", "--arch", "tiny-llama", "--task", "compress_qa", "--data",
                  str(DATA / "compress_qa_sample.json"), "--stages", "magic=x", "--out",
                  str(out)]) == 2
@@ -281,3 +285,33 @@ def test_the_chosen_option_is_the_one_the_answer_names_else_the_letter():
     record = TaskRecord("r", ChainSample(question, []), "B")
     assert get_task("memory_reasoning").score("the answer is Malaland. [The answer is]: A",
                                               record) == {"acc": 1.0}
+
+
+def test_sections_of_two_kinds_merge_into_one_report_with_kind_labels(tmp_path, figures):
+    from fthss.evaluation.evaluate import merge_sections
+    from fthss.evaluation.report import write_report
+
+    def section(kind, fthss_score):
+        runs = [MethodResult("chain", False, {"em": [1.0, 0.0], "f1": [1.0, 0.0]}, {},
+                             ["a", "b"], [[], []]),
+                MethodResult("fthss", False, {"em": [fthss_score, 0.0], "f1": [1.0, 0.0]}, {},
+                             ["a", "c"], [[], []])]
+        tag = {"kind": kind}
+        return {"task": "compress_qa", "metric": "em_f1", "records": 2,
+                "methods": [{**tag, **r.summary()} for r in runs],
+                "comparisons": [{**tag, **c} for c in compare(runs, "em")],
+                "predictions": [{**tag, "method": r.method} for r in runs]}
+
+    merged = merge_sections([section("prompt", 0.0), section("lora", 1.0)])
+    assert [(m["kind"], m["method"]) for m in merged["methods"]] == [
+        ("prompt", "chain"), ("prompt", "fthss"), ("lora", "chain"), ("lora", "fthss")]
+    assert [(c["kind"], c["diff"]) for c in merged["comparisons"]] == [("prompt", -50.0),
+                                                                       ("lora", 0.0)]
+    write_report([merged], tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| prompt fthss | 0.0 | 50.0 |" in markdown and "| lora fthss | 50.0 |" in markdown
+    assert "| compress_qa | lora fthss − chain | generated | EM | +0.0 |" in markdown
+    [tuning] = figures["tuning.png"]
+    assert tuning["legend"] == ["prompt fthss", "lora fthss"]
+    with pytest.raises(ValueError, match="one task"):
+        merge_sections([section("prompt", 0.0), {**section("lora", 1.0), "records": 3}])

@@ -176,3 +176,15 @@ def test_every_decode_mask_row_is_the_rules_row_for_the_new_token(llama, monkeyp
                 ChainSample("q3", [Step("B", max_new_tokens=4), Step("A", max_new_tokens=6)])]
     ChainEngine(llama, stages, batch_size=3).run(requests)
     assert True in checked and False in checked  # live rows and idle ones
+
+
+def test_the_readme_picture_is_drawn_from_the_rule(tmp_path):
+    import runpy
+    from pathlib import Path
+
+    import matplotlib.image
+
+    script = Path(__file__).parents[1] / "scripts" / "draw_mask.py"
+    runpy.run_path(str(script))["draw"](str(tmp_path / "mask.png"))
+    image = matplotlib.image.imread(tmp_path / "mask.png")
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 400

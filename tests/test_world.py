@@ -241,17 +241,24 @@ def test_chain_windows_are_the_shared_mode_sequence_under_the_visibility_mask(bu
 
 
 def test_the_committed_bases_were_made_by_the_recipe_the_demo_runs_for_other_seeds():
-    """A seed without a committed base pretrains `DemoConfig`'s draws of both phases; the
-    committed bases must be what that recipe made (same phases, steps, shares, draws), or the
-    README's figures describe bases the recipe does not rebuild."""
+    """A seed without a committed base pretrains `DemoConfig`'s recipe (text mode only, one
+    draw; with --shared-mode-base, draws of both phases); the committed bases must be what that
+    recipe made, or the README's figures describe bases the recipe does not rebuild."""
     from dataclasses import asdict
 
     from fthss.demo import ASSETS, DemoConfig
 
+    text = sorted(ASSETS.glob("base-s*/recipe.json"))
+    assert len(text) == 2
     demo = DemoConfig()
-    recipes = sorted(ASSETS.glob("base-s*/recipe.json"))
-    assert len(recipes) == 2
-    for path in recipes:
+    assert demo.pretrain_draws == 1 and demo.shared_mode_steps == 0
+    for path in text:
+        recipe = json.loads(path.read_text())
+        assert recipe["config"] == asdict(PretrainConfig(steps=demo.pretrain_steps, seed=0)), path
+    shared = sorted(ASSETS.glob("shared-mode-base-s*/recipe.json"))
+    assert len(shared) == 2
+    demo = DemoConfig.shared_mode_base()
+    for path in shared:
         recipe = json.loads(path.read_text())
         seed = recipe["config"]["seed"]
         second = asdict(PretrainConfig.shared_mode_after("", demo.shared_mode_steps, seed=seed))

@@ -100,11 +100,13 @@ def run_method(base: BaseModel, task: Task, records: list[TaskRecord], method: s
 def evaluate(base: BaseModel, task: Task, records: list[TaskRecord],
              stage_sets: dict[str, list[Stage]], retriever=None, gold_upstream: bool = True,
              batch_size: int = 16, progress: bool = False,
-             max_new_tokens: int | None = None) -> dict:
+             max_new_tokens: int | None = None, kind: str | None = None) -> dict:
     """Run every method whose stages are given (`stage_sets` keyed by training method) and
     return the task's report section: per method its metrics and per-stage statistics, the
     gold-upstream runs, the COMPARISONS with paired-bootstrap 95% intervals, and `predictions`:
-    one row per method and request (its step outputs, prediction, gold answer and scores)."""
+    one row per method and request (its step outputs, prediction, gold answer and scores).
+    `kind` (the stages' kind) is stamped on every method, comparison and prediction row, so that
+    sections of several kinds merge into one report (`merge_sections`)."""
     if not records:  # every metric would be a mean of nothing
         raise EmptyDataError(f"{task.name}: nothing to evaluate (no records)")
     runs = []
@@ -115,15 +117,27 @@ def evaluate(base: BaseModel, task: Task, records: list[TaskRecord],
         for gold in options:
             runs.append(run_method(base, task, records, method, stage_sets[trained_as],
                                    retriever, gold, batch_size, progress, max_new_tokens))
+    tag = {"kind": kind} if kind else {}
     return {"task": task.name, "metric": task.metric, "records": len(records),
-            "methods": [r.summary() for r in runs],
-            "comparisons": compare(runs, task.metric_names[0]),
+            "methods": [{**tag, **r.summary()} for r in runs],
+            "comparisons": [{**tag, **row} for row in compare(runs, task.metric_names[0])],
             "predictions": [
-                {"method": r.method, "gold_upstream": r.gold_upstream, "id": record.id,
+                {**tag, "method": r.method, "gold_upstream": r.gold_upstream, "id": record.id,
                  "steps": steps, "prediction": prediction, "answer": record.answer,
                  "scores": {m: v[i] for m, v in r.scores.items()}}
                 for r in runs for i, (record, steps, prediction)
                 in enumerate(zip(records, r.steps, r.predictions, strict=True))]}
+
+
+def merge_sections(sections: list[dict]) -> dict:
+    """One task's report section from the sections `evaluate` wrote for each stage kind on the
+    same records: their methods, comparisons and predictions side by side."""
+    first = sections[0]
+    if any((s["task"], s["records"]) != (first["task"], first["records"]) for s in sections):
+        raise ValueError("merge_sections: the sections must be of one task and its records")
+    return {**{k: first[k] for k in ("task", "metric", "records")},
+            **{k: [row for s in sections for row in s[k]]
+               for k in ("methods", "comparisons", "predictions")}}
 
 
 def compare(runs: list[MethodResult], metric: str) -> list[dict]:

@@ -14,7 +14,12 @@ from fthss.atomic import atomic_write_text
 
 
 def _label(row: dict) -> str:
-    return row["method"] + (" (gold upstream)" if row["gold_upstream"] else "")
+    """A method row's or comparison's name: its stage kind first when the report has kinds."""
+    return _kind(row) + row["method"] + (" (gold upstream)" if row["gold_upstream"] else "")
+
+
+def _kind(row: dict) -> str:
+    return f"{row['kind']} " if row.get("kind") else ""
 
 
 def markdown(reports: list[dict]) -> str:
@@ -37,7 +42,7 @@ def markdown(reports: list[dict]) -> str:
                   "| task | difference | upstream | metric | value | 95% interval |",
                   "|---|---|---|---|---|---|"]
         for task, c in comparisons:
-            lines.append(f"| {task} | {c['a']} − {c['b']} | "
+            lines.append(f"| {task} | {_kind(c)}{c['a']} − {c['b']} | "
                          f"{'gold' if c['gold_upstream'] else 'generated'} | "
                          f"{c['metric'].upper()} | {c['diff']:+.1f} | "
                          f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] |")
@@ -74,22 +79,28 @@ TUNING = ("fthss-untuned", "adapt", "fthss")
 
 
 def plot_tuning(reports: list[dict], path: Path) -> bool:
-    """Shared mode without FTHSS tuning, with `adapt`, with full FTHSS tuning, per task."""
-    fig, ax = plots.subplots(figsize=(1.8 + 1.6 * len(reports), 3.6))
-    drawn = False
-    for i, method in enumerate(TUNING):
-        rows = [next((m for m in r["methods"] if m["method"] == method and not m["gold_upstream"]),
-                     None) for r in reports]
-        if any(rows):
-            drawn = True
-            ax.bar([t + 0.27 * (i - 1) for t in range(len(reports))],
-                   [m[_metrics(r)[0]] if m else 0 for m, r in zip(rows, reports, strict=True)],
-                   width=0.27, label=method)
+    """Shared mode without FTHSS tuning, with `adapt`, with full FTHSS tuning, per task (and
+    per stage kind when the report has kinds): one bar series per kind and method present."""
+    rows = [m for r in reports for m in r["methods"]
+            if m["method"] in TUNING and not m["gold_upstream"]]
+    kinds = list(dict.fromkeys(m.get("kind") or "" for m in rows))  # in the report's order
+    series = sorted({(m.get("kind") or "", m["method"]) for m in rows},
+                    key=lambda s: (kinds.index(s[0]), TUNING.index(s[1])))
+    if not series:
+        return False
+    fig, ax = plots.subplots(figsize=(1.8 + 0.6 * len(series) * len(reports), 3.6))
+    width = 0.8 / len(series)
+    for i, (kind, method) in enumerate(series):
+        values = [next((m[_metrics(r)[0]] for m in r["methods"] if not m["gold_upstream"]
+                        and (m.get("kind") or "", m["method"]) == (kind, method)), 0)
+                  for r in reports]
+        ax.bar([t + width * (i - (len(series) - 1) / 2) for t in range(len(reports))], values,
+               width=width, label=f"{kind} {method}".strip())
     ax.set_xticks(range(len(reports)), [r["task"] for r in reports], fontsize=8)
     ax.set(ylabel="EM / Acc %", ylim=(0, 100), title="Shared mode: no tuning, adapt, FTHSS")
     ax.legend(fontsize=8)
     plots.save(fig, path)
-    return drawn
+    return True
 
 
 def benchmark_markdown(latency: list[dict], memory: list[dict]) -> str:
@@ -140,6 +151,8 @@ def write_report(reports: list[dict], out: str | Path, extra: dict | None = None
         text += benchmark_markdown(extra["latency"], extra["memory"])
         latency_memory(extra["latency"], extra["memory"], out / "latency_memory.png")
         text += "\n![latency and memory](latency_memory.png)\n"
+    if "base" in extra:
+        text += f"\nBase: `{extra['base']}`.\n"
     if "wall_s" in extra:
         text += f"\nWall time: {extra['wall_s'] / 60:.1f} min on {extra.get('device', '?')}.\n"
     atomic_write_text(out / "report.json", json.dumps({"tasks": reports, **extra}, indent=2))

@@ -209,27 +209,6 @@ def read_stage(directory: str | Path, base: BaseModel | None = None,
     return parts
 
 
-# Transitional, for fthss/demo.py only, which still imports load_stage from here (it is being
-# edited elsewhere; new code calls Stage.from_pretrained or fthss.prompts.stage.load_stage).
-# load_stage returns a Stage, which this module cannot build without importing the stage model;
-# the stage module hands its class over when it is imported (demo.py imports it before it loads).
-_stage_type: type | None = None
-
-
-def set_stage_type(stage_type: type) -> None:
-    """Called by fthss.prompts.stage on import: the class `load_stage` builds."""
-    global _stage_type
-    _stage_type = stage_type
-
-
-def load_stage(directory: str | Path, base: BaseModel | None = None, name: str | None = None):
-    """Deprecated here: use `Stage.from_pretrained` (or `fthss.prompts.stage.load_stage`)."""
-    if _stage_type is None:
-        raise ImportError("fthss.prompts.io.load_stage builds a Stage: import "
-                          "fthss.prompts.stage first, or call Stage.from_pretrained")
-    return _stage_type(*read_stage(directory, base, name))
-
-
 def _kind(path: Path, config: dict) -> str:
     kind = {v: k for k, v in PEFT_TYPES.items()}.get(config.get("peft_type"))
     if kind is None:

@@ -33,7 +33,7 @@ from fthss.models.lora import LoraBank, LoraWeights, Route, target_layers
 from fthss.prompts.config import INITS as INITS
 from fthss.prompts.config import KINDS as KINDS
 from fthss.prompts.config import StageConfig, prefix_width
-from fthss.prompts.io import StageParts, read_stage, set_stage_type, write_stage
+from fthss.prompts.io import StageParts, read_stage, write_stage
 
 # One layer's (keys, values), each [batch, kv_heads, tokens, head_dim].
 LayerKV = tuple[torch.Tensor, torch.Tensor]
@@ -248,9 +248,6 @@ def _pack_prefix(layers: list[LayerKV]) -> torch.Tensor:
     """Inverse of the prefix view in `prompt_cache`: per-layer K/V to PEFT's [N, L*2*H*D]."""
     kv = torch.stack([t[0] for layer in layers for t in layer])  # [L*2, H, N, D]
     return kv.permute(2, 0, 1, 3).reshape(kv.shape[2], -1).detach().float().cpu()
-
-
-set_stage_type(Stage)  # for the callers of the deprecated fthss.prompts.io.load_stage
 
 
 def load_stage(directory: str | Path, base: BaseModel | None = None,

@@ -6,7 +6,7 @@ Stage A reasons, stage B recalls knowledge, alternating, until A writes `[The an
 The chosen option is the one the answer names ("the answer is Malaland, option B"), when it
 names exactly one of the question's options; otherwise the letter after the marker. A small
 base reasons its way to the right option but copies the wrong letter next to it about as often
-as chance (docs/experiments.md, exp3): the letter alone would score the lookup, not the chain."""
+as chance: the letter alone would score the lookup, not the chain."""
 
 from __future__ import annotations
 

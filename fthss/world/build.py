@@ -30,7 +30,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     Every text is encoded as if it followed a space (`add_prefix_space`, as SentencePiece does
     for Llama): an entity is then the same token at the start of an output segment as inside a
     passage, so copying it is copying, not translating ("Lamiford" and " Lamiford" were two
-    unrelated tokens before; see docs/experiments.md, exp3)."""
+    unrelated tokens otherwise)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -3,23 +3,23 @@ world's documents, so that it knows the world's facts and reads its phrasing, an
 instruction-style sequences built from the tasks' *train* splits (never a dev or test
 question), so that, like the instruction-tuned bases the paper starts from, it can already read
 a passage and answer from it when stages pass text. A base trained on documents alone could
-not (docs/experiments.md, exp2).
+not (docs/experiments.md has the runs behind each choice here).
 
 Instruction sequences are the text each step of a training chain is given and writes (the text
 mode of the engine, without prompts) and the one-step `single` view of the chain. With
 `hole_share` > 0 that share of instruction windows keeps the positions the step reads them at in
 shared mode, holes included (a compress -> QA reader sees the question, then a jump over the
 passages it may not see, then the compression): the base meets, in pretraining, the position
-gaps a shared-mode reader meets (docs/experiments.md, exp5). With `mask_share` > 0 that share
+gaps a shared-mode reader meets. With `mask_share` > 0 that share
 is instead whole train chains run as shared mode runs them: one sequence under the visibility
 mask, so the base also meets the other half of what a shared-mode reader reads, K/V that an
-upstream step wrote while it saw segments the reader may not (docs/experiments.md, exp8).
+upstream step wrote while it saw segments the reader may not.
 
 With `init_from` the run continues from an existing base of the same world instead of a fresh
 initialisation (its architecture then comes from that base): a few hundred steps of shared-mode
-windows added to a base that already knows the world (docs/experiments.md, exp7 to exp10; the
-committed bases take both kinds, hole windows and masked chains, and keep a quarter of the
-instruction windows in text mode, exp23).
+windows added to a base that already knows the world (`PretrainConfig.shared_mode_after`, the
+`fthss demo --shared-mode-base` recipe). The demo's default bases are pretrained as any LM is:
+one text-mode phase, no hole windows, no masked chains.
 
 `fthss base pretrain` runs it; the recipe (architecture, data, steps, seed, and the recipe of the
 base it continued from) is written beside the weights in `recipe.json`, so the same command(s)
@@ -68,13 +68,11 @@ class PretrainConfig:
     @classmethod
     def shared_mode_after(cls, init_from: str | Path, steps: int,
                           seed: int = 0) -> PretrainConfig:
-        """The second phase of the demo's bases (docs/experiments.md, exp10, exp19, exp23): a run
+        """The second phase of the shared-mode bases (`fthss demo --shared-mode-base`): a run
         from a pretrained base at a third of its learning rate, three eighths of the instruction
         windows as shared-mode hole windows, three eighths as whole chains under the visibility
-        mask, the last quarter in text mode. The demo's 667 steps (`DemoConfig.shared_mode_steps`)
-        keep the 500 steps' worth of shared-mode windows that closed the gap on most cells
-        (exp19) and add text-mode ones, so the text chain's reader does not lose what the
-        shared-mode phase teaches the base (exp21, exp23)."""
+        mask, the last quarter in text mode (so the text chain's reader does not lose what the
+        shared-mode windows teach the base)."""
         return cls(steps=steps, warmup_steps=max(1, round(steps / 10)), learning_rate=1e-3,
                    hole_share=0.375, mask_share=0.375, init_from=str(init_from), seed=seed)
 

@@ -2,14 +2,13 @@
 
 At 3.6M parameters one pretraining run of a world is one sample of a wide spread: three draws of
 world seed 0's base, same recipe and data, only the seed changed, gave its compress_qa text
-chain 28.8, 55.1 and 36.0 EM (docs/experiments.md, exp14; exp15 measures this selection). So the
+chain 28.8, 55.1 and 36.0 EM (docs/experiments.md measures it and this selection). So the
 demo's recipe pretrains a few draws and keeps the one that predicts the world's *dev*
 instructions best: the mean loss per output token of every dev chain's steps, as the `chain`
 method trains them (text mode, the gold outputs), and of their `single` views. The test split is
 never read, and the criterion looks at no FTHSS stage: it picks the base that serves the text
-baseline best, which FTHSS is then measured against. It is blind to the gap either way: of three
-draws it picked the one with the widest FTHSS − chain gap on world v5 (exp16) and the narrowest
-on world v6 (exp18).
+baseline best, which FTHSS is then measured against. It is blind to the gap either way: on one world
+it picked the draw with the widest FTHSS − chain gap, on another the narrowest.
 
 `fthss base select` runs it; the chosen base is copied to `--out` with the candidates and their
 losses added to its `recipe.json`.
