@@ -153,7 +153,7 @@ def pretrain_base(world: Path, base_dir: Path, config: DemoConfig, device: str) 
     phases = f"{config.pretrain_steps}" + (f" + {config.shared_mode_steps}"
                                            if config.shared_mode_steps else "")
     print(f"[demo] no embedded base for world seed {config.seed}: pretraining "
-          f"{config.pretrain_draws} draw(s) of {phases} steps (~40 min per 1,000 on a 2-core "
+          f"{config.pretrain_draws} draw(s) of {phases} steps (~90 min per 1,000 on a 2-core "
           "CPU), keeping the one with the lowest dev loss")
     data, draws = PretrainData(world), []
     for seed in range(config.pretrain_draws):

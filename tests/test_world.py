@@ -307,6 +307,28 @@ def test_the_demo_pretrains_draws_of_both_phases_for_a_world_without_a_committed
     assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.safetensors")}
 
 
+@pytest.mark.slow  # pretrains a base
+def test_the_demo_pretrains_text_mode_draws_only_by_default(built, tmp_path):
+    """The default recipe (`shared_mode_steps` == 0): each draw is the text-mode phase alone,
+    no shared-mode windows, no second phase, and the chosen base starts from nothing."""
+    import shutil
+
+    from fthss.demo import DemoConfig, prepare
+
+    shutil.copytree(built, tmp_path / "world")
+    config = DemoConfig(seed=3, pretrain_steps=1, pretrain_draws=1)
+    assert config.shared_mode_steps == 0
+    prepare(config, tmp_path, device="cpu")
+    draws = tmp_path / "base-draws"
+    assert sorted(p.name for p in draws.iterdir()) == ["seed-0-first"]
+    chosen = json.loads((tmp_path / "base" / "recipe.json").read_text())
+    assert chosen["config"]["hole_share"] == chosen["config"]["mask_share"] == 0.0
+    assert chosen["config"]["init_from"] == "" and chosen["config"]["steps"] == 1
+    assert chosen["selection"]["chosen"] == str(draws / "seed-0-first")
+    assert ((tmp_path / "base" / "model.safetensors").read_bytes()
+            == (draws / "seed-0-first" / "model.safetensors").read_bytes())
+
+
 def test_held_out_loss_scores_the_outputs_of_the_dev_steps_whatever_the_batch(built, tmp_path):
     """The selection criterion: per output token, inputs only as context, padding invisible."""
     import torch
