@@ -223,15 +223,18 @@ def test_large_presets_have_the_real_shapes_and_build_on_meta(preset, parameters
 
 def test_bench_serve_rows_against_the_offline_ceiling(tmp_path, capsys, figures):
     result = bench(tmp_path, capsys, figures, "serve", "--concurrency", "1", "3", "--rounds", "2",
-                   "--intermediate-tokens", "16", "--new-tokens", "2", "--max-wait-ms", "50")
-    rows = {(r["mode"], r["concurrency"]): r for r in result["rows"]}
-    assert set(rows) == {(m, c) for m in ("text", "shared") for c in (1, 3)}
-    for (_, concurrency), row in rows.items():
+                   "--intermediate-tokens", "16", "--new-tokens", "2", "--max-wait-ms", "50",
+                   "--batching", "continuous", "dynamic")
+    rows = {(r["batching"], r["mode"], r["concurrency"]): r for r in result["rows"]}
+    assert set(rows) == {(b, m, c) for b in ("continuous", "dynamic")
+                         for m in ("text", "shared") for c in (1, 3)}
+    for (_, _, concurrency), row in rows.items():
         assert row["requests"] == 2 * concurrency
         assert row["requests_per_s"] == pytest.approx(row["requests"] / row["seconds"])
         assert 0 < row["ttft_p50_s"] <= row["latency_p50_s"] <= row["latency_p99_s"]
         assert 1 <= row["mean_batch"] <= concurrency
         assert row["share_of_offline"] == pytest.approx(
             row["requests_per_s"] / row["offline_requests_per_s"])
-    assert rows["shared", 3]["mean_batch"] > 1  # three clients at once share batches
-    assert [r["concurrency"] for r in result["ratios"]] == [1, 3]
+    assert rows["dynamic", "shared", 3]["mean_batch"] > 1  # three clients at once share batches
+    assert [(r["batching"], r["concurrency"]) for r in result["ratios"]] == [
+        ("continuous", 1), ("continuous", 3), ("dynamic", 1), ("dynamic", 3)]

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fthss.engine import cache
-from fthss.engine.engine import ChainEngine
+from fthss.engine.engine import ChainEngine, RunningBatch
 from fthss.engine.sampling import SamplingConfig
 from fthss.models.presets import ARCHITECTURES
 from fthss.verify import (
@@ -52,18 +52,62 @@ def test_shared_incremental_equals_one_pass(setup, block):
         torch.testing.assert_close(scores, reference, atol=TOLERANCE, rtol=0)
 
 
+def plain_logits(engine, result, k: int) -> torch.Tensor:
+    """A plain HF forward of text-mode step k's view and output under its stage: the logits
+    each of its output tokens was chosen from."""
+    step = result.tokens.steps[k]
+    view = text_view(result.tokens, k)
+    logits = plain_forward(engine.base, engine.stages[step.stage], view + step.output_ids[:-1])
+    return logits[len(view) - 1:]
+
+
+def run_joining(engine, requests, mode, joins):
+    """Run `requests` in one `RunningBatch`, request i joining before step round `joins[i]`
+    (others mid-chain by then); results in request order."""
+    batch, results, rounds = RunningBatch(engine, mode, output_scores=True), {}, 0
+    while len(results) < len(requests):
+        for i, request in enumerate(requests):
+            if joins[i] == rounds:
+                batch.join(request, i)
+        results.update(batch.step())
+        rounds += 1
+    return [results[i] for i in range(len(requests))]
+
+
+@settings(max_examples=100)
+@given(setups(), st.sampled_from([cache.BLOCK, 1]), st.sampled_from(["shared", "text"]),
+       st.randoms(use_true_random=False))
+def test_requests_joining_a_running_batch_are_exact(setup, block, mode, rnd):
+    """Continuous batching: requests join while others are mid-chain (rows at different steps
+    in one prefill and one decode loop, rows leaving as their chains end, the cache compacted
+    under them); each still equals the one-pass forward (shared) or the plain forward of its
+    text (text mode)."""
+    base, stages, requests, _ = setup
+    engine = ChainEngine(base, stages)
+    joins = [rnd.randrange(4) for _ in requests]
+    with patch.object(cache, "BLOCK", block):
+        results = run_joining(engine, requests, mode, joins)
+    if mode == "shared":
+        references = output_logits_one_pass(engine, results)
+    else:
+        references = [torch.cat([plain_logits(engine, r, k) for k in range(len(r.steps))])
+                      for r in results]
+    for result, reference in zip(results, references, strict=True):
+        assert result.error is None
+        torch.testing.assert_close(torch.cat([s.scores for s in result.steps]), reference,
+                                   atol=TOLERANCE, rtol=0)
+
+
 @settings(max_examples=80)
 @given(setups())
 def test_text_mode_equals_plain_forward_of_the_text(setup):
     base, stages, requests, batch_size = setup
     engine = ChainEngine(base, stages, batch_size=batch_size)
     for result in engine.run(requests, "text", output_scores=True):
-        for k, step in enumerate(result.tokens.steps):
-            view = text_view(result.tokens, k)
-            reference = plain_forward(base, engine.stages[step.stage], view + step.output_ids[:-1])
-            torch.testing.assert_close(result.steps[k].scores, reference[len(view) - 1:],
+        for k in range(len(result.steps)):
+            torch.testing.assert_close(result.steps[k].scores, plain_logits(engine, result, k),
                                        atol=TOLERANCE, rtol=0)
-            assert result.steps[k].stats.prefilled_tokens == len(view)
+            assert result.steps[k].stats.prefilled_tokens == len(text_view(result.tokens, k))
 
 
 @settings(max_examples=80)

@@ -176,7 +176,9 @@ def test_a_request_too_long_fails_alone(stages, reference):
     bodies = [request(1), request(2, shared="x" * 5000), request(3)]
     with live(create_app(new_engine(stages), max_wait_ms=500)) as base_url:
         replies = asyncio.run(post_all(base_url, bodies, concurrency=3))
-        assert metric(base_url, "fthss_batch_size_count") == 1  # one batch of the three
+        # one batch of the three: a step ran them together
+        assert (metric(base_url, 'fthss_batch_size_bucket{le="2.0"}')
+                < metric(base_url, "fthss_batch_size_count"))
         assert metric(base_url, 'fthss_requests_total{outcome="failed"}') == 1
     assert replies[1].status_code == 400
     assert "needs position" in replies[1].json()["error"] and replies[1].json()["output"] == ""
@@ -290,6 +292,30 @@ def test_a_client_that_leaves_cancels_its_own_work_only(stages, reference):
     assert ("q2", 0) in gate.calls and ("q2", 1) not in gate.calls
     assert ("q1", 1) in gate.calls and ("q3", 1) in gate.calls
     assert not any(name == "q4" for name, _ in gate.calls)
+
+
+@pytest.mark.parametrize("batching", ["continuous", "dynamic"])
+def test_a_request_joins_the_running_batch_at_a_step_boundary(stages, reference, batching):
+    """Continuous batching: a request posted while a three-step chain runs starts at that
+    chain's next step boundary (one engine step runs both, at different steps); dynamic: it
+    waits for the batch to end. Both replies are what each request gives alone."""
+    gate = Gate(step=1)
+    long = request(1)
+    long["steps"].append({"stage": "A", "input": "more", "max_new_tokens": 3})
+    app = create_app(new_engine(stages), gate, max_wait_ms=0, batching=batching)
+    with live(app) as base_url:
+        first = post_in_thread(base_url, long)
+        assert gate.held.wait(20)  # q1 alone in its batch, before its step 1
+        second = post_in_thread(base_url, request(2))
+        wait_for(lambda: metric(base_url, "fthss_queue_length") == 1)
+        gate.open.set()
+        for box, body in ((first, long), (second, request(2))):
+            box["thread"].join(60)
+            assert box["reply"].status_code == 200
+            assert_reply_equals(box["reply"].json(), alone(reference, body))
+        together = (metric(base_url, "fthss_batch_size_count")
+                    - metric(base_url, 'fthss_batch_size_bucket{le="1.0"}'))
+    assert together == (1 if batching == "continuous" else 0)
 
 
 def test_the_api_key_is_required_as_a_bearer_token(stages):
@@ -444,11 +470,11 @@ def test_load_1000_requests_from_64_clients(stages, reference):
         started = time.perf_counter()
         replies = asyncio.run(post_all(base_url, bodies, concurrency=64))
         seconds = time.perf_counter() - started
-        batches = metric(base_url, "fthss_batch_size_count")
+        steps = metric(base_url, "fthss_batch_size_count")
     assert all(reply.status_code == 200 for reply in replies)
     for i, reply in enumerate(replies):
         result = expected[i % 40]
         result.id = f"r{i}"
         assert_reply_equals(reply.json(), result)
-    assert batches < 1000 / 1.5, "requests arriving together must share batches"
-    print(f"1000 requests in {seconds:.1f} s, {batches:.0f} batches")
+    assert steps < 2 * 1000 / 1.5, "requests arriving together must share engine steps"
+    print(f"1000 requests in {seconds:.1f} s, {steps:.0f} engine steps")

@@ -147,8 +147,9 @@ def test_no_visibility_row_is_empty_and_the_rule_is_causal(layout):
 
 def test_every_decode_mask_row_is_the_rules_row_for_the_new_token(llama, monkeypatch):
     """The decode step updates its mask in place, from what the rule said at the step's start;
-    each row still decoding (and each idle row) must see exactly what the rule says its newest
-    token sees. A row that has stopped is not checked: its logits are not used."""
+    each row still decoding (and each idle row: one whose step's output is given) must see
+    exactly what the rule says its newest token sees. A row that has stopped is not checked:
+    its logits are not used."""
     from fthss.engine.engine import ChainEngine
     from fthss.layout.chain import ChainSample, Step
     from fthss.layout.visibility import visibility
@@ -172,7 +173,9 @@ def test_every_decode_mask_row_is_the_rules_row_for_the_new_token(llama, monkeyp
               enumerate("AB")]
     requests = [ChainSample("q", [Step("A", input="doc", max_new_tokens=5, input_visible=True),
                                   Step("B", max_new_tokens=3)]),
-                ChainSample("another q", [Step("A", input="d", max_new_tokens=2)]),
+                # step 1's output is given: the row idles while the others decode
+                ChainSample("another q", [Step("A", input="d", max_new_tokens=2),
+                                          Step("B", output="a given answer")]),
                 ChainSample("q3", [Step("B", max_new_tokens=4), Step("A", max_new_tokens=6)])]
     ChainEngine(llama, stages, batch_size=3).run(requests)
     assert True in checked and False in checked  # live rows and idle ones

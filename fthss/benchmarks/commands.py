@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from fthss.benchmarks.chains import BENCH_KINDS, SYSTEMS
+from fthss.engine.engine import BATCHING
 from fthss.options import add_base_arguments, load_base, positive_float, positive_int
 
 
@@ -174,9 +175,11 @@ def cmd_bench_serve(args) -> int:
     base = load_base(args)
     rows = serve_throughput(base, args.concurrency, args.intermediate_tokens, args.new_tokens,
                             args.prompt_tokens, args.rounds, args.max_wait_ms, args.repeats,
-                            args.generate_intermediate, progress=True, compile=args.compile)
+                            args.generate_intermediate, progress=True, compile=args.compile,
+                            batchings=tuple(args.batching))
     ratios = mode_ratios(rows)
-    tables = [table(rows, [("mode", _cell("mode")), ("clients", _cell("concurrency")),
+    tables = [table(rows, [("batching", _cell("batching")), ("mode", _cell("mode")),
+                           ("clients", _cell("concurrency")),
                            ("requests/s", _cell("requests_per_s", ".2f")),
                            ("p50 ms", _ms("latency_p50_s")), ("p99 ms", _ms("latency_p99_s")),
                            ("TTFT p50 ms", _ms("ttft_p50_s")), ("TTFT p99 ms", _ms("ttft_p99_s")),
@@ -184,7 +187,7 @@ def cmd_bench_serve(args) -> int:
                            ("stage B ms", _ms("stage_b_s")),
                            ("offline requests/s", _cell("offline_requests_per_s", ".2f")),
                            ("of offline", _cell("share_of_offline", ".0%"))]),
-              table(ratios, [("clients", _cell("concurrency")),
+              table(ratios, [("batching", _cell("batching")), ("clients", _cell("concurrency")),
                              ("shared/text requests/s", _cell("requests_ratio", ".2f")),
                              ("text/shared stage B", _cell("stage_b_ratio", ".2f"))])]
     return _emit(args, base, tables, rows=rows, ratios=ratios)
@@ -276,3 +279,6 @@ def add_bench_commands(commands) -> None:
                        help="requests per point: rounds × concurrency")
     serve.add_argument("--max-wait-ms", type=float, default=10.0,
                        help="the server's wait for batch-mates")
+    serve.add_argument("--batching", nargs="+", choices=BATCHING, default=["continuous"],
+                       help="the servers' batching policies, measured in turn in one run "
+                       "('continuous dynamic' compares them)")

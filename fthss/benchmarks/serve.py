@@ -4,12 +4,13 @@ A live server (`fthss.serve`, uvicorn in a thread of this process) serves the tw
 of `fthss bench throughput` (the question, stage A's output of L tokens given, stage B writing
 exactly `new_tokens`). An httpx asyncio load generator keeps `concurrency` clients busy, each
 posting its next request (streamed, so time to first token is seen by the client) as soon as
-its last reply is in, for `rounds` × `concurrency` requests per point. Per (mode, concurrency):
+its last reply is in, for `rounds` × `concurrency` requests per point. Per (batching, mode,
+concurrency), with a server of each batching policy (`fthss.serve.scheduler`) in turn:
 requests/s, p50/p99 latency and time to first token as clients see them, the mean batch the
-server formed, stage B's median wall time inside the server, and the ceiling: `engine.run` on
-a batch of `concurrency` requests offline (whole chain; measured just before each point, on an
-engine of its own with the same base and stages), of which the server reaches
-`share_of_offline`.
+server ran (members per engine step), stage B's median wall time inside the server, and the
+ceiling: `engine.run` on a batch of `concurrency` requests offline (whole chain; measured just
+before each point, on an engine of its own with the same base and stages), of which the server
+reaches `share_of_offline`.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def offline_requests_per_s(engine, request: ChainSample, batch: int, mode: str,
 
 
 def _batch_totals(metrics) -> tuple[float, float]:
-    """(batches run, requests in them) so far, from a server's metrics."""
+    """(engine steps run, members in them) so far, from a server's metrics."""
     samples = metrics.batch_size.collect()[0].samples
     return tuple(sum(s.value for s in samples if s.name.endswith(suffix))
                  for suffix in ("_count", "_sum"))
@@ -103,11 +104,12 @@ def serve_throughput(base: BaseModel, concurrencies: list[int], intermediate_tok
                      new_tokens: int = 16, prompt_tokens: int = 16, rounds: int = 3,
                      max_wait_ms: float = 10.0, repeats: int = 1,
                      generate_intermediate: bool = False, modes: tuple[str, ...] = MODES,
-                     progress: bool = False, compile: bool = False) -> list[dict]:
-    """One row per (mode, concurrency): the server's figures (`drive`), the mean batch it
-    formed, and the offline ceiling at batch = concurrency, measured just before on an engine
-    of the same base and stages (the server's worker owns its own), so that a machine whose
-    load drifts slows both alike. The server batches up to the largest concurrency."""
+                     progress: bool = False, compile: bool = False,
+                     batchings: tuple[str, ...] = ("continuous",)) -> list[dict]:
+    """One row per (batching, mode, concurrency): the server's figures (`drive`), the mean
+    batch it ran, and the offline ceiling at batch = concurrency, measured just before on an
+    engine of the same base and stages (the server's worker owns its own), so that a machine
+    whose load drifts slows both alike. The server batches up to the largest concurrency."""
     from fthss.serve import create_app, running
 
     request = bench_request(base, intermediate_tokens, new_tokens, prompt_tokens,
@@ -115,37 +117,45 @@ def serve_throughput(base: BaseModel, concurrencies: list[int], intermediate_tok
     engine = bench_engine(base, ["A", "B"], prompt_tokens, max(concurrencies), compile)
     offline_engine = ChainEngine(base, list(engine.stages.values()), batch_size=max(concurrencies),
                                  compile=compile)
-    app = create_app(engine, max_batch_size=max(concurrencies), max_wait_ms=max_wait_ms,
-                     max_queue=max(concurrencies) * rounds)
     body = {**request.to_json(), "id": "bench"}
-    cases = [(mode, c) for mode in modes for c in concurrencies]
-    rows = []
-    with running(app) as base_url:
-        for mode in modes:  # a warm-up request per mode
-            asyncio.run(drive(base_url, {**body, "mode": mode}, 1, 1))
-        for mode, concurrency in tqdm(cases, desc="offline, then server", disable=not progress):
-            offline = offline_requests_per_s(offline_engine, request, concurrency, mode, repeats)
-            count, total = _batch_totals(app.state.metrics)
-            figures = asyncio.run(drive(base_url, {**body, "mode": mode}, concurrency,
-                                        rounds * concurrency))
-            count, total = (now - then for now, then in
-                            zip(_batch_totals(app.state.metrics), (count, total), strict=True))
-            rows.append({"mode": mode, "concurrency": concurrency,
-                         "intermediate_tokens": intermediate_tokens, "new_tokens": new_tokens,
-                         "intermediate": "generated" if generate_intermediate else "given",
-                         **figures, "mean_batch": total / count,
-                         "offline_requests_per_s": offline,
-                         "share_of_offline": figures["requests_per_s"] / offline})
+    cases = [(b, mode, c) for b in batchings for mode in modes for c in concurrencies]
+    rows, bar = [], tqdm(total=len(cases), desc="offline, then server", disable=not progress)
+    for batching in batchings:
+        app = create_app(engine, max_batch_size=max(concurrencies), max_wait_ms=max_wait_ms,
+                         max_queue=max(concurrencies) * rounds, batching=batching)
+        with running(app) as base_url:
+            for mode in modes:  # a warm-up request per mode
+                asyncio.run(drive(base_url, {**body, "mode": mode}, 1, 1))
+            for _, mode, concurrency in [case for case in cases if case[0] == batching]:
+                offline = offline_requests_per_s(offline_engine, request, concurrency, mode,
+                                                 repeats)
+                count, total = _batch_totals(app.state.metrics)
+                figures = asyncio.run(drive(base_url, {**body, "mode": mode}, concurrency,
+                                            rounds * concurrency))
+                count, total = (now - then for now, then in
+                                zip(_batch_totals(app.state.metrics), (count, total),
+                                    strict=True))
+                rows.append({"batching": batching, "mode": mode, "concurrency": concurrency,
+                             "intermediate_tokens": intermediate_tokens,
+                             "new_tokens": new_tokens,
+                             "intermediate": "generated" if generate_intermediate else "given",
+                             **figures, "mean_batch": total / count,
+                             "offline_requests_per_s": offline,
+                             "share_of_offline": figures["requests_per_s"] / offline})
+                bar.update()
+    bar.close()
     return rows
 
 
 def mode_ratios(rows: list[dict]) -> list[dict]:
-    """Per concurrency: shared over text mode's requests/s and stage-B time, same run."""
+    """Per batching and concurrency: shared over text mode's requests/s and stage-B time,
+    same run."""
     ratios = []
-    for concurrency in dict.fromkeys(r["concurrency"] for r in rows):
-        at = {r["mode"]: r for r in rows if r["concurrency"] == concurrency}
+    for batching, concurrency in dict.fromkeys((r["batching"], r["concurrency"]) for r in rows):
+        at = {r["mode"]: r for r in rows
+              if (r["batching"], r["concurrency"]) == (batching, concurrency)}
         if set(MODES) <= set(at):
-            ratios.append({"concurrency": concurrency, "requests_ratio":
+            ratios.append({"batching": batching, "concurrency": concurrency, "requests_ratio":
                            at["shared"]["requests_per_s"] / at["text"]["requests_per_s"],
                            "stage_b_ratio": at["text"]["stage_b_s"] / at["shared"]["stage_b_s"]})
     return ratios

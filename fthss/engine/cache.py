@@ -105,7 +105,8 @@ class ChainCache:
         bank: the lora stages' deltas by the same stage ids.
 
     `append` / `append_causal` prefill a chunk and return logits, `start_decoding` and
-    `decode` generate token by token, `free_hidden` drops what no later step can see.
+    `decode` generate token by token, `free_hidden` drops what no later step can see,
+    `add_rows` / `keep_rows` let requests join and leave the batch.
     """
 
     def __init__(self, base: BaseModel, prompts: list[list[LayerKV]], batch_size: int,
@@ -118,24 +119,57 @@ class ChainCache:
         self.bank = bank
         prompt_meta, self.first_position = prompt_slots(
             [layers[0][0].shape[2] for layers in prompts])
-        prompt_meta = prompt_meta.to(base.device)
+        self._prompt_meta = prompt_meta.to(base.device)
+        self._prompt_kv = side_by_side(prompts)  # what every row's first slots hold
         self.length, self.capacity = 0, 0  # columns written, columns allocated
-        self.slots = _meta_like(prompt_meta, batch_size, 0)
-        shape = (batch_size, base.num_kv_heads, 0, base.head_dim)
+        self.batch_size = 0
+        self.slots = _meta_like(self._prompt_meta, 0, 0)
+        shape = (0, base.num_kv_heads, 0, base.head_dim)
         empty = [torch.empty(shape, dtype=base.dtype, device=base.device)
                  for _ in range(base.num_layers)]
         self.store = SlotCache(empty, [t.clone() for t in empty])
-        self._resize(prompt_meta.length)
-        self.length = prompt_meta.length
-        for i, (k, v) in enumerate(side_by_side(prompts)):
-            self.store.keys[i][:, :, : self.length] = k
-            self.store.values[i][:, :, : self.length] = v
-        for mine, theirs in zip(_fields(self.slots), _fields(prompt_meta), strict=True):
-            mine[:, : self.length] = theirs
-        self.next_position = torch.full((batch_size,), self.first_position, device=base.device)
+        self._resize(self._prompt_meta.length)
+        self.length = self._prompt_meta.length
+        self.next_position = torch.zeros(0, dtype=torch.long, device=base.device)
+        self.add_rows(batch_size)
         self.decode_mask: torch.Tensor | None = None
         self._sees_itself = self._sees_earlier = None  # per row, from the rule (start_decoding)
         self._decode_start = 0
+
+    def add_rows(self, count: int) -> None:
+        """`count` rows after the others (requests joining the batch): each holds the prompt
+        slots, then padding up to the columns written so far, and its positions start at C."""
+        if count <= 0:
+            return
+        prompt = self._prompt_meta.length
+        for tensors, layers in ((self.store.keys, [k for k, _ in self._prompt_kv]),
+                                (self.store.values, [v for _, v in self._prompt_kv])):
+            for i, old in enumerate(tensors):
+                new = old.new_zeros(count, old.shape[1], old.shape[2], old.shape[3])
+                if prompt:
+                    new[:, :, :prompt] = layers[i]
+                tensors[i] = _static(torch.cat([old, new]))
+        added = _meta_like(self.slots, count, self.capacity)
+        for mine, theirs in zip(_fields(added), _fields(self._prompt_meta), strict=True):
+            mine[:, :prompt] = theirs
+        self.slots = TokenMeta(*(torch.cat(pair) for pair in zip(
+            _fields(self.slots), _fields(added), strict=True)))
+        self.next_position = torch.cat([self.next_position, torch.full(
+            (count,), self.first_position, dtype=torch.long, device=self.base.device)])
+        self.batch_size += count
+        self.decode_mask = None  # made again by the next `start_decoding`
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep the rows `rows` (indices, in their new order) and drop the others (requests
+        leaving the batch). Columns stay as they are: `free_hidden` gives back those no row
+        uses any more."""
+        for tensors in (self.store.keys, self.store.values):
+            for i, old in enumerate(tensors):
+                tensors[i] = _static(old[rows])
+        self.slots = TokenMeta(*(t[rows] for t in _fields(self.slots)))
+        self.next_position = self.next_position[rows]
+        self.batch_size = len(rows)
+        self.decode_mask = None
 
     def _route(self, owners: torch.Tensor) -> Route | None:
         """Each token through its owner's deltas (`owners`: stage ids, -1 for none)."""
@@ -338,16 +372,18 @@ class ChainCache:
         self.slots.kind[row, columns] = Kind.PAD
         self.next_position[row] -= len(columns)
 
-    def free_hidden(self, next_step: int) -> None:
-        """Drop every slot no step from `next_step` on can see: padding, and inputs of earlier
-        steps not marked visible downstream, once that gives back at least one block. Each row
-        keeps its other slots in order (K/V keep their rotations: positions are not slots),
-        and the capacity shrinks to fit. Slots left in place stay masked."""
+    def free_hidden(self, next_step: int | torch.Tensor) -> None:
+        """Drop every slot no step from `next_step` on can see (one step for every row, or
+        `[batch]`, each row's own): padding, and inputs of earlier steps not marked visible
+        downstream, once that gives back at least one block. Each row keeps its other slots in
+        order (K/V keep their rotations: positions are not slots), and the capacity shrinks to
+        fit. Slots left in place stay masked."""
         kind = self.slots.kind
         # what the rule lets step `next_step` see (a later step sees no more of what is written
         # now); prompt slots are kept for whichever stage runs next
         written = TokenMeta(*(t[:, : self.length] for t in _fields(self.slots)))
-        query = TokenMeta.fill(self.batch_size, 1, Kind.OUTPUT, step=next_step).to(kind.device)
+        query = TokenMeta.fill(self.batch_size, 1, Kind.OUTPUT).to(kind.device)
+        query.step[:, 0] = next_step
         seen = visibility(written.cat(query), 1)[:, 0, 0, : self.length]
         keep = torch.zeros_like(kind, dtype=torch.bool)
         keep[:, : self.length] = seen | (written.kind == Kind.PROMPT)

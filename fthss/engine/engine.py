@@ -10,6 +10,11 @@ output this way). The between-steps callable may return `END` to end a request's
 (a multi-round chain that has reached its answer). A `RunListener` is told of each step's tokens
 and of finished steps while the batch runs (`fthss serve` streams them).
 
+A batch is a `RunningBatch`: each of its `step()`s runs every member's next step, and members
+join and leave at step boundaries (continuous batching at step granularity: a server starts a
+new request while others are mid-chain). Members may be at different steps: masks, positions
+and stage routing are per row. `ChainEngine.run` joins a batch's requests at once.
+
 text: the chain-of-models baseline. Each step starts a fresh cache holding only its stage's
   prompt and re-encodes, as plain causal text, what it would see in shared mode (shared content,
   earlier outputs, visible inputs: picked by the same visibility rule), then its input. The last
@@ -30,7 +35,7 @@ from tqdm.auto import tqdm
 from fthss.engine.cache import ChainCache, compiled_decode_step
 from fthss.engine.sampling import SamplingConfig, request_key
 from fthss.errors import ConfigError, NonFiniteError
-from fthss.layout.chain import ChainFormatError, ChainSample, Step, check_request
+from fthss.layout.chain import ChainFormatError, ChainSample, check_request
 from fthss.layout.sequence import SegmentCodec, TokenChain, TokenStep
 from fthss.layout.visibility import Kind, TokenMeta
 from fthss.models.base import BaseModel
@@ -38,6 +43,9 @@ from fthss.models.lora import LoraBank
 from fthss.prompts.stage import LayerKV, Stage
 
 MODES = ("shared", "text")
+# how a server's requests share batches (`fthss.serve`): joining a `RunningBatch` at its step
+# boundaries, or waiting for the next batch
+BATCHING = ("continuous", "dynamic")
 
 
 class _End:
@@ -113,11 +121,12 @@ class RunListener(Protocol):
 class _Row:
     """One request's state during a batch."""
 
-    slot: int  # row index in the batch's cache
+    slot: int  # row index in the batch's caches
     index: int  # the request's index in `run`'s list (what a RunListener is told)
     request: ChainSample
     generator: torch.Generator | None
     tokens: TokenChain
+    k: int = 0  # the step the row runs next
     pending: Chunk = field(default_factory=list)  # generated, not yet encoded
     results: list[StepResult] = field(default_factory=list)
     ended: bool = False  # the between-steps callable ended this chain, or it failed
@@ -129,7 +138,7 @@ class _Decoding:
     """One step's decoding, for the whole batch, as device tensors (`[batch]` unless said): the
     loop runs without waiting for the host, which reads them only at its looks."""
 
-    steps: dict[int, Step]  # slot -> the step the row generates (the active rows only)
+    rows: dict[int, _Row]  # slot -> the row, for the rows that generate (step `row.k`)
     live: torch.Tensor  # bool: the row is still generating
     limit: torch.Tensor  # max_new_tokens
     least: torch.Tensor  # min_new_tokens
@@ -268,12 +277,8 @@ class ChainEngine:
         sampling = sampling or SamplingConfig()
         if seeds is not None and len(seeds) != len(requests):
             raise ConfigError(f"{len(seeds)} seeds for {len(requests)} requests")
-        results: list[ChainResult | None] = [None] * len(requests)
-        for i, request in enumerate(requests):
-            try:
-                check_request(request, self.base.vocab_size, request.source or f"request {i}")
-            except ChainFormatError as err:
-                results[i] = ChainResult(request.id, mode, [], TokenChain([], []), str(err))
+        # a request the model cannot run takes no place in a batch
+        results = [_refusal(self.base, r, i, mode, self.stages) for i, r in enumerate(requests)]
         runnable = [i for i, result in enumerate(results) if result is None]
         done = 0  # results[:done] were handed to on_results
 
@@ -287,69 +292,26 @@ class ChainEngine:
             starts = range(0, len(runnable), self.batch_size)
             for start in tqdm(starts, desc=f"{mode} chains", unit="batch", disable=not progress):
                 batch = runnable[start:start + self.batch_size]
-                rows = [_Row(slot, i, requests[i], sampling.generator(
-                             request_key(requests[i]), None if seeds is None else seeds[i]),
-                             TokenChain([], [])) for slot, i in enumerate(batch)]
-                self._run_batch(rows, mode, sampling, step_input, output_scores, listener)
-                for i, row in zip(batch, rows, strict=True):
-                    results[i] = ChainResult(row.request.id, mode, row.results, row.tokens,
-                                             row.error)
+                names = list(dict.fromkeys(s for i in batch for s in requests[i].stages))
+                running = RunningBatch(self, mode, sampling, step_input, output_scores,
+                                       listener, names)
+                for i in batch:
+                    running.join(requests[i], i, None if seeds is None else seeds[i])
+                while running:
+                    for i, result in running.step():
+                        results[i] = result
                 # the failed requests after this batch, up to the next runnable one, are done too
                 after = start + self.batch_size
                 hand_over(runnable[after] if after < len(runnable) else len(requests))
         hand_over(len(requests))
         return results
 
-    def _run_batch(self, rows: list[_Row], mode: str, sampling: SamplingConfig,
-                   step_input: StepInput | None, output_scores: bool,
-                   listener: RunListener | None) -> None:
-        """Run one batch's chains step by step, each row's results into `row.results`. A step:
-        the rows that take part, the cache they write to, the chunk each encodes (prefill),
-        the outputs they generate (decode), then their results."""
-        names = list(dict.fromkeys(s for row in rows for s in row.request.stages))
-        shared_cache = None
-        if mode == "shared":
-            shared_cache = ChainCache(self.base, self.prompt_caches(names), len(rows),
-                                      self.decode_step, self.lora_bank(names))
-        held: dict[str, ChainCache] = {}  # text mode: each stage's latest cache
-        started = time.perf_counter()  # step 0's clock includes encoding the shared content
-        self._queue_shared(rows)
-        for k in range(max(len(row.request.steps) for row in rows)):
-            started = started if k == 0 else time.perf_counter()
-            active = [row for row in rows if k < len(row.request.steps) and not row.ended
-                      and self._take_input(row, k, step_input)]
-            if not active:
-                break
-            if shared_cache is not None:
-                cache, cache_ids = shared_cache, {name: i for i, name in enumerate(names)}
-            else:
-                cache, cache_ids = self._text_step_cache(active, k, len(rows), held)
-            chunks = {id(row): self._step_chunk(row, k, mode, cache_ids) for row in active}
-            active = self._within_limits(cache, active, chunks, k)
-            prompt = self._causal_prompt(list(cache_ids)) if mode == "text" else None
-            logits = self._prefill(cache, [chunks.get(id(row), []) for row in rows], prompt)
-            if mode == "shared":  # the last token of step k-1 is in: free what no step from k sees
-                cache.free_hidden(k)
-            if not active:
-                continue
-            generating = [row for row in active if row.request.steps[k].output is None]
-            outputs = self._decode(cache, logits, rows, generating, k, sampling, output_scores,
-                                   cache_ids, listener)
-            caches = [shared_cache] if mode == "shared" else list(dict.fromkeys(held.values()))
-            self._record_step(active, k, chunks, outputs, caches, started, listener)
-
-    def _queue_shared(self, rows: list[_Row]) -> None:
-        """Each row's shared content, tokenized and queued: step 0's chunk starts with it."""
-        for row in rows:
-            row.tokens.shared_ids = self.codec.shared(row.request.shared)
-            row.pending = [(t, (Kind.SHARED, -1, -1, False)) for t in row.tokens.shared_ids]
-
-    def _text_step_cache(self, active: list[_Row], k: int, batch: int,
+    def _text_step_cache(self, active: list[_Row], batch: int,
                          held: dict[str, ChainCache]) -> tuple[ChainCache, dict[str, int]]:
-        """Text mode: a fresh cache for step k, with the prompts of this step's stages only (as
-        separate models would each start from their own), and the stage ids it gives them.
-        `held` keeps each stage's latest cache, for the memory figures."""
-        step_names = list(dict.fromkeys(row.request.steps[k].stage for row in active))
+        """Text mode: a fresh cache for the rows' steps, with the prompts of these steps'
+        stages only (as separate models would each start from their own), and the stage ids it
+        gives them. `held` keeps each stage's latest cache, for the memory figures."""
+        step_names = list(dict.fromkeys(row.request.steps[row.k].stage for row in active))
         cache = ChainCache(self.base, self.prompt_caches(step_names), batch,
                            self.decode_step, self.lora_bank(step_names))
         held.update({name: cache for name in step_names})
@@ -365,14 +327,16 @@ class ChainEngine:
             return cache.append_causal(prompt, ids, meta)
         return cache.append(ids, meta, last_only=True)
 
-    def _record_step(self, active: list[_Row], k: int, chunks: dict[int, Chunk],
+    def _record_step(self, active: list[_Row], chunks: dict[int, Chunk],
                      outputs: DecodeOutputs, caches: list[ChainCache], started: float,
                      listener: RunListener | None) -> None:
-        """Each active row's result of step k (its text, ids, scores and stats), told to
-        `listener` too. `caches`: every cache the batch holds, for the memory figures."""
+        """Each active row's result of its step `row.k` (its text, ids, scores and stats),
+        told to `listener` too. `caches`: every cache the batch holds, for the memory
+        figures."""
         kv_bytes = sum(c.kv_bytes for c in caches)
         allocated = sum(c.kv_bytes_allocated for c in caches)
         for row in active:
+            k = row.k
             scores, first_token_at = outputs.get(id(row), (None, None))
             step, out_ids = row.request.steps[k], row.tokens.steps[k].output_ids
             stats = StepStats(
@@ -398,16 +362,16 @@ class ChainEngine:
             return None
         return self.stages[names[0]].weight.detach()
 
-    def _within_limits(self, cache: ChainCache, active: list[_Row], chunks: dict[int, Chunk],
-                       k: int) -> list[_Row]:
-        """The rows whose step k fits the base's positions and the per-request cache budget,
+    def _within_limits(self, cache: ChainCache, active: list[_Row], chunks: dict[int, Chunk]
+                       ) -> list[_Row]:
+        """The rows whose step fits the base's positions and the per-request cache budget,
         counting its whole generation; the others fail alone (their chunks are dropped, their
         results carry the error) and the batch goes on without them."""
         positions = cache.next_position.tolist()
         held = cache.tokens_held().tolist()
         fitting = []
         for row in active:
-            step = row.request.steps[k]
+            k, step = row.k, row.request.steps[row.k]
             new = len(chunks[id(row)]) + (0 if step.output is not None
                                           else step.max_new_tokens or self.max_new_tokens)
             last = positions[row.slot] + new - 1
@@ -425,9 +389,10 @@ class ChainEngine:
                 fitting.append(row)
         return fitting
 
-    def _take_input(self, row: _Row, k: int, step_input: StepInput | None) -> bool:
-        """Record step k's input (and given output) in `row.tokens`; False if the chain ends."""
-        step = row.request.steps[k]
+    def _take_input(self, row: _Row, step_input: StepInput | None) -> bool:
+        """Record the input of the row's next step (and its given output) in `row.tokens`;
+        False if the chain ends."""
+        k, step = row.k, row.request.steps[row.k]
         text = step.input
         if step_input is not None:
             given = step_input(row.request, k, [r.output for r in row.results])
@@ -440,12 +405,13 @@ class ChainEngine:
                                           step.input_visible, input_text=text))
         return True
 
-    def _step_chunk(self, row: _Row, k: int, mode: str, cache_ids: dict[str, int]) -> Chunk:
-        """What to encode before step k's first token. Shared mode: the previous step's last
-        token, the input segment, and a given output. Text mode: what the step re-encodes (as
-        its own input, under its prompt) and the input segment; nothing for a given output,
-        which no model has to produce."""
-        step = row.request.steps[k]
+    def _step_chunk(self, row: _Row, mode: str, cache_ids: dict[str, int]) -> Chunk:
+        """What to encode before the first token of the row's step k. Shared mode: the
+        previous step's last token (or the shared content, before step 0), the input segment,
+        and a given output. Text mode: what the step re-encodes (as its own input, under its
+        prompt) and the input segment; nothing for a given output, which no model has to
+        produce."""
+        k, step = row.k, row.request.steps[row.k]
         stage = cache_ids[step.stage]
         segment, given = row.tokens.steps[k].rows(k, stage)
         if mode == "shared":
@@ -466,10 +432,11 @@ class ChainEngine:
         return ids, meta
 
     def _decode(self, cache: ChainCache, logits: torch.Tensor, rows: list[_Row],
-                active: list[_Row], k: int, sampling: SamplingConfig, output_scores: bool,
+                active: list[_Row], sampling: SamplingConfig, output_scores: bool,
                 cache_ids: dict[str, int], listener: RunListener | None = None
                 ) -> DecodeOutputs:
-        """Generate step k's outputs for the active rows into `row.tokens`. The whole batch
+        """Generate the outputs of the active rows' steps (step `row.k` of each) into
+        `row.tokens`. The whole batch
         decodes on the device: tokens, per-row limits and stop tokens stay there, and the host
         looks only after the first token and every `check_every` tokens (for stop strings and
         to end the loop); a row found past its stop string takes its extra tokens back. A
@@ -478,7 +445,7 @@ class ChainEngine:
         `listener` is told each row's tokens so far at every look."""
         if not active:
             return {}
-        state = self._prepare_decoding(cache, logits, len(rows), active, k, cache_ids)
+        state = self._prepare_decoding(cache, logits, len(rows), active, cache_ids)
         first_token_at = None
         longest = state.chosen.shape[1]
         for t in range(longest):
@@ -490,18 +457,20 @@ class ChainEngine:
             # reads the logits on the host anyway
             if t == 0 or not sampling.greedy or (t + 1) % self.check_every == 0 or t + 1 == longest:
                 first_token_at = first_token_at or time.perf_counter()
-                if not self._look(cache, state, active, k, listener):
+                if not self._look(cache, state, active, listener):
                     break
             logits = cache.decode(token, state.live)
-        self._fail_broken(state.broken, active, k)
-        return self._collect_outputs(state, active, k, cache_ids, first_token_at, output_scores)
+        self._fail_broken(state.broken, active)
+        return self._collect_outputs(state, active, cache_ids, first_token_at, output_scores)
 
     def _prepare_decoding(self, cache: ChainCache, logits: torch.Tensor, batch: int,
-                        active: list[_Row], k: int, cache_ids: dict[str, int]) -> _Decoding:
-        """Step k's decoding state, every per-row limit on the device, and the cache ready to
-        decode: room reserved for the longest output and each row's mask made."""
+                          active: list[_Row], cache_ids: dict[str, int]) -> _Decoding:
+        """The decoding state of the active rows' steps, every per-row limit on the device,
+        and the cache ready to decode: room reserved for the longest output and each row's
+        mask made."""
         device = logits.device
-        steps = {row.slot: row.request.steps[k] for row in active}
+        by_slot = {row.slot: row for row in active}
+        steps = {row.slot: row.request.steps[row.k] for row in active}
         live = torch.zeros(batch, dtype=torch.bool, device=device)
         live[list(steps)] = True
 
@@ -516,12 +485,13 @@ class ChainEngine:
         # what each row's new tokens are to the visibility rule (padding for an idle row)
         query = TokenMeta.fill(batch, 1, Kind.PAD)
         for i, step in steps.items():
-            query.kind[i], query.step[i], query.stage[i] = Kind.OUTPUT, k, cache_ids[step.stage]
+            query.kind[i], query.step[i] = Kind.OUTPUT, by_slot[i].k
+            query.stage[i] = cache_ids[step.stage]
         longest = int(limit.max())
         cache.reserve(longest)  # before the mask is made: no reallocation while decoding
         cache.start_decoding(query)
         return _Decoding(
-            steps, live, limit, least, held_back=int(least.max()), stops=stops,
+            by_slot, live, limit, least, held_back=int(least.max()), stops=stops,
             chosen=torch.zeros(batch, longest, dtype=torch.long, device=device),
             counts=torch.zeros(batch, dtype=torch.long, device=device),
             broken=torch.zeros(batch, dtype=torch.bool, device=device),
@@ -563,19 +533,19 @@ class ChainEngine:
                              | (state.counts >= state.limit) | state.broken)
         state.live = state.live & ~done
 
-    def _look(self, cache: ChainCache, state: _Decoding, active: list[_Row], k: int,
+    def _look(self, cache: ChainCache, state: _Decoding, active: list[_Row],
               listener: RunListener | None) -> bool:
         """The host's look at the batch: end the rows past a stop string, tell `listener` the
         tokens so far; False once no row is live (the loop ends)."""
         state.live = self._stop_strings(cache, state.chosen, state.counts, state.live,
-                                        state.unchecked, state.steps, k)
+                                        state.unchecked, state.rows)
         if listener is not None:  # after the stop strings: what is told stays
-            self._tell_tokens(listener, active, state.chosen, state.counts, state.unchecked, k)
+            self._tell_tokens(listener, active, state.chosen, state.counts, state.unchecked)
         state.unchecked = state.live.clone()
         return bool(state.live.any())
 
     @staticmethod
-    def _collect_outputs(state: _Decoding, active: list[_Row], k: int, cache_ids: dict[str, int],
+    def _collect_outputs(state: _Decoding, active: list[_Row], cache_ids: dict[str, int],
                          first_token_at: float | None, output_scores: bool) -> DecodeOutputs:
         """Write each row's output ids into its step, and queue its last token for the next
         step to encode; per row (its scores or None, time of the first token)."""
@@ -583,8 +553,9 @@ class ChainEngine:
         out = {}
         for row in active:
             ids = state.chosen[row.slot, : counts[row.slot]].tolist()
+            k = row.k
             row.tokens.steps[k].output_ids[:] = ids
-            stage = cache_ids[state.steps[row.slot].stage]
+            stage = cache_ids[row.request.steps[k].stage]
             row.pending = [(t, (Kind.OUTPUT, k, stage, False))
                            for t in ids[-1:]]  # none for a row that failed before its first
             kept = (torch.stack([s[row.slot] for s in state.scores[: len(ids)]])
@@ -594,36 +565,37 @@ class ChainEngine:
 
     @staticmethod
     def _tell_tokens(listener: RunListener, active: list[_Row], chosen: torch.Tensor,
-                     counts: torch.Tensor, unchecked: torch.Tensor, k: int) -> None:
+                     counts: torch.Tensor, unchecked: torch.Tensor) -> None:
         """Tell `listener` the tokens of the rows live at the last look (the others have
         been told all theirs)."""
         flags, lengths, ids = unchecked.tolist(), counts.tolist(), chosen.tolist()
         for row in active:
             if flags[row.slot]:
-                listener.tokens(row.index, k, ids[row.slot][: lengths[row.slot]])
+                listener.tokens(row.index, row.k, ids[row.slot][: lengths[row.slot]])
 
     @staticmethod
-    def _fail_broken(broken: torch.Tensor, active: list[_Row], k: int) -> None:
+    def _fail_broken(broken: torch.Tensor, active: list[_Row]) -> None:
         """End, with an error, the rows whose logits went NaN or +inf (-inf is only a masked
-        token) while decoding step k: their output would be garbage, and sampling from them
-        would fail the whole batch."""
+        token) while decoding their step: their output would be garbage, and sampling from
+        them would fail the whole batch."""
         if not bool(broken.any()):
             return
         flags = broken.tolist()
         for row in active:
             if flags[row.slot]:
-                row.error = (f"step {k} ({row.request.steps[k].stage}): the model's logits are "
-                             "NaN or inf (does a stage hold huge values?)")
+                row.error = (f"step {row.k} ({row.request.steps[row.k].stage}): the model's "
+                             "logits are NaN or inf (does a stage hold huge values?)")
                 row.ended = True
 
     def _stop_strings(self, cache: ChainCache, chosen: torch.Tensor, counts: torch.Tensor,
-                      live: torch.Tensor, unchecked: torch.Tensor, steps: dict[int, Step],
-                      k: int) -> torch.Tensor:
+                      live: torch.Tensor, unchecked: torch.Tensor, rows: dict[int, _Row]
+                      ) -> torch.Tensor:
         """End the rows whose text now holds a stop string at the token that completed it
         (rows live at the last look: some may have ended since by a stop token or their
         limit). What they decoded after that token is taken back from the cache."""
         flags, lengths = unchecked.tolist(), counts.tolist()
-        for i, step in steps.items():
+        for i, row in rows.items():
+            step = row.request.steps[row.k]
             if not flags[i] or not step.stop:
                 continue
             ids = chosen[i, : lengths[i]].tolist()
@@ -633,7 +605,7 @@ class ChainEngine:
                 if any(s in self.codec.decode(ids[:n]) for s in step.stop):
                     # token n-1 ends the output. It and the later ones were encoded here, but
                     # the newest: take them back (the next step encodes n-1, as usual)
-                    cache.retract(i, k, len(ids) - n)
+                    cache.retract(i, row.k, len(ids) - n)
                     counts[i] = n
                     live[i] = False
                     break
@@ -644,3 +616,145 @@ class ChainEngine:
         hits = [text.index(s) + len(s) for s in stop if s in text]
         return text[: min(hits)] if hits else text
 
+
+
+def _refusal(base: BaseModel, request: ChainSample, index: int, mode: str,
+             names) -> ChainResult | None:
+    """The failed result of a request the model cannot run (malformed for `base`, or naming a
+    stage outside `names`), None for one it can."""
+    try:
+        unknown = set(request.stages) - set(names)
+        if unknown:
+            raise ChainFormatError(f"unknown stage(s) {sorted(unknown)}; this batch runs "
+                                   f"{sorted(names)}")
+        check_request(request, base.vocab_size, request.source or f"request {index}")
+    except ChainFormatError as err:
+        return ChainResult(request.id, mode, [], TokenChain([], []), str(err))
+    return None
+
+
+class RunningBatch:
+    """Requests run together, joining and leaving at step boundaries (continuous batching at
+    step granularity). Each `step()` runs every member's next step in one prefill and one
+    decode loop (members may be at different steps: masks, positions and stage routing are per
+    row), then lets go of the members whose chain is done. `join` adds a request; it starts
+    at the next `step()`, its rows appended to the batch's caches. A member's outputs do not
+    depend on its batch-mates, nor on when it joined.
+
+    Args:
+        engine: the engine whose base, stages and settings run the batch.
+        mode: "shared" or "text", for every member.
+        sampling: one setting for every member (each brings its own seed to `join`).
+        step_input, output_scores, listener: as `ChainEngine.run` takes them.
+        names: the stages members may name, in the shared cache's order (default: every stage
+            of the engine).
+    """
+
+    def __init__(self, engine: ChainEngine, mode: str = "shared",
+                 sampling: SamplingConfig | None = None, step_input: StepInput | None = None,
+                 output_scores: bool = False, listener: RunListener | None = None,
+                 names: list[str] | None = None):
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode '{mode}'; choose one of {MODES}")
+        self.engine, self.mode = engine, mode
+        self.sampling = sampling or SamplingConfig()
+        self.step_input, self.output_scores, self.listener = step_input, output_scores, listener
+        self.names = list(engine.stages) if names is None else list(names)
+        self.rows: list[_Row] = []
+        self._joining: list[_Row] = []
+        self._failed: list[tuple[int, ChainResult]] = []  # refused at `join`, told by `step`
+        self._shared: ChainCache | None = None  # shared mode: the batch's one cache
+        self._held: dict[str, ChainCache] = {}  # text mode: each stage's latest cache
+
+    def __len__(self) -> int:
+        """Members, those waiting to start included."""
+        return len(self.rows) + len(self._joining) + len(self._failed)
+
+    def join(self, request: ChainSample, index: int, seed: int | None = None) -> None:
+        """Add `request`, told to the listener and returned by `step` as `index`; with `seed`
+        it samples as if run alone with `sampling.seed = seed`. A request the batch cannot run
+        (a stage outside `names`, a malformed request) comes back from the next `step` with
+        its error."""
+        refused = _refusal(self.engine.base, request, index, self.mode, self.names)
+        if refused is not None:
+            self._failed.append((index, refused))
+            return
+        row = _Row(-1, index, request, self.sampling.generator(request_key(request), seed),
+                   TokenChain([], []))
+        # step 0's chunk starts with the shared content, tokenized and queued here
+        row.tokens.shared_ids = self.engine.codec.shared(request.shared)
+        row.pending = [(t, (Kind.SHARED, -1, -1, False)) for t in row.tokens.shared_ids]
+        self._joining.append(row)
+
+    def step(self) -> list[tuple[int, ChainResult]]:
+        """Run every member's next step (the joined ones start theirs); returns `(index,
+        result)` for each member whose chain is now done, which leaves the batch."""
+        done, self._failed = self._failed, []
+        with torch.no_grad():
+            self._admit()
+            if self.rows:
+                self._run_step()
+        return done + self._release()
+
+    def _caches(self) -> list[ChainCache]:
+        """Every cache the batch holds (for the memory figures and for rows joining/leaving)."""
+        return [self._shared] if self._shared is not None else list(
+            dict.fromkeys(self._held.values()))
+
+    def _admit(self) -> None:
+        """The joined rows take the next slots, in every cache the batch holds."""
+        if not self._joining:
+            return
+        engine, new = self.engine, self._joining
+        self._joining = []
+        for slot, row in enumerate(new, start=len(self.rows)):
+            row.slot = slot
+        if self.mode == "shared" and self._shared is None:
+            self._shared = ChainCache(engine.base, engine.prompt_caches(self.names), 0,
+                                      engine.decode_step, engine.lora_bank(self.names))
+        for cache in self._caches():
+            cache.add_rows(len(new))
+        self.rows += new
+
+    def _run_step(self) -> None:
+        """One step of every member: the rows that take part, the cache they write to, the
+        chunk each encodes (prefill), the outputs they generate (decode), then their results."""
+        engine, rows = self.engine, self.rows
+        started = time.perf_counter()  # a step 0's clock includes encoding the shared content
+        active = [row for row in rows if engine._take_input(row, self.step_input)]
+        if not active:
+            return
+        if self._shared is not None:
+            cache, cache_ids = self._shared, {name: i for i, name in enumerate(self.names)}
+        else:
+            cache, cache_ids = engine._text_step_cache(active, len(rows), self._held)
+        chunks = {id(row): engine._step_chunk(row, self.mode, cache_ids) for row in active}
+        active = engine._within_limits(cache, active, chunks)
+        prompt = engine._causal_prompt(list(cache_ids)) if self.mode == "text" else None
+        logits = engine._prefill(cache, [chunks.get(id(row), []) for row in rows], prompt)
+        if self._shared is not None:  # each row's previous step is in: free what it won't see
+            cache.free_hidden(torch.tensor([row.k for row in rows], device=cache.base.device))
+        generating = [row for row in active if row.request.steps[row.k].output is None]
+        outputs = engine._decode(cache, logits, rows, generating, self.sampling,
+                                 self.output_scores, cache_ids, self.listener)
+        engine._record_step(active, chunks, outputs, self._caches(), started, self.listener)
+        for row in active:
+            row.k += 1
+
+    def _release(self) -> list[tuple[int, ChainResult]]:
+        """The members whose chain is done leave: their results, and their rows given back."""
+        finished = [row for row in self.rows
+                    if row.ended or row.k >= len(row.request.steps)]
+        if not finished:
+            return []
+        self.rows = [row for row in self.rows if row not in finished]
+        if not self.rows:  # nobody left: the next member starts from fresh caches
+            self._shared, self._held = None, {}
+        else:
+            kept = torch.tensor([row.slot for row in self.rows])
+            for cache in self._caches():
+                cache.keep_rows(kept.to(cache.base.device))
+            for slot, row in enumerate(self.rows):
+                row.slot = slot
+        return [(row.index, ChainResult(row.request.id, self.mode, row.results, row.tokens,
+                                        row.error)) for row in finished]

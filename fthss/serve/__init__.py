@@ -1,7 +1,7 @@
-"""fthss over HTTP: `create_app` (the FastAPI app, `api`), its `Scheduler` (dynamic batching on a
-worker thread that owns the engine), `Metrics` (Prometheus) and `serve` (uvicorn, drained on
-SIGTERM; `running` serves in a background thread). Needs the `serve` extra:
-`pip install -e ".[serve]"`."""
+"""fthss over HTTP: `create_app` (the FastAPI app, `api`), its `Scheduler` (continuous or
+dynamic batching on a worker thread that owns the engine), `Metrics` (Prometheus) and `serve`
+(uvicorn, drained on SIGTERM; `running` serves in a background thread). Needs the `serve`
+extra: `pip install -e ".[serve]"`."""
 
 from fthss.serve.api import create_app
 from fthss.serve.server import running, serve

@@ -104,13 +104,14 @@ def _status_and_body(result: ChainResult | Exception, job: Job) -> tuple[int, di
 
 def create_app(engine: ChainEngine, step_input: StepInput | None = None, *,
                max_batch_size: int = 32, max_wait_ms: float = 10.0, max_queue: int = 1024,
-               api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+               batching: str = "continuous", api_key: str | None = None,
+               max_body_bytes: int = 1 << 20) -> FastAPI:
     """The app serving `engine`; its scheduler starts and stops with the app's lifespan.
 
     Args:
         engine: the loaded chain engine (the app's worker thread owns it).
         step_input: the between-steps callable, as `ChainEngine.run` takes it.
-        max_batch_size, max_wait_ms, max_queue: the scheduler's, see `Scheduler`.
+        max_batch_size, max_wait_ms, max_queue, batching: the scheduler's, see `Scheduler`.
         api_key: when set, the bearer token `/v1/chains` and `/metrics` require.
         max_body_bytes: larger request bodies get 413.
 
@@ -118,7 +119,8 @@ def create_app(engine: ChainEngine, step_input: StepInput | None = None, *,
         The FastAPI app; `app.state.scheduler` and `app.state.metrics` are its parts.
     """
     metrics = Metrics()
-    scheduler = Scheduler(engine, step_input, max_batch_size, max_wait_ms, max_queue, metrics)
+    scheduler = Scheduler(engine, step_input, max_batch_size, max_wait_ms, max_queue, metrics,
+                          batching)
     stages = set(engine.stages)
 
     @asynccontextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from fthss.engine.engine import BATCHING
 from fthss.options import (
     add_base_arguments,
     add_stage_argument,
@@ -38,7 +39,6 @@ def cmd_serve(args) -> int:
 
     base = load_base(args)
     engine = ChainEngine(base, load_stages(args.stage, base), max_new_tokens=args.max_new_tokens,
-                         batch_size=args.max_batch_size,
                          max_request_tokens=args.max_request_tokens)
     step_input = None
     if args.corpus:
@@ -47,6 +47,7 @@ def cmd_serve(args) -> int:
         step_input = retrieval_step_input(BM25Retriever.from_file(args.corpus), args.passages)
     app = create_app(engine, step_input, max_batch_size=args.max_batch_size,
                      max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                     batching=args.batching,
                      api_key=args.api_key or os.environ.get("FTHSS_API_KEY") or None,
                      max_body_bytes=args.max_body_bytes)
     serve(app, args.host, args.port, args.log_level)
@@ -65,6 +66,9 @@ def add_serve_command(commands) -> None:
                         help="requests run together at most")
     parser.add_argument("--max-wait-ms", type=float, default=10.0,
                         help="how long a request waits for batch-mates")
+    parser.add_argument("--batching", choices=BATCHING, default="continuous",
+                        help="continuous: requests join the running batch at its next step "
+                        "boundary; dynamic: they wait for the next batch")
     parser.add_argument("--max-queue", type=positive_int, default=1024,
                         help="requests waiting beyond this get 503 with Retry-After")
     parser.add_argument("--api-key", default=None, help="bearer token required on /v1/chains "

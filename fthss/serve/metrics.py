@@ -13,8 +13,9 @@ TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 class Metrics:
     """Requests by outcome (`ok`; `failed`: the engine failed the request alone, e.g. too long,
     400; `error`: its batch failed, 500; `cancelled`: the client left; `rejected`: 503;
-    `invalid`: 422), queue length, batch sizes, tokens prefilled and decoded, request latency and
-    time to first token (both from arrival), and the K/V bytes the running batch holds."""
+    `invalid`: 422), queue length, batch sizes (members per engine step), tokens prefilled and
+    decoded, request latency and time to first token (both from arrival), and the K/V bytes the
+    running batch holds."""
 
     def __init__(self):
         self.registry = CollectorRegistry()
@@ -25,7 +26,8 @@ class Metrics:
             self.requests.labels(outcome)
         self.queue_length = Gauge("fthss_queue_length", "Requests waiting for a batch",
                                   registry=r)
-        self.batch_size = Histogram("fthss_batch_size", "Requests per engine batch",
+        self.batch_size = Histogram("fthss_batch_size", "Requests in the running batch at "
+                                    "each engine step (each runs every member's next step)",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.prefilled = Counter("fthss_tokens_prefilled", "Tokens encoded before generating",
                                  registry=r)

@@ -1,12 +1,17 @@
 """The scheduler: one worker thread owns the engine and runs queued requests in batches.
 
-Dynamic batching: requests arriving while a batch runs queue for the next one. The worker takes
-the oldest queued job, waits for batch-mates until `max_wait_ms` after that job's arrival or
-after the last batch's end, whichever is later, and runs every queued job that can share a
-batch with it (same mode and sampling settings; each brings its own seed) up to
-`max_batch_size`. Waiting after a batch's end too lets its clients' next requests join the
-requests queued meanwhile: under steady load, batches started from the oldest's arrival alone
-split the clients into two groups that alternate, each half a batch, for good.
+A batch starts from the oldest queued job: the worker waits for batch-mates until
+`max_wait_ms` after that job's arrival or after the last batch's end, whichever is later, and
+starts every queued job that can share a batch with it (same mode and sampling settings; each
+brings its own seed) up to `max_batch_size`. Waiting after a batch's end too lets its clients'
+next requests join the requests queued meanwhile: under steady load, batches started from the
+oldest's arrival alone split the clients into two groups that alternate, each half a batch.
+
+Then, with `batching="continuous"` (the default), requests that arrive while the batch runs
+join it at its next step boundary (`fthss.engine.engine.RunningBatch`), as long as there is
+room and the oldest queued job can share the batch (one that cannot waits for the batch to
+drain, so that no setting starves); with `"dynamic"` they queue for the next batch. Either
+way a member whose chain is done leaves the batch and is answered at once.
 
 The queue is bounded: a full queue refuses a job (the API answers 503). A cancelled job (its
 client left) leaves the queue; if it is already running, it ends at its next step boundary (the
@@ -23,7 +28,15 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fthss.engine.engine import END, ChainEngine, ChainResult, StepInput, StepResult
+from fthss.engine.engine import (
+    BATCHING,
+    END,
+    ChainEngine,
+    ChainResult,
+    RunningBatch,
+    StepInput,
+    StepResult,
+)
 from fthss.engine.sampling import SamplingConfig
 from fthss.layout.chain import ChainSample
 from fthss.serve.metrics import Metrics
@@ -58,9 +71,10 @@ class Job:
 
 
 class _Listener:
-    """Relays a batch's progress (`fthss.engine.engine.RunListener`) to its jobs."""
+    """Relays a batch's progress (`fthss.engine.engine.RunListener`) to its jobs, by the index
+    each joined the batch with."""
 
-    def __init__(self, jobs: list[Job], metrics: Metrics):
+    def __init__(self, jobs: dict[int, Job], metrics: Metrics):
         self.jobs, self.metrics = jobs, metrics
 
     def tokens(self, request: int, step: int, ids: list[int]) -> None:
@@ -80,18 +94,20 @@ class _Listener:
 class Scheduler:
     def __init__(self, engine: ChainEngine, step_input: StepInput | None = None,
                  max_batch_size: int = 32, max_wait_ms: float = 10.0, max_queue: int = 1024,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, batching: str = "continuous"):
         """Args:
-            engine: the engine the worker owns (nothing else may run it meanwhile); its
-                `batch_size` is raised to `max_batch_size` if lower.
+            engine: the engine the worker owns (nothing else may run it meanwhile).
             step_input: the between-steps callable, as `ChainEngine.run` takes it.
-            max_batch_size: the most requests in one batch.
+            max_batch_size: the most requests in one batch at once.
             max_wait_ms: how long the oldest queued job waits for batch-mates.
             max_queue: the most jobs waiting; more are refused.
             metrics: where queue, batch and token figures go.
+            batching: "continuous" (jobs join the running batch at step boundaries) or
+                "dynamic" (they wait for the next batch).
         """
-        self.engine, self.step_input = engine, step_input
-        engine.batch_size = max(engine.batch_size, max_batch_size)
+        if batching not in BATCHING:
+            raise ValueError(f"unknown batching '{batching}'; choose one of {BATCHING}")
+        self.engine, self.step_input, self.batching = engine, step_input, batching
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_ms / 1000
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
@@ -100,6 +116,7 @@ class Scheduler:
         self._closed = False  # draining: no new jobs
         self._stopped = False  # the worker exits once the queue is empty
         self._running = 0  # jobs in the batch being run
+        self._joined = 0  # jobs joined so far: each job's index in its batch
         self._last_end = 0.0  # when the last batch ended (perf_counter)
         self._thread = threading.Thread(target=self._work, name="fthss-scheduler", daemon=True)
 
@@ -174,20 +191,34 @@ class Scheduler:
                     self._changed.wait(left)
                 if self._queue:  # else all were cancelled while waiting
                     break
-            key = self._queue[0].batch_key
-            batch = [job for job in self._queue if job.batch_key == key][: self.max_batch_size]
-            for job in batch:
-                self._queue.remove(job)
-            self._running = len(batch)
-            self.metrics.queue_length.set(len(self._queue))
-            return batch
+            return self._take(self._queue[0].batch_key, self.max_batch_size)
 
-    def _run(self, batch: list[Job]) -> None:
-        self.metrics.batch_size.observe(len(batch))
-        jobs = {id(job.request): job for job in batch}
+    def _take(self, key: tuple, room: int) -> list[Job]:
+        """Up to `room` queued jobs of batch key `key`, oldest first, out of the queue (the
+        caller holds the lock)."""
+        batch = [job for job in self._queue if job.batch_key == key][:room]
+        for job in batch:
+            self._queue.remove(job)
+        self._running += len(batch)
+        self.metrics.queue_length.set(len(self._queue))
+        return batch
+
+    def _joiners(self, key: tuple, room: int) -> list[Job]:
+        """Continuous batching: the queued jobs that join the running batch at this step
+        boundary (none while the oldest queued job needs another batch: it goes next)."""
+        with self._changed:
+            if room <= 0 or not self._queue or self._queue[0].batch_key != key:
+                return []
+            return self._take(key, room)
+
+    def _run(self, first: list[Job]) -> None:
+        """Run a batch from `first` until its last member is done; with continuous batching,
+        queued jobs join it at each step boundary."""
+        jobs: dict[int, Job] = {}  # by the index each joined the batch with
+        by_request = {}  # id of a job's request -> the job, for the between-steps callable
 
         def step_input(request: ChainSample, k: int, outputs: list[str]):
-            job = jobs[id(request)]
+            job = by_request[id(request)]
             if job.cancelled:
                 return END
             if self.step_input is None:
@@ -198,21 +229,31 @@ class Scheduler:
                 job.error = f"step {k}: the between-steps callable raised {err!r}"
                 return END
 
-        try:
-            results = self.engine.run([job.request for job in batch], batch[0].mode,
-                                      batch[0].sampling, step_input,
-                                      listener=_Listener(batch, self.metrics),
-                                      seeds=[job.sampling.seed for job in batch])
-        except Exception as err:  # noqa: BLE001 - the batch fails, the server goes on
-            results = [err] * len(batch)
-        finally:
-            self.metrics.kv_bytes.set(0)  # the batch's caches are gone
-        for job, result in zip(batch, results, strict=True):
-            if isinstance(result, ChainResult) and job.error:
-                result.error = job.error
-            self._finish(job, result)
+        key, leader = first[0].batch_key, first[0]
+        batch = RunningBatch(self.engine, leader.mode, leader.sampling, step_input,
+                             listener=_Listener(jobs, self.metrics))
+        joining = first
+        while joining or jobs:
+            for job in joining:
+                jobs[self._joined], by_request[id(job.request)] = job, job
+                batch.join(job.request, self._joined, job.sampling.seed)
+                self._joined += 1
+            self.metrics.batch_size.observe(len(jobs))
+            try:
+                finished = batch.step()
+            except Exception as err:  # noqa: BLE001 - the batch fails, the server goes on
+                finished = [(index, err) for index in jobs]
+            for index, result in finished:
+                job = jobs.pop(index)
+                del by_request[id(job.request)]
+                if isinstance(result, ChainResult) and job.error:
+                    result.error = job.error
+                self._finish(job, result)
+            if not jobs:  # the batch's caches are gone
+                self.metrics.kv_bytes.set(0)
+            joining = (self._joiners(key, self.max_batch_size - len(jobs))
+                       if self.batching == "continuous" and jobs else [])
         with self._changed:
-            self._running = 0
             self._last_end = time.perf_counter()
 
     def _finish(self, job: Job, result: ChainResult | Exception) -> None:
@@ -224,4 +265,6 @@ class Scheduler:
             outcome = "failed" if result.error else "ok"
         self.metrics.requests.labels(outcome).inc()
         self.metrics.latency.observe(time.perf_counter() - job.arrived)
+        with self._changed:
+            self._running -= 1
         job.notify("done", result)
