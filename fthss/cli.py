@@ -272,6 +272,8 @@ def cmd_demo(args) -> int:
         config = DemoConfig.shared_mode_base(args.seed, args.base)
     else:
         config = DemoConfig(seed=args.seed, base=args.base)
+    if args.test_records is not None:
+        config = dataclasses.replace(config, test_records=args.test_records)
     summary = run_demo(config, args.out, device=args.device)
     print((Path(args.out) / "report.md").read_text())
     print(f"[demo] done in {summary['wall_s'] / 60:.1f} min: {args.out}/report.md")
@@ -370,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shared-mode-base", action="store_true",
                       help="the bases whose second pretraining phase ran in shared mode "
                       "(docs/experiments.md) instead of the text-only ones")
+    demo.add_argument("--test-records", type=positive_int, default=None,
+                      help="test questions per task (default: 500, --quick 48; 1000 for the "
+                      "intervals of docs/experiments.md, about 10 min more)")
     add_device_argument(demo)
     demo.set_defaults(func=cmd_demo)
 

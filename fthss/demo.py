@@ -38,7 +38,9 @@ EXTRA_METHODS = ("distill", "adapt")
 @dataclass
 class DemoConfig:
     seed: int = 0
-    test_records: int = 1000  # per task
+    # per task: 500 keeps `fthss demo` within 30 min on a 2-core CPU (evaluation is over half
+    # of it); `--test-records 1000` for narrower intervals (docs/experiments.md's runs)
+    test_records: int = 500
     train_samples: int = 1024  # per task and method (adapt: a quarter, as the paper's subset)
     epochs: float = 1.0
     micro_batch_size: int = 16

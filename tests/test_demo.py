@@ -131,10 +131,11 @@ def test_each_committed_world_has_a_text_only_base_and_a_shared_mode_one():
 
 
 @pytest.mark.parametrize("argv, shared_mode_steps, draws, records", [
-    ([], 0, 1, 1000),
-    (["--shared-mode-base"], 667, 3, 1000),
+    ([], 0, 1, 500),
+    (["--test-records", "1000"], 0, 1, 1000),
+    (["--shared-mode-base"], 667, 3, 500),
     (["--quick"], 0, 1, 48),
-    (["--quick", "--shared-mode-base"], 10, 1, 48),
+    (["--quick", "--shared-mode-base", "--test-records", "8"], 10, 1, 8),
 ])
 def test_the_command_picks_the_base_recipe(argv, shared_mode_steps, draws, records, tmp_path,
                                           monkeypatch):
