@@ -279,6 +279,6 @@ def add_bench_commands(commands) -> None:
                        help="requests per point: rounds × concurrency")
     serve.add_argument("--max-wait-ms", type=float, default=10.0,
                        help="the server's wait for batch-mates")
-    serve.add_argument("--batching", nargs="+", choices=BATCHING, default=["continuous"],
+    serve.add_argument("--batching", nargs="+", choices=BATCHING, default=["dynamic"],
                        help="the servers' batching policies, measured in turn in one run "
                        "('continuous dynamic' compares them)")

@@ -105,7 +105,7 @@ def serve_throughput(base: BaseModel, concurrencies: list[int], intermediate_tok
                      max_wait_ms: float = 10.0, repeats: int = 1,
                      generate_intermediate: bool = False, modes: tuple[str, ...] = MODES,
                      progress: bool = False, compile: bool = False,
-                     batchings: tuple[str, ...] = ("continuous",)) -> list[dict]:
+                     batchings: tuple[str, ...] = ("dynamic",)) -> list[dict]:
     """One row per (batching, mode, concurrency): the server's figures (`drive`), the mean
     batch it ran, and the offline ceiling at batch = concurrency, measured just before on an
     engine of the same base and stages (the server's worker owns its own), so that a machine

@@ -104,7 +104,7 @@ def _status_and_body(result: ChainResult | Exception, job: Job) -> tuple[int, di
 
 def create_app(engine: ChainEngine, step_input: StepInput | None = None, *,
                max_batch_size: int = 32, max_wait_ms: float = 10.0, max_queue: int = 1024,
-               batching: str = "continuous", api_key: str | None = None,
+               batching: str = "dynamic", api_key: str | None = None,
                max_body_bytes: int = 1 << 20) -> FastAPI:
     """The app serving `engine`; its scheduler starts and stops with the app's lifespan.
 

@@ -66,9 +66,10 @@ def add_serve_command(commands) -> None:
                         help="requests run together at most")
     parser.add_argument("--max-wait-ms", type=float, default=10.0,
                         help="how long a request waits for batch-mates")
-    parser.add_argument("--batching", choices=BATCHING, default="continuous",
-                        help="continuous: requests join the running batch at its next step "
-                        "boundary; dynamic: they wait for the next batch")
+    parser.add_argument("--batching", choices=BATCHING, default="dynamic",
+                        help="dynamic: requests that arrive while a batch runs wait for the next "
+                        "one; continuous: they join the running batch at its next step boundary "
+                        "(slower today when steps of unlike lengths meet: docs/benchmarks.md)")
     parser.add_argument("--max-queue", type=positive_int, default=1024,
                         help="requests waiting beyond this get 503 with Retry-After")
     parser.add_argument("--api-key", default=None, help="bearer token required on /v1/chains "

@@ -7,11 +7,14 @@ brings its own seed) up to `max_batch_size`. Waiting after a batch's end too let
 next requests join the requests queued meanwhile: under steady load, batches started from the
 oldest's arrival alone split the clients into two groups that alternate, each half a batch.
 
-Then, with `batching="continuous"` (the default), requests that arrive while the batch runs
-join it at its next step boundary (`fthss.engine.engine.RunningBatch`), as long as there is
-room and the oldest queued job can share the batch (one that cannot waits for the batch to
-drain, so that no setting starves); with `"dynamic"` they queue for the next batch. Either
-way a member whose chain is done leaves the batch and is answered at once.
+Then, with `batching="dynamic"` (the default), requests that arrive while the batch runs queue
+for the next one; with `"continuous"` they join it at its next step boundary
+(`fthss.engine.engine.RunningBatch`), as long as there is room and the oldest queued job can
+share the batch (one that cannot waits for the batch to drain, so that no setting starves).
+Either way a member whose chain is done leaves the batch and is answered at once. Continuous
+batching is the slower of the two today: one engine step pads every member's chunk to the
+longest, so a joiner's long prefill makes the members in short steps pay for its width
+(docs/benchmarks.md).
 
 The queue is bounded: a full queue refuses a job (the API answers 503). A cancelled job (its
 client left) leaves the queue; if it is already running, it ends at its next step boundary (the
@@ -94,7 +97,7 @@ class _Listener:
 class Scheduler:
     def __init__(self, engine: ChainEngine, step_input: StepInput | None = None,
                  max_batch_size: int = 32, max_wait_ms: float = 10.0, max_queue: int = 1024,
-                 metrics: Metrics | None = None, batching: str = "continuous"):
+                 metrics: Metrics | None = None, batching: str = "dynamic"):
         """Args:
             engine: the engine the worker owns (nothing else may run it meanwhile).
             step_input: the between-steps callable, as `ChainEngine.run` takes it.
@@ -102,8 +105,8 @@ class Scheduler:
             max_wait_ms: how long the oldest queued job waits for batch-mates.
             max_queue: the most jobs waiting; more are refused.
             metrics: where queue, batch and token figures go.
-            batching: "continuous" (jobs join the running batch at step boundaries) or
-                "dynamic" (they wait for the next batch).
+            batching: "dynamic" (jobs wait for the next batch) or "continuous" (they join
+                the running batch at step boundaries).
         """
         if batching not in BATCHING:
             raise ValueError(f"unknown batching '{batching}'; choose one of {BATCHING}")
