@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import DEVICE, assert_same_generations
 
-from fthss.engine.engine import ChainEngine
+from fthss.engine.engine import ChainEngine, RunningBatch
 from fthss.layout.chain import ChainSample, Step
 from fthss.prompts.stage import Stage, StageConfig
 
@@ -408,3 +408,24 @@ def test_requests_with_their_own_seeds_sample_as_alone(llama, three_stages):
     for request, seed, result in zip(requests, (5, 7), batched, strict=True):
         [alone] = engine.run([request], sampling=SamplingConfig(temperature=1.0, seed=seed))
         assert [s.output_ids for s in result.steps] == [s.output_ids for s in alone.steps]
+
+
+def test_a_running_batch_refuses_a_request_it_cannot_run_alone(llama):
+    """A request naming a stage outside the batch's, or with a stop token past the vocabulary,
+    comes back from the next step with its error; the member beside it runs as alone."""
+    stages = [Stage.create(StageConfig(n, "prompt", 2), llama, seed=i)
+              for i, n in enumerate("AB")]
+    engine = ChainEngine(llama, stages)
+    good = ChainSample("q", [Step("A", input="doc", max_new_tokens=3)], id="good")
+    batch = RunningBatch(engine, names=["A"])
+    batch.join(good, 0)
+    batch.join(ChainSample("q", [Step("B", max_new_tokens=2)], id="other"), 1)
+    batch.join(ChainSample("q", [Step("A", max_new_tokens=2, stop_token_ids=[10**6])]), 2)
+    results = dict(batch.step())
+    assert not batch
+    assert "unknown stage(s) ['B']" in results[1].error and not results[1].steps
+    assert "stop_token_ids[0]" in results[2].error and "request 2" in results[2].error
+    [alone] = engine.run([good])
+    assert results[0].error is None
+    assert [s.output_ids for s in results[0].steps] == [s.output_ids for s in alone.steps]
+

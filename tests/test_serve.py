@@ -318,6 +318,12 @@ def test_a_request_joins_the_running_batch_at_a_step_boundary(stages, reference,
     assert together == (1 if batching == "continuous" else 0)
 
 
+
+def test_an_unknown_batching_policy_is_refused(stages):
+    with pytest.raises(ValueError, match="unknown batching 'eager'; choose one of"):
+        create_app(new_engine(stages), batching="eager")
+
+
 def test_the_api_key_is_required_as_a_bearer_token(stages):
     with live(create_app(new_engine(stages), api_key="s3cret")) as base_url:
         post = f"{base_url}/v1/chains"

@@ -296,7 +296,8 @@ class ChainEngine:
                 running = RunningBatch(self, mode, sampling, step_input, output_scores,
                                        listener, names)
                 for i in batch:
-                    running.join(requests[i], i, None if seeds is None else seeds[i])
+                    running.join(requests[i], i, None if seeds is None else seeds[i],
+                                 checked=True)
                 while running:
                     for i, result in running.step():
                         results[i] = result
@@ -670,12 +671,14 @@ class RunningBatch:
         """Members, those waiting to start included."""
         return len(self.rows) + len(self._joining) + len(self._failed)
 
-    def join(self, request: ChainSample, index: int, seed: int | None = None) -> None:
+    def join(self, request: ChainSample, index: int, seed: int | None = None, *,
+             checked: bool = False) -> None:
         """Add `request`, told to the listener and returned by `step` as `index`; with `seed`
         it samples as if run alone with `sampling.seed = seed`. A request the batch cannot run
         (a stage outside `names`, a malformed request) comes back from the next `step` with
-        its error."""
-        refused = _refusal(self.engine.base, request, index, self.mode, self.names)
+        its error; `checked`: the caller has found it runnable already (`ChainEngine.run`)."""
+        refused = None if checked else _refusal(self.engine.base, request, index, self.mode,
+                                                self.names)
         if refused is not None:
             self._failed.append((index, refused))
             return
