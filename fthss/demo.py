@@ -37,7 +37,8 @@ EXTRA_METHODS = ("distill", "adapt")
 
 @dataclass
 class DemoConfig:
-    seed: int = 0
+    seed: int = 0  # the world's
+    train_seed: int | None = None  # stage initialisation and data order (default: `seed`)
     # per task: 500 keeps `fthss demo` within 30 min on a 2-core CPU (evaluation is over half
     # of it); `--test-records 1000` for narrower intervals (docs/experiments.md's runs)
     test_records: int = 500
@@ -49,7 +50,7 @@ class DemoConfig:
     # updates, each of as many of its own sequences
     equal_stage_updates: bool = True
     kinds: tuple[str, ...] = ("prompt", "lora")
-    every_method_kind: str = "lora"  # the kind that also trains distill and adapt
+    every_method_kind: str | None = "lora"  # the kind that also trains distill and adapt (None: none)
     learning_rate: float = 3e-2  # soft prompts
     prompt_tokens: int = 8  # prompt kind
     prompt_init: str = "vocab"
@@ -86,9 +87,14 @@ class DemoConfig:
         unknown = [k for k in self.kinds if k not in ("prompt", "lora")]
         if unknown or not self.kinds:
             raise ConfigError(f"demo kinds must be some of prompt, lora, not {unknown or 'none'}")
-        if self.every_method_kind not in self.kinds:
+        if self.every_method_kind is not None and self.every_method_kind not in self.kinds:
             raise ConfigError(f"every_method_kind {self.every_method_kind!r} is not one of the "
                               f"kinds {self.kinds}")
+
+    @property
+    def stage_seed(self) -> int:
+        """The seed of the stages' initialisation and training data order."""
+        return self.seed if self.train_seed is None else self.train_seed
 
     def methods(self, kind: str) -> tuple[str, ...]:
         """The training methods the demo runs with stages of `kind`, in training order (adapt
@@ -188,7 +194,7 @@ def train_stages(base, task, samples, method: str, kind: str, config: DemoConfig
         return [load_stage(folder / n, base) for n in names]
     # adapt trains copies: the stages it starts from are evaluated as they are
     stages = [copy.deepcopy(s) for s in start_from] if start_from else [
-        Stage.create(config.stage_config(n, kind), base, seed=config.seed * 100 + i)
+        Stage.create(config.stage_config(n, kind), base, seed=config.stage_seed * 100 + i)
         for i, n in enumerate(names)]
     micro_batch = config.micro_batch_size
     if config.equal_stage_updates and trains_one_stage_per_phase(method, task.rounds):
@@ -196,7 +202,7 @@ def train_stages(base, task, samples, method: str, kind: str, config: DemoConfig
     train = TrainConfig(learning_rate=config.learning_rate,
                         lora_learning_rate=config.lora_learning_rate, epochs=config.epochs,
                         micro_batch_size=micro_batch, grad_accumulation=1,
-                        warmup_ratio=0.03, max_length=None, seed=config.seed)
+                        warmup_ratio=0.03, max_length=None, seed=config.stage_seed)
     count = len(samples) // 4 if method == "adapt" else len(samples)
     train_method(base, samples, method, stages, None, train, folder, rounds=task.rounds,
                  max_samples=count)

@@ -163,3 +163,7 @@ def test_demo_kinds_are_checked():
         DemoConfig(kinds=("prompt",))
     assert DemoConfig(kinds=("prompt",), every_method_kind="prompt").methods("prompt") == (
         "single", "chain", "fthss", "distill", "adapt")
+    assert DemoConfig(kinds=("lora",), every_method_kind=None).methods("lora") == (
+        "single", "chain", "fthss")
+    # the training seed follows the world's unless set apart
+    assert (DemoConfig(seed=3).stage_seed, DemoConfig(seed=3, train_seed=11).stage_seed) == (3, 11)
