@@ -306,6 +306,67 @@ def test_a_long_prefill_in_pieces_gives_the_same_logits(llama, three_stages, mon
     assert_same_generations(pieces, whole)
 
 
+def test_row_groups_take_the_least_padding_plus_overhead():
+    """Against every split of a few rows into contiguous groups."""
+    import itertools
+    import random
+
+    from fthss.engine.cache import row_groups
+
+    def cost(groups, widths, overhead):
+        return sum((g.stop - g.start) * max(widths[g]) + (overhead if max(widths[g]) else 0)
+                   for g, _ in groups)
+    rnd = random.Random(0)
+    for _ in range(200):
+        widths = [rnd.choice([0, 1, 3, 20, 21, 300]) for _ in range(rnd.randint(1, 7))]
+        overhead = rnd.choice([0, 10, 512])
+        groups = row_groups(widths, overhead)
+        assert [i for g, _ in groups for i in range(g.start, g.stop)] == list(range(len(widths)))
+        assert all(width == max(widths[g]) for g, width in groups)
+        splits = [[slice(a, b) for a, b in zip((0, *cuts), (*cuts, len(widths)), strict=True)]
+                  for r in range(len(widths))
+                  for cuts in itertools.combinations(range(1, len(widths)), r)]
+        assert cost(groups, widths, overhead) == min(
+            cost([(g, 0) for g in split], widths, overhead) for split in splits)
+    assert row_groups([20] * 5 + [1000] * 2) == [(slice(0, 5), 20), (slice(5, 7), 1000)]
+    assert row_groups([300, 310, 290]) == [(slice(0, 3), 310)]  # alike: one forward
+
+
+@pytest.mark.parametrize("mode", ["shared", "text"])
+def test_a_long_joiner_does_not_pad_its_batch_mates_prefill(llama, three_stages, mode,
+                                                             monkeypatch):
+    """A request joining a running batch with long shared content prefills in a group of its
+    own: no forward runs its batch-mates' short steps at its length, and every member answers
+    as it does alone."""
+    from fthss.engine import cache
+
+    short = [ChainSample(f"q{i}", [Step("A", input="d", max_new_tokens=2),
+                                   Step("C", max_new_tokens=2)]) for i in range(3)]
+    long = ChainSample("word " * 200, [Step("A", max_new_tokens=2)])
+    engine = ChainEngine(llama, three_stages)
+    batch, results, forwards = RunningBatch(engine, mode), {}, []
+    logits = cache.ChainCache._logits
+
+    def recorded(self, store, pos, at, **inputs):
+        forwards.append(pos.shape)
+        return logits(self, store, pos, at, **inputs)
+    monkeypatch.setattr(cache.ChainCache, "_logits", recorded)
+    for i, request in enumerate(short):
+        batch.join(request, i)
+    results.update(batch.step())
+    batch.join(long, 3)
+    forwards.clear()
+    results.update(batch.step())  # the short ones' step 1, the long one's step 0
+    prefill = [shape for shape in forwards if shape[1] > 1]
+    assert all(width < 50 for rows, width in prefill if rows > 1)  # the short steps
+    assert any(rows == 1 and width > 200 for rows, width in prefill)  # the joiner
+    while batch:
+        results.update(batch.step())
+    alone = engine.run([*short, long], mode)
+    assert [[s.output_ids for s in results[i].steps] for i in range(4)] == \
+        [[s.output_ids for s in r.steps] for r in alone]
+
+
 @pytest.mark.parametrize("mode", ["shared", "text"])
 def test_a_request_over_a_limit_fails_alone(llama, three_stages, mode):
     """Past the base's positions (at step 0, or only at its second step) or over the cache

@@ -37,14 +37,19 @@ def setups(draw):
     return base, stages, requests, draw(st.integers(1, 5))
 
 
+# a prefill's row groups as the engine picks them, or every cut that saves a padded column
+GROUPINGS = st.sampled_from([cache.GROUP_OVERHEAD, 0])
+
+
 @settings(max_examples=150)
-@given(setups(), st.sampled_from([cache.BLOCK, 1]))
-def test_shared_incremental_equals_one_pass(setup, block):
+@given(setups(), st.sampled_from([cache.BLOCK, 1]), GROUPINGS)
+def test_shared_incremental_equals_one_pass(setup, block, overhead):
     """Also with 1-column blocks: then `free_hidden` compacts the cache whenever a slot dies,
-    where 256-column blocks rarely give one back in chains this short."""
+    where 256-column blocks rarely give one back in chains this short; and with prefills split
+    into as many row groups as save padding."""
     base, stages, requests, batch_size = setup
     engine = ChainEngine(base, stages, batch_size=batch_size)
-    with patch.object(cache, "BLOCK", block):
+    with patch.object(cache, "BLOCK", block), patch.object(cache, "GROUP_OVERHEAD", overhead):
         results = engine.run(requests, "shared", output_scores=True)
     for result, reference in zip(results, output_logits_one_pass(engine, results), strict=True):
         scores = torch.cat([s.scores for s in result.steps])
@@ -76,8 +81,8 @@ def run_joining(engine, requests, mode, joins):
 
 @settings(max_examples=100)
 @given(setups(), st.sampled_from([cache.BLOCK, 1]), st.sampled_from(["shared", "text"]),
-       st.randoms(use_true_random=False))
-def test_requests_joining_a_running_batch_are_exact(setup, block, mode, rnd):
+       st.randoms(use_true_random=False), GROUPINGS)
+def test_requests_joining_a_running_batch_are_exact(setup, block, mode, rnd, overhead):
     """Continuous batching: requests join while others are mid-chain (rows at different steps
     in one prefill and one decode loop, rows leaving as their chains end, the cache compacted
     under them); each still equals the one-pass forward (shared) or the plain forward of its
@@ -85,7 +90,7 @@ def test_requests_joining_a_running_batch_are_exact(setup, block, mode, rnd):
     base, stages, requests, _ = setup
     engine = ChainEngine(base, stages)
     joins = [rnd.randrange(4) for _ in requests]
-    with patch.object(cache, "BLOCK", block):
+    with patch.object(cache, "BLOCK", block), patch.object(cache, "GROUP_OVERHEAD", overhead):
         results = run_joining(engine, requests, mode, joins)
     if mode == "shared":
         references = output_logits_one_pass(engine, results)
@@ -99,11 +104,13 @@ def test_requests_joining_a_running_batch_are_exact(setup, block, mode, rnd):
 
 
 @settings(max_examples=80)
-@given(setups())
-def test_text_mode_equals_plain_forward_of_the_text(setup):
+@given(setups(), GROUPINGS)
+def test_text_mode_equals_plain_forward_of_the_text(setup, overhead):
     base, stages, requests, batch_size = setup
     engine = ChainEngine(base, stages, batch_size=batch_size)
-    for result in engine.run(requests, "text", output_scores=True):
+    with patch.object(cache, "GROUP_OVERHEAD", overhead):
+        results = engine.run(requests, "text", output_scores=True)
+    for result in results:
         for k in range(len(result.steps)):
             torch.testing.assert_close(result.steps[k].scores, plain_logits(engine, result, k),
                                        atol=TOLERANCE, rtol=0)

@@ -29,6 +29,9 @@ from fthss.prompts.stage import LayerKV, side_by_side
 
 BLOCK = 256  # columns the cache grows by: few distinct shapes, so few CUDA graphs
 PREFILL_TOKENS = 16384  # tokens (batch x columns) per prefill forward
+# padded tokens a prefill forward's fixed cost is taken to be worth, in `row_groups`' choice:
+# about a forward's launches on a GPU; a CPU's is less, so the choice errs toward fewer groups
+GROUP_OVERHEAD = 512
 
 
 class SlotCache(DynamicCache):
@@ -91,6 +94,45 @@ def _meta_like(meta: TokenMeta, batch: int, columns: int) -> TokenMeta:
 
 def _fields(meta: TokenMeta) -> tuple[torch.Tensor, ...]:
     return meta.kind, meta.step, meta.stage, meta.visible
+
+
+def _part(meta: TokenMeta, rows: slice = slice(None), columns: slice = slice(None)) -> TokenMeta:
+    return TokenMeta(*(t[rows, columns] for t in _fields(meta)))
+
+
+def _widths(meta: TokenMeta) -> torch.Tensor:
+    """Per row of a right-padded chunk: the columns up to and with its last real token."""
+    index = torch.arange(1, meta.length + 1, device=meta.kind.device)
+    return torch.where(meta.is_real, index, 0).max(dim=1).values
+
+
+def row_groups(widths: list[int], overhead: int | None = None) -> list[tuple[slice, int]]:
+    """Contiguous groups of rows for a prefill, each run padded only to its own widest chunk:
+    `(rows, width)` pairs covering every row in order. The split minimises the padded tokens
+    (rows x width, summed over groups) plus `overhead` (default GROUP_OVERHEAD) per forward,
+    by dynamic programming over the cut points; a group of width 0 (rows with nothing to
+    encode) runs no forward. Rows of like widths make one group; a long chunk among short
+    ones (a request joining a running batch with its shared content) makes its own, so its
+    batch-mates' steps are not padded to its length."""
+    overhead = GROUP_OVERHEAD if overhead is None else overhead
+    n = len(widths)
+    width = torch.tensor(widths, dtype=torch.float64)
+    # widest[i, j] = max(widths[i..j]) for j >= i (row i's widths from column i on, running max)
+    widest = torch.triu(width.expand(n, n)).cummax(dim=1).values
+    best = torch.zeros(n + 1, dtype=torch.float64)  # best[j]: the least cost of rows [0, j)
+    cut = [0] * (n + 1)  # cut[j]: where the last group of that split starts
+    for j in range(n):
+        spans = widest[: j + 1, j]  # the width of a last group [i, j] for each i
+        rows = torch.arange(j + 1, 0, -1, dtype=torch.float64)
+        cost = best[: j + 1] + rows * spans + overhead * (spans > 0)
+        cut[j + 1] = int(cost.argmin())
+        best[j + 1] = cost[cut[j + 1]]
+    groups, end = [], n
+    while end > 0:
+        start = cut[end]
+        groups.append((slice(start, end), max(widths[start:end])))
+        end = start
+    return groups[::-1]
 
 
 class ChainCache:
@@ -213,42 +255,61 @@ class ChainCache:
         """Run a `[batch, q]` chunk (padding marked in `meta`) and return its logits
         `[batch, q, vocab]`, or with `last_only` those of each row's last real token
         `[batch, vocab]` (computing no others: a long prefill needs only one row of logits).
-        A long chunk runs in pieces of at most PREFILL_TOKENS tokens per forward, which bounds
-        the activations and the mask a prefill needs."""
+        Rows run in contiguous groups, each padded only to its own longest chunk (`row_groups`);
+        a group's long chunk runs in pieces of at most PREFILL_TOKENS tokens per forward, which
+        bounds the activations and the mask a prefill needs. Where a group computes no logits
+        (its padding, a row with nothing to encode) they are zeros."""
         meta, input_ids = meta.to(self.base.device), input_ids.to(self.base.device)
         self.base.check_positions(positions(meta, self.next_position))
         self.reserve(meta.length)
-        width = max(1, PREFILL_TOKENS // self.batch_size)
-        index = torch.arange(meta.length, device=input_ids.device)
-        last = torch.where(meta.is_real, index, 0).max(dim=1).values  # per row, in the chunk
+        first = self.length
+        self._write(meta)  # every row's slots, padding included: the columns rows share
+        widths = _widths(meta)
+        last = (widths - 1).clamp(min=0)  # per row, its last real token's index in the chunk
+        shape = (self.batch_size, *((self.base.vocab_size,) if last_only
+                                    else (meta.length, self.base.vocab_size)))
+        out = None
+        for rows, width in row_groups(widths.tolist()):
+            if width == 0:  # nothing to encode: no forward
+                continue
+            logits = self._append_rows(rows, first, input_ids[rows, :width],
+                                       _part(meta, rows, slice(0, width)),
+                                       last[rows].clamp(min=0) if last_only else None)
+            out = logits.new_zeros(shape) if out is None else out
+            out[rows, : logits.shape[1]] = logits
+        self.next_position = self.next_position + meta.is_real.sum(dim=1)
+        return torch.zeros(shape, device=self.base.device) if out is None else out
+
+    def _append_rows(self, rows: slice, first: int, input_ids: torch.Tensor, meta: TokenMeta,
+                     last: torch.Tensor | None) -> torch.Tensor:
+        """`append` for one group of rows, their chunk (`[rows, width]`) written at column
+        `first`: K/V into views of those rows' cache, in pieces of at most PREFILL_TOKENS
+        tokens. The logits of every token, or with `last` per row those of the token at that
+        index only."""
+        store = SlotCache([k[rows] for k in self.store.keys], [v[rows] for v in self.store.values])
+        slots = _part(self.slots, rows)
+        next_position = self.next_position[rows]
+        width = max(1, PREFILL_TOKENS // next_position.shape[0])
         pieces = []
         for start in range(0, meta.length, width):
             end = min(start + width, meta.length)
-            piece = TokenMeta(*(t[:, start:end] for t in _fields(meta)))
-            at = (last - start).clamp(0, end - start - 1) if last_only else None
-            logits = self._forward_piece(input_ids[:, start:end], piece, at)
-            if not last_only:
+            piece = _part(meta, columns=slice(start, end))
+            store.start.fill_(first + start)
+            store.read = first + end
+            mask = visibility(_part(slots, columns=slice(0, first + end)), end - start)
+            at = None if last is None else (last - start).clamp(0, end - start - 1)
+            logits = self._logits(store, positions(piece, next_position), at,
+                                  input_ids=input_ids[:, start:end],
+                                  attention_mask=self.base.attention_mask(mask),
+                                  route=self._route(piece.stage))
+            next_position = next_position + piece.is_real.sum(dim=1)
+            if last is None:
                 pieces.append(logits)
             elif start == 0:
                 pieces = [logits]
             else:  # rows whose last real token lies in this piece
-                here = (last >= start)[:, None]
-                pieces = [torch.where(here, logits, pieces[0])]
-        return pieces[0] if last_only else torch.cat(pieces, dim=1)
-
-    def _forward_piece(self, input_ids, meta: TokenMeta, at: torch.Tensor | None) -> torch.Tensor:
-        """One forward over a piece of a chunk; logits of all its tokens, or per row of the
-        token at index `at` only."""
-        pos = positions(meta, self.next_position)
-        self._write(meta)
-        written = TokenMeta(*(t[:, : self.length] for t in _fields(self.slots)))
-        mask = visibility(written, meta.length)
-        self.store.read = self.length
-        logits = self._logits(self.store, pos, at, input_ids=input_ids,
-                              attention_mask=self.base.attention_mask(mask),
-                              route=self._route(meta.stage))
-        self.next_position = self.next_position + meta.is_real.sum(dim=1)
-        return logits
+                pieces = [torch.where((last >= start)[:, None], logits, pieces[0])]
+        return pieces[0] if last is not None else torch.cat(pieces, dim=1)
 
     def _logits(self, cache, pos, at: torch.Tensor | None, **inputs) -> torch.Tensor:
         """`BaseModel.forward`'s logits for every token, or per row only those of the token at
@@ -268,8 +329,9 @@ class ChainCache:
         in one forward with no mask, as PEFT + `generate` runs a prompt-tuned model: SDPA takes its
         causal kernel, which skips the blocks above the diagonal that an explicit mask makes it
         compute. The prompt's K/V come out as the cached ones (within float) and overwrite them.
-        Rows run in groups of at most PREFILL_TOKENS tokens. Returns the logits of each row's last
-        real token, `[batch, vocab]`."""
+        Rows run in contiguous groups of like widths, each padded to its own longest chunk only
+        (`row_groups`), a forward taking at most PREFILL_TOKENS tokens. Returns the logits of
+        each row's last real token, `[batch, vocab]` (zeros for a row with none)."""
         n = prompt.shape[0]
         if self.length != n or self.first_position != n:
             raise ValueError("append_causal needs a cache holding one stage's prompt only")
@@ -278,27 +340,34 @@ class ChainCache:
         self.base.check_positions(pos)
         self.reserve(meta.length)
         self._write(meta)
-        columns = n + meta.length
-        index = torch.arange(meta.length, device=input_ids.device)
-        last = n + torch.where(meta.is_real, index, 0).max(dim=1).values
+        widths = _widths(meta)
+        last = n + (widths - 1).clamp(min=0)
         prompt = prompt.to(self.base.device, self.base.dtype)
         prompt_pos = torch.arange(n, device=input_ids.device)
-        rows, logits = max(1, PREFILL_TOKENS // columns), []
-        for start in range(0, self.batch_size, rows):
-            group = slice(start, start + rows)
-            ids = input_ids[group]
-            embeds = torch.cat([prompt.expand(ids.shape[0], -1, -1), self.base.embed(ids)], 1)
-            cache = DynamicCache()  # fresh: no mask to build, so attention runs causal
-            owners = torch.cat([self.slots.stage[group, :n], meta.stage[group]], dim=1)
-            logits.append(self._logits(cache, torch.cat([prompt_pos.expand(ids.shape[0], -1),
-                                                         pos[group]], dim=1),
-                                       last[group], inputs_embeds=embeds,
-                                       route=self._route(owners)))
-            for i, layer in enumerate(cache.layers):
-                self.store.keys[i][group, :, :columns] = layer.keys
-                self.store.values[i][group, :, :columns] = layer.values
+        out = None
+        for rows_alike, width in row_groups(widths.tolist()):
+            if width == 0:  # nothing to encode: no forward
+                continue
+            columns = n + width
+            per_forward = max(1, PREFILL_TOKENS // columns)
+            for start in range(rows_alike.start, rows_alike.stop, per_forward):
+                group = slice(start, min(start + per_forward, rows_alike.stop))
+                ids = input_ids[group, :width]
+                embeds = torch.cat([prompt.expand(ids.shape[0], -1, -1), self.base.embed(ids)], 1)
+                cache = DynamicCache()  # fresh: no mask to build, so attention runs causal
+                owners = torch.cat([self.slots.stage[group, :n], meta.stage[group, :width]], 1)
+                logits = self._logits(cache, torch.cat([prompt_pos.expand(ids.shape[0], -1),
+                                                        pos[group, :width]], dim=1),
+                                      last[group], inputs_embeds=embeds,
+                                      route=self._route(owners))
+                out = logits.new_zeros(self.batch_size, logits.shape[1]) if out is None else out
+                out[group] = logits
+                for i, layer in enumerate(cache.layers):
+                    self.store.keys[i][group, :, :columns] = layer.keys
+                    self.store.values[i][group, :, :columns] = layer.values
         self.next_position = self.next_position + meta.is_real.sum(dim=1)
-        return torch.cat(logits)
+        return torch.zeros(self.batch_size, self.base.vocab_size,
+                           device=self.base.device) if out is None else out
 
     def start_decoding(self, query: TokenMeta) -> None:
         """Before a step decodes: each row's mask over the slots so far, as the rule gives it
