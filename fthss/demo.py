@@ -50,7 +50,7 @@ class DemoConfig:
     # updates, each of as many of its own sequences
     equal_stage_updates: bool = True
     kinds: tuple[str, ...] = ("prompt", "lora")
-    every_method_kind: str | None = "lora"  # the kind that also trains distill and adapt (None: none)
+    every_method_kind: str | None = "lora"  # the kind that also trains distill and adapt, if any
     learning_rate: float = 3e-2  # soft prompts
     prompt_tokens: int = 8  # prompt kind
     prompt_init: str = "vocab"

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import DEVICE, assert_same_generations
+from conftest import DEVICE, TOLERANCE, assert_same_generations
 
 from fthss.engine.engine import ChainEngine, RunningBatch
 from fthss.layout.chain import ChainSample, Step
@@ -336,12 +336,15 @@ def test_row_groups_take_the_least_padding_plus_overhead():
 def test_a_long_joiner_does_not_pad_its_batch_mates_prefill(llama, three_stages, mode,
                                                              monkeypatch):
     """A request joining a running batch with long shared content prefills in a group of its
-    own: no forward runs its batch-mates' short steps at its length, and every member answers
-    as it does alone."""
+    own, written after its own slots (its prompt), not after its batch-mates' columns: no
+    forward runs their short steps at its length, the cache grows by less than its chunk, and
+    every member answers as it does alone."""
     from fthss.engine import cache
 
-    short = [ChainSample(f"q{i}", [Step("A", input="d", max_new_tokens=2),
-                                   Step("C", max_new_tokens=2)]) for i in range(3)]
+    # members holding a few hundred columns whose next step is short
+    short = [ChainSample(f"q{i} " + "context " * 30, [Step("A", input="d", max_new_tokens=2),
+                                                     Step("C", max_new_tokens=2)])
+             for i in range(3)]
     long = ChainSample("word " * 200, [Step("A", max_new_tokens=2)])
     engine = ChainEngine(llama, three_stages)
     batch, results, forwards = RunningBatch(engine, mode), {}, []
@@ -356,15 +359,61 @@ def test_a_long_joiner_does_not_pad_its_batch_mates_prefill(llama, three_stages,
     results.update(batch.step())
     batch.join(long, 3)
     forwards.clear()
+    grown, append = [], cache.ChainCache.append
+
+    def measured(self, input_ids, meta, last_only=False):
+        before = self.length
+        logits = append(self, input_ids, meta, last_only)
+        grown.append((self.length - before, meta.length))  # columns added, chunk's columns
+        return logits
+    monkeypatch.setattr(cache.ChainCache, "append", measured)
     results.update(batch.step())  # the short ones' step 1, the long one's step 0
+    if mode == "shared":  # its chunk fills its row's padding: the cache grows by less
+        [(added, chunk)] = grown
+        assert chunk > 200 and added < chunk - 100
     prefill = [shape for shape in forwards if shape[1] > 1]
-    assert all(width < 50 for rows, width in prefill if rows > 1)  # the short steps
+    assert all(width < 500 for rows, width in prefill if rows > 1)  # the short steps
     assert any(rows == 1 and width > 200 for rows, width in prefill)  # the joiner
     while batch:
         results.update(batch.step())
     alone = engine.run([*short, long], mode)
     assert [[s.output_ids for s in results[i].steps] for i in range(4)] == \
         [[s.output_ids for s in r.steps] for r in alone]
+
+
+@pytest.mark.parametrize("mode", ["shared", "text"])
+def test_the_eager_decode_step_leaves_out_the_rows_at_the_edges_that_do_not_decode(
+        llama, three_stages, mode, monkeypatch):
+    """Rows in a step with a given output idle while their batch-mates decode: the eager step
+    runs only the rows from the first to the last that decode, and every row's tokens and
+    scores are those it has alone."""
+    from fthss.engine import cache
+
+    def given():
+        return Step("A", output="a given answer")
+    requests = [ChainSample("q0", [given(), Step("C", max_new_tokens=4)]),
+                ChainSample("q1 longer", [Step("C", input="doc", max_new_tokens=5),
+                                          Step("B", max_new_tokens=3)]),
+                ChainSample("q2", [Step("B", max_new_tokens=3), given()]),
+                ChainSample("q3", [given(), given(), Step("A", max_new_tokens=2)])]
+    spans, start_decoding = [], cache.ChainCache.start_decoding
+
+    def recorded(self, query):
+        start_decoding(self, query)
+        spans.append((self._decode_rows, self.batch_size))
+    monkeypatch.setattr(cache.ChainCache, "start_decoding", recorded)
+    batched = ChainEngine(llama, three_stages, batch_size=4).run(requests, mode,
+                                                                 output_scores=True)
+    assert (slice(1, 3), 4) in spans  # step 0: rows 1 and 2 decode, 0 and 3 idle
+    assert (slice(0, 2), 4) in spans  # step 1: rows 0 and 1 decode, 2 and 3 idle
+    alone = ChainEngine(llama, three_stages, batch_size=1).run(requests, mode,
+                                                               output_scores=True)
+    for result, reference in zip(batched, alone, strict=True):
+        assert [s.output_ids for s in result.steps] == [s.output_ids for s in reference.steps]
+        for step, ref in zip(result.steps, reference.steps, strict=True):
+            assert (step.scores is None) == (ref.scores is None)
+            if step.scores is not None:
+                torch.testing.assert_close(step.scores, ref.scores, atol=TOLERANCE, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["shared", "text"])

@@ -176,7 +176,7 @@ class ChainCache:
         self.add_rows(batch_size)
         self.decode_mask: torch.Tensor | None = None
         self._sees_itself = self._sees_earlier = None  # per row, from the rule (start_decoding)
-        self._decode_start = 0
+        self._decode_start, self._decode_rows = 0, slice(None)
 
     def add_rows(self, count: int) -> None:
         """`count` rows after the others (requests joining the batch): each holds the prompt
@@ -255,39 +255,49 @@ class ChainCache:
         """Run a `[batch, q]` chunk (padding marked in `meta`) and return its logits
         `[batch, q, vocab]`, or with `last_only` those of each row's last real token
         `[batch, vocab]` (computing no others: a long prefill needs only one row of logits).
-        Rows run in contiguous groups, each padded only to its own longest chunk (`row_groups`);
-        a group's long chunk runs in pieces of at most PREFILL_TOKENS tokens per forward, which
-        bounds the activations and the mask a prefill needs. Where a group computes no logits
-        (its padding, a row with nothing to encode) they are zeros."""
+
+        Rows run in contiguous groups, each padded only to its own longest chunk (`row_groups`),
+        and each group writes right after the last slot its rows hold, not after the batch's
+        last column: a request joining a running batch fills the padding its row holds there,
+        so it neither attends over its batch-mates' columns nor makes the cache longer by its
+        whole chunk. A group's long chunk runs in pieces of at most PREFILL_TOKENS tokens per
+        forward, which bounds the activations and the mask a prefill needs. Where a group
+        computes no logits (its padding, a row with nothing to encode) they are zeros."""
         meta, input_ids = meta.to(self.base.device), input_ids.to(self.base.device)
         self.base.check_positions(positions(meta, self.next_position))
-        self.reserve(meta.length)
-        first = self.length
-        self._write(meta)  # every row's slots, padding included: the columns rows share
         widths = _widths(meta)
         last = (widths - 1).clamp(min=0)  # per row, its last real token's index in the chunk
+        # per row, the columns up to its last slot in use: a row's slots after it are padding
+        held = self.slots.kind[:, : self.length] != Kind.PAD
+        ends = torch.where(held, torch.arange(1, self.length + 1, device=held.device), 0).max(
+            dim=1).values if self.length else torch.zeros_like(widths)
+        groups = [(rows, width, int(ends[rows].max())) for rows, width in
+                  row_groups(widths.tolist()) if width > 0]  # width 0: nothing to encode
+        length = max([self.length] + [first + width for _, width, first in groups])
+        self.reserve(length - self.length)
         shape = (self.batch_size, *((self.base.vocab_size,) if last_only
                                     else (meta.length, self.base.vocab_size)))
         out = None
-        for rows, width in row_groups(widths.tolist()):
-            if width == 0:  # nothing to encode: no forward
-                continue
+        for rows, width, first in groups:
             logits = self._append_rows(rows, first, input_ids[rows, :width],
                                        _part(meta, rows, slice(0, width)),
-                                       last[rows].clamp(min=0) if last_only else None)
+                                       last[rows] if last_only else None)
             out = logits.new_zeros(shape) if out is None else out
             out[rows, : logits.shape[1]] = logits
+        self.length = length
         self.next_position = self.next_position + meta.is_real.sum(dim=1)
         return torch.zeros(shape, device=self.base.device) if out is None else out
 
     def _append_rows(self, rows: slice, first: int, input_ids: torch.Tensor, meta: TokenMeta,
                      last: torch.Tensor | None) -> torch.Tensor:
-        """`append` for one group of rows, their chunk (`[rows, width]`) written at column
-        `first`: K/V into views of those rows' cache, in pieces of at most PREFILL_TOKENS
-        tokens. The logits of every token, or with `last` per row those of the token at that
-        index only."""
+        """`append` for one group of rows, their chunk (`[rows, width]`) written from column
+        `first` on (padding there in every row of the group): slots and K/V of views of those
+        rows' cache, in pieces of at most PREFILL_TOKENS tokens. The logits of every token, or
+        with `last` per row those of the token at that index only."""
         store = SlotCache([k[rows] for k in self.store.keys], [v[rows] for v in self.store.values])
         slots = _part(self.slots, rows)
+        for mine, theirs in zip(_fields(slots), _fields(meta), strict=True):
+            mine[:, first:first + meta.length] = theirs
         next_position = self.next_position[rows]
         width = max(1, PREFILL_TOKENS // next_position.shape[0])
         pieces = []
@@ -388,6 +398,14 @@ class ChainCache:
         self._sees_earlier = views[:, 1, self.length]
         self._decode_start = self.length  # the first column decoding writes
         self._decode_query = query
+        # the eager step runs only the rows from the first to the last that decode (a request
+        # in a step with a given output, or joining, idles); a compiled step keeps the batch's
+        # shape, so that one graph serves every step
+        decoding = (query.kind[:, 0] != Kind.PAD).nonzero().flatten().tolist() \
+            if self._decode_step is None else []
+        self._decode_rows = slice(None)  # all of them
+        if decoding and (decoding[0] > 0 or decoding[-1] + 1 < self.batch_size):
+            self._decode_rows = slice(decoding[0], decoding[-1] + 1)
 
     def decode(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         """Append one decoded token per row (`tokens`, `[batch]`; rows not `live` write
@@ -415,20 +433,28 @@ class ChainCache:
             self.decode_mask[:, 0, 0, column - 1] = self._sees_earlier
         self.store.start.fill_(column)
         self.length += 1
-        pos = self.next_position[:, None]
+        rows, store = self._decode_rows, self.store
         step, mask = self._decode_step, self.decode_mask
         self.store.read = None
-        if step is None:  # eager: read only the columns written
-            step, mask = self.base.forward, mask[..., : self.length]
-            self.store.read = self.length
+        if step is None:  # eager: read only the columns written, of the rows that decode
+            step, mask = self.base.forward, mask[rows, ..., : self.length]
+            if rows != slice(None):
+                store = SlotCache([k[rows] for k in self.store.keys],
+                                  [v[rows] for v in self.store.values])
+                store.start.fill_(column)
+            store.read = self.length
         # lora stages only (the decode loop pays nothing otherwise): each row's new token
         # through its step's stage, an idle row's through none
         route = (None if self.bank is None else
-                 self._route(torch.where(live, query.stage[:, 0], -1)[:, None]))
-        logits = step(self.store, pos, input_ids=tokens[:, None],
-                      attention_mask=self.base.attention_mask(mask), route=route)
+                 self._route(torch.where(live, query.stage[:, 0], -1)[rows, None]))
+        logits = step(store, self.next_position[rows, None], input_ids=tokens[rows, None],
+                      attention_mask=self.base.attention_mask(mask), route=route)[:, -1]
         self.next_position = self.next_position + live.long()
-        return logits[:, -1]
+        if rows == slice(None):
+            return logits
+        every = logits.new_zeros(self.batch_size, logits.shape[-1])  # the others': unused
+        every[rows] = logits
+        return every
 
     def retract(self, row: int, step: int, count: int) -> None:
         """Undo the last `count` tokens `row` decoded for `step` (generated past a stop string
