@@ -11,10 +11,9 @@ Then, with `batching="dynamic"` (the default), requests that arrive while the ba
 for the next one; with `"continuous"` they join it at its next step boundary
 (`fthss.engine.engine.RunningBatch`), as long as there is room and the oldest queued job can
 share the batch (one that cannot waits for the batch to drain, so that no setting starves).
-Either way a member whose chain is done leaves the batch and is answered at once. Continuous
-batching is the slower of the two today: one engine step pads every member's chunk to the
-longest, so a joiner's long prefill makes the members in short steps pay for its width
-(docs/benchmarks.md).
+Either way a member whose chain is done leaves the batch and is answered at once. A joiner's
+long prefill runs in a row group of its own (`fthss.engine.cache.row_groups`), so members in
+short steps do not pay for its width; docs/benchmarks.md compares the two policies.
 
 The queue is bounded: a full queue refuses a job (the API answers 503). A cancelled job (its
 client left) leaves the queue; if it is already running, it ends at its next step boundary (the
