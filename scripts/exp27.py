@@ -13,17 +13,23 @@ import argparse
 
 from fthss.demo import DemoConfig, run_demo
 
-defaults = DemoConfig()
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--seed", type=int, default=0, help="the world's seed (committed base)")
-parser.add_argument("--train-seed", type=int, required=True)
-parser.add_argument("--out", required=True)
-parser.add_argument("--test-records", type=int, default=defaults.test_records)
-parser.add_argument("--epochs", type=float, default=defaults.epochs)
-parser.add_argument("--lora-lr", type=float, default=defaults.lora_learning_rate)
-parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
-args = parser.parse_args()
-run_demo(DemoConfig(seed=args.seed, train_seed=args.train_seed, kinds=("lora",),
-                    every_method_kind=None, test_records=args.test_records, epochs=args.epochs,
-                    lora_learning_rate=args.lora_lr, lora_rank=args.lora_rank,
-                    lora_alpha=2.0 * args.lora_rank), args.out)
+
+def main():
+    defaults = DemoConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seed", type=int, default=0, help="the world's seed (committed base)")
+    parser.add_argument("--train-seed", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--test-records", type=int, default=defaults.test_records)
+    parser.add_argument("--epochs", type=float, default=defaults.epochs)
+    parser.add_argument("--lora-lr", type=float, default=defaults.lora_learning_rate)
+    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
+    args = parser.parse_args()
+    run_demo(DemoConfig(seed=args.seed, train_seed=args.train_seed, kinds=("lora",),
+                        every_method_kind=None, test_records=args.test_records, epochs=args.epochs,
+                        lora_learning_rate=args.lora_lr, lora_rank=args.lora_rank,
+                        lora_alpha=2.0 * args.lora_rank), args.out)
+
+
+if __name__ == "__main__":  # the demo's worker processes import this file
+    main()

@@ -18,7 +18,7 @@ TINY = DemoConfig(test_records=4, train_samples=8, micro_batch_size=8, max_new_t
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    run_demo(TINY, out, device="cpu")
+    run_demo(TINY, out, device="cpu", workers=2)  # the units in two spawned processes
     return out
 
 
@@ -63,10 +63,53 @@ def test_a_rerun_reuses_the_stages_and_refuses_other_settings(demo, monkeypatch)
         raise AssertionError("a rerun must not train again")
 
     monkeypatch.setattr("fthss.training.run.train_method", no_training)
-    run_demo(TINY, demo, device="cpu")
+    run_demo(TINY, demo, device="cpu", workers=1)  # in this process, where the patch holds
     other = DemoConfig(**{**TINY.__dict__, "learning_rate": 1e-3})
     with pytest.raises(ValueError, match="learning_rate"):
         run_demo(other, demo, device="cpu")
+
+
+@pytest.mark.slow  # the quick demo, a few minutes
+def test_a_unit_run_in_this_process_equals_the_workers_run(demo, tmp_path):
+    """Training and evaluation do not depend on which process runs a unit, nor on what ran
+    before it there: the same figures and predictions, at the workers' thread count."""
+    import torch
+
+    from fthss.demo import prepare, run_unit
+
+    world, _, base = prepare(TINY, demo, "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // 2))
+    try:
+        section = run_unit(base, "compress_qa", "lora", world, TINY, tmp_path, {},
+                           progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((demo / "report.json").read_text())
+    [task] = [t for t in report["tasks"] if t["task"] == "compress_qa"]
+    def scores(rows):  # the per-stage means hold wall times
+        return [{k: v for k, v in row.items() if k != "stages"} for row in rows]
+
+    assert scores(section["methods"]) == scores(m for m in task["methods"] if m["kind"] == "lora")
+    assert section["comparisons"] == [c for c in task["comparisons"] if c["kind"] == "lora"]
+    predictions = [json.loads(line) for line in (demo / "predictions.jsonl").open()]
+    assert [{"task": "compress_qa", **p} for p in section["predictions"]] == [
+        p for p in predictions if p["task"] == "compress_qa" and p["kind"] == "lora"]
+
+
+@pytest.mark.slow  # spawns worker processes
+def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text("from fthss.demo import DemoConfig, run_demo\n"
+                      f"run_demo(DemoConfig(test_records=4, train_samples=8), {str(tmp_path)!r},"
+                      " device='cpu', workers=2)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode != 0
+    assert 'without `if __name__ == "__main__":`' in run.stderr
 
 
 def test_a_damaged_settings_file_is_named(tmp_path):
@@ -87,7 +130,7 @@ def test_adapt_trains_copies_of_the_stages_it_starts_from(demo, tmp_path):
     def weights(stages):
         return [p.detach().clone() for s in stages for p in s.parameters()]
 
-    _, base = prepare(TINY, demo, "cpu")
+    _, _, base = prepare(TINY, demo, "cpu")
     chain = [load_stage(demo / "stages" / "compress_qa" / "lora" / "chain" / n, base)
              for n in "AB"]
     before = weights(chain)
@@ -143,7 +186,7 @@ def test_the_command_picks_the_base_recipe(argv, shared_mode_steps, draws, recor
 
     seen = []
 
-    def fake_run_demo(config, out, device=None):
+    def fake_run_demo(config, out, device=None, workers=None):
         seen.append(config)
         (Path(out) / "report.md").write_text("report")
         return {"wall_s": 0.0}
@@ -154,6 +197,17 @@ def test_the_command_picks_the_base_recipe(argv, shared_mode_steps, draws, recor
     assert (config.shared_mode_steps, config.pretrain_draws, config.test_records) == (
         shared_mode_steps, draws, records)
     assert config.kinds == ("prompt", "lora")
+
+
+def test_the_demo_runs_one_process_per_core_up_to_a_cap_and_one_on_a_gpu(monkeypatch):
+    import torch
+
+    from fthss.demo import MAX_WORKERS, default_workers
+
+    for cores, units, expected in [(1, 8, 1), (2, 8, 2), (16, 8, MAX_WORKERS), (16, 2, 2)]:
+        monkeypatch.setattr(torch, "get_num_threads", lambda cores=cores: cores)
+        assert default_workers("cpu", units) == expected
+    assert default_workers("cuda", 8) == 1
 
 
 def test_demo_kinds_are_checked():
