@@ -14,6 +14,7 @@ from fthss.benchmarks.chains import (
     latency_ratios,
     routing_cost,
     stage_b_latency,
+    stage_b_request,
 )
 from fthss.cli import main
 from fthss.models.presets import preset_base
@@ -224,12 +225,12 @@ def test_large_presets_have_the_real_shapes_and_build_on_meta(preset, parameters
 def test_bench_serve_rows_against_the_offline_ceiling(tmp_path, capsys, figures):
     result = bench(tmp_path, capsys, figures, "serve", "--concurrency", "1", "3", "--rounds", "2",
                    "--intermediate-tokens", "16", "--new-tokens", "2", "--max-wait-ms", "50",
-                   "--batching", "continuous", "dynamic")
+                   "--batching", "continuous", "dynamic", "--chain-rounds", "1", "2")
     rows = {(r["batching"], r["mode"], r["concurrency"]): r for r in result["rows"]}
     assert set(rows) == {(b, m, c) for b in ("continuous", "dynamic")
                          for m in ("text", "shared") for c in (1, 3)}
     for (_, _, concurrency), row in rows.items():
-        assert row["requests"] == 2 * concurrency
+        assert row["requests"] == 2 * concurrency and row["chain_rounds"] == [1, 2]
         assert row["requests_per_s"] == pytest.approx(row["requests"] / row["seconds"])
         assert 0 < row["ttft_p50_s"] <= row["latency_p50_s"] <= row["latency_p99_s"]
         assert 1 <= row["mean_batch"] <= concurrency
@@ -238,3 +239,31 @@ def test_bench_serve_rows_against_the_offline_ceiling(tmp_path, capsys, figures)
     assert rows["dynamic", "shared", 3]["mean_batch"] > 1  # three clients at once share batches
     assert [(r["batching"], r["concurrency"]) for r in result["ratios"]] == [
         ("continuous", 1), ("continuous", 3), ("dynamic", 1), ("dynamic", 3)]
+
+
+def test_the_load_generator_cycles_through_the_request_mix(monkeypatch):
+    import asyncio
+
+    from fthss.benchmarks import serve
+
+    posted = []
+
+    async def fake_post(client, body):
+        posted.append(body["id"])
+        await asyncio.sleep(0)
+        return 0.02, 0.01, {"steps": [{"stats": {"wall_s": 0.01}}]}
+
+    monkeypatch.setattr(serve, "_one", fake_post)
+    figures = asyncio.run(serve.drive("http://127.0.0.1:9", [{"id": "a"}, {"id": "b"}], 2, 5))
+    assert sorted(posted) == ["a", "a", "a", "b", "b"] and figures["requests"] == 5
+
+
+def test_a_multi_round_bench_chain_alternates_its_stages_over_new_filler():
+    base = preset_base("tiny-llama")
+    request = stage_b_request(base, 12, 3, 4, rounds=3)
+    assert [s.stage for s in request.steps] == ["A", "B"] * 3
+    outputs = [s.output for s in request.steps[::2]]
+    assert len(set(outputs)) == 3 and all(s.output is None for s in request.steps[1::2])
+    assert stage_b_request(base, 12, 3, 4).steps == request.steps[:2]
+    with pytest.raises(ValueError, match="over 3 round"):
+        stage_b_request(base, base.position_limit // 3, 3, 4, rounds=3)

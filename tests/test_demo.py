@@ -144,14 +144,17 @@ def test_adapt_trains_copies_of_the_stages_it_starts_from(demo, tmp_path):
 
 @pytest.mark.slow  # the quick demo, a few minutes
 def test_each_fthss_stage_gets_as_many_updates_as_in_the_chains_joint_phase(demo):
-    def updates(task, method, phase):
-        return len((demo / "stages" / task / "prompt" / method / f"train-{phase}" /
+    assert (TINY.epochs, TINY.lora_epochs) == (1.0, 2.0)
+    def updates(task, method, phase, kind="prompt"):
+        return len((demo / "stages" / task / kind / method / f"train-{phase}" /
                     "metrics.jsonl").read_text().splitlines())
 
     for task in ("compress_qa", "rewrite_qa"):  # single-round: FTHSS trains A, then B
         chain = updates(task, "chain", "A+B")
         assert chain == 2  # 8 chains, 16 sequences, micro-batch 8
         assert updates(task, "fthss", "A") == updates(task, "fthss", "B") == chain
+        # the lora kind trains for `lora_epochs` (2), the prompt kind for `epochs` (1)
+        assert updates(task, "chain", "A+B", "lora") == updates(task, "fthss", "A", "lora") == 4
     # multi-round FTHSS trains its stages jointly, one sequence per chain: the batch stays
     assert updates("memory_reasoning", "fthss", "A+B") == 1
 

@@ -76,18 +76,22 @@ def bench_engine(base: BaseModel, names: list[str], prompt_tokens: int, batch_si
 
 
 def stage_b_request(base: BaseModel, intermediate_tokens: int, new_tokens: int,
-                    prompt_tokens: int) -> ChainSample:
+                    prompt_tokens: int, rounds: int = 1) -> ChainSample:
     """The question, stage A's output given (`intermediate_tokens` of filler), and stage B
-    writing exactly `new_tokens`. Refuses a chain longer than the base's positions."""
-    # prompt slots, BOS + question, two step markers, A's output + EOS, B's output
+    writing exactly `new_tokens`; with `rounds` > 1, A then B that many times (each A's output
+    other filler, each B reading every earlier output: a multi-round chain). Refuses a chain
+    longer than the base's positions."""
+    # prompt slots, BOS + question, per round two step markers, A's output + EOS, B's output
     needed = (prompt_tokens + len(base.tokenizer.encode(QUESTION, add_special_tokens=False))
-              + intermediate_tokens + new_tokens + 4)
+              + rounds * (intermediate_tokens + new_tokens + 3) + 1)
     if needed > base.position_limit:
-        raise ConfigError(f"intermediate length {intermediate_tokens}: the chain needs {needed} "
-                         f"positions, the base has {base.position_limit}")
+        raise ConfigError(f"intermediate length {intermediate_tokens} over {rounds} round(s): "
+                          f"the chain needs {needed} positions, the base has "
+                          f"{base.position_limit}")
     return ChainSample(QUESTION, [
-        Step("A", output=filler_text(base, intermediate_tokens)),
-        Step("B", max_new_tokens=new_tokens, min_new_tokens=new_tokens)])
+        step for r in range(rounds)
+        for step in (Step("A", output=filler_text(base, intermediate_tokens, seed=r)),
+                     Step("B", max_new_tokens=new_tokens, min_new_tokens=new_tokens))])
 
 
 def latency_row(length: int, mode: str, kind: str, new_tokens: int, wall_s: list[float],

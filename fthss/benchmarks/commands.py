@@ -176,7 +176,8 @@ def cmd_bench_serve(args) -> int:
     rows = serve_throughput(base, args.concurrency, args.intermediate_tokens, args.new_tokens,
                             args.prompt_tokens, args.rounds, args.max_wait_ms, args.repeats,
                             args.generate_intermediate, progress=True, compile=args.compile,
-                            batchings=tuple(args.batching))
+                            batchings=tuple(args.batching),
+                            chain_rounds=tuple(args.chain_rounds))
     ratios = mode_ratios(rows)
     tables = [table(rows, [("batching", _cell("batching")), ("mode", _cell("mode")),
                            ("clients", _cell("concurrency")),
@@ -279,6 +280,9 @@ def add_bench_commands(commands) -> None:
                        help="requests per point: rounds × concurrency")
     serve.add_argument("--max-wait-ms", type=float, default=10.0,
                        help="the server's wait for batch-mates")
+    serve.add_argument("--chain-rounds", type=positive_int, nargs="+", default=[1],
+                       help="rounds of the chain (A, B repeated), the clients' requests cycling "
+                       "through them: '1 2 3' mixes chains of 2, 4 and 6 steps")
     serve.add_argument("--batching", nargs="+", choices=BATCHING, default=["dynamic"],
                        help="the servers' batching policies, measured in turn in one run "
                        "('continuous dynamic' compares them)")

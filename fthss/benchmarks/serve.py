@@ -1,16 +1,16 @@
 """`fthss bench serve`: the HTTP server under load, against the engine run offline.
 
-A live server (`fthss.serve`, uvicorn in a thread of this process) serves the two-stage chain
-of `fthss bench throughput` (the question, stage A's output of L tokens given, stage B writing
-exactly `new_tokens`). An httpx asyncio load generator keeps `concurrency` clients busy, each
-posting its next request (streamed, so time to first token is seen by the client) as soon as
-its last reply is in, for `rounds` × `concurrency` requests per point. Per (batching, mode,
-concurrency), with a server of each batching policy (`fthss.serve.scheduler`) in turn:
-requests/s, p50/p99 latency and time to first token as clients see them, the mean batch the
-server ran (members per engine step), stage B's median wall time inside the server, and the
-ceiling: `engine.run` on a batch of `concurrency` requests offline (whole chain; measured just
-before each point, on an engine of its own with the same base and stages), of which the server
-reaches `share_of_offline`.
+A live server (`fthss.serve`, uvicorn in a thread of this process) serves the two-stage chain of
+`fthss bench throughput` (the question, stage A's output of L tokens given, stage B writing
+exactly `new_tokens`), or a mix of multi-round chains of it (`chain_rounds`: A, B repeated). An
+httpx asyncio load generator keeps `concurrency` clients busy, each posting its next request
+(streamed, so time to first token is seen by the client) as soon as its last reply is in, for
+`rounds` × `concurrency` requests per point. Per (batching, mode, concurrency), with a server of
+each batching policy (`fthss.serve.scheduler`) in turn: requests/s, p50/p99 latency and time to
+first token as clients see them, the mean batch the server ran (members per engine step), stage
+B's median wall time inside the server, and the ceiling: `engine.run` on a batch of
+`concurrency` requests offline (whole chain; measured just before each point, on an engine of
+its own with the same base and stages), of which the server reaches `share_of_offline`.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ from fthss.models.base import BaseModel
 
 
 def bench_request(base: BaseModel, intermediate_tokens: int, new_tokens: int,
-                  prompt_tokens: int, generate_intermediate: bool) -> ChainSample:
-    """The throughput benchmark's chain; `generate_intermediate`: stage A writes its
-    `intermediate_tokens` instead of having them given."""
-    request = stage_b_request(base, intermediate_tokens, new_tokens, prompt_tokens)
+                  prompt_tokens: int, generate_intermediate: bool, rounds: int = 1
+                  ) -> ChainSample:
+    """The throughput benchmark's chain over `rounds` rounds; `generate_intermediate`: stage A
+    writes its `intermediate_tokens` instead of having them given."""
+    request = stage_b_request(base, intermediate_tokens, new_tokens, prompt_tokens, rounds)
     if generate_intermediate:
-        request.steps[0] = Step("A", max_new_tokens=intermediate_tokens,
-                                min_new_tokens=intermediate_tokens)
+        request.steps[::2] = [Step("A", max_new_tokens=intermediate_tokens,
+                                   min_new_tokens=intermediate_tokens) for _ in range(rounds)]
     return request
 
 
@@ -62,15 +63,16 @@ async def _one(client: httpx.AsyncClient, body: dict) -> tuple[float, float, dic
     return time.perf_counter() - started, first, reply
 
 
-async def drive(base_url: str, body: dict, concurrency: int, requests: int) -> dict:
-    """`requests` posts of `body` from `concurrency` clients; requests/s and client-side
-    latency and time to first token (p50, p99), and stage B's median wall time per reply."""
+async def drive(base_url: str, bodies: list[dict], concurrency: int, requests: int) -> dict:
+    """`requests` posts from `concurrency` clients, request j posting `bodies[j % len(bodies)]`;
+    requests/s and client-side latency and time to first token (p50, p99), and the median wall
+    time of each reply's last step (stage B)."""
     runs, left = [], iter(range(requests))
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
         async def client_loop():
-            for _ in left:
-                runs.append(await _one(client, body))
+            for j in left:
+                runs.append(await _one(client, bodies[j % len(bodies)]))
         started = time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         seconds = time.perf_counter() - started
@@ -81,14 +83,15 @@ async def drive(base_url: str, body: dict, concurrency: int, requests: int) -> d
             "stage_b_s": statistics.median(r[2]["steps"][-1]["stats"]["wall_s"] for r in runs)}
 
 
-def offline_requests_per_s(engine, request: ChainSample, batch: int, mode: str,
+def offline_requests_per_s(engine, requests: list[ChainSample], batch: int, mode: str,
                            repeats: int) -> float:
-    """`engine.run` on `batch` copies of `request` at once: requests/s of the whole chain
-    (median over `repeats` runs after a warm-up run)."""
+    """`engine.run` on a batch of `batch` requests (request j is `requests[j % len(requests)]`)
+    at once: requests/s of the whole chains (median over `repeats` runs after a warm-up run)."""
+    batch_requests = [requests[j % len(requests)] for j in range(batch)]
     seconds = []
     for _ in range(repeats + 1):
         started = time.perf_counter()
-        engine.run([request] * batch, mode)
+        engine.run(batch_requests, mode)
         seconds.append(time.perf_counter() - started)
     return batch / statistics.median(seconds[1:])
 
@@ -105,19 +108,22 @@ def serve_throughput(base: BaseModel, concurrencies: list[int], intermediate_tok
                      max_wait_ms: float = 10.0, repeats: int = 1,
                      generate_intermediate: bool = False, modes: tuple[str, ...] = MODES,
                      progress: bool = False, compile: bool = False,
-                     batchings: tuple[str, ...] = ("dynamic",)) -> list[dict]:
+                     batchings: tuple[str, ...] = ("dynamic",),
+                     chain_rounds: tuple[int, ...] = (1,)) -> list[dict]:
     """One row per (batching, mode, concurrency): the server's figures (`drive`), the mean
     batch it ran, and the offline ceiling at batch = concurrency, measured just before on an
     engine of the same base and stages (the server's worker owns its own), so that a machine
-    whose load drifts slows both alike. The server batches up to the largest concurrency."""
+    whose load drifts slows both alike. The server batches up to the largest concurrency.
+    `chain_rounds`: request j's chain runs `chain_rounds[j % len(chain_rounds)]` rounds; mixed
+    lengths are the load where batches that wait for their longest chain lose to joining."""
     from fthss.serve import create_app, running
 
-    request = bench_request(base, intermediate_tokens, new_tokens, prompt_tokens,
-                            generate_intermediate)
+    requests = [bench_request(base, intermediate_tokens, new_tokens, prompt_tokens,
+                              generate_intermediate, r) for r in chain_rounds]
     engine = bench_engine(base, ["A", "B"], prompt_tokens, max(concurrencies), compile)
     offline_engine = ChainEngine(base, list(engine.stages.values()), batch_size=max(concurrencies),
                                  compile=compile)
-    body = {**request.to_json(), "id": "bench"}
+    bodies = [{**request.to_json(), "id": "bench"} for request in requests]
     cases = [(b, mode, c) for b in batchings for mode in modes for c in concurrencies]
     rows, bar = [], tqdm(total=len(cases), desc="offline, then server", disable=not progress)
     for batching in batchings:
@@ -125,19 +131,19 @@ def serve_throughput(base: BaseModel, concurrencies: list[int], intermediate_tok
                          max_queue=max(concurrencies) * rounds, batching=batching)
         with running(app) as base_url:
             for mode in modes:  # a warm-up request per mode
-                asyncio.run(drive(base_url, {**body, "mode": mode}, 1, 1))
+                asyncio.run(drive(base_url, [{**bodies[0], "mode": mode}], 1, 1))
             for _, mode, concurrency in [case for case in cases if case[0] == batching]:
-                offline = offline_requests_per_s(offline_engine, request, concurrency, mode,
+                offline = offline_requests_per_s(offline_engine, requests, concurrency, mode,
                                                  repeats)
                 count, total = _batch_totals(app.state.metrics)
-                figures = asyncio.run(drive(base_url, {**body, "mode": mode}, concurrency,
-                                            rounds * concurrency))
+                figures = asyncio.run(drive(base_url, [{**b, "mode": mode} for b in bodies],
+                                            concurrency, rounds * concurrency))
                 count, total = (now - then for now, then in
                                 zip(_batch_totals(app.state.metrics), (count, total),
                                     strict=True))
                 rows.append({"batching": batching, "mode": mode, "concurrency": concurrency,
                              "intermediate_tokens": intermediate_tokens,
-                             "new_tokens": new_tokens,
+                             "new_tokens": new_tokens, "chain_rounds": list(chain_rounds),
                              "intermediate": "generated" if generate_intermediate else "given",
                              **figures, "mean_batch": total / count,
                              "offline_requests_per_s": offline,
