@@ -8,11 +8,6 @@ only): untuned shared mode reads nothing on them, so what FTHSS − untuned show
 tuning teaches (the paper's Fig. 4). `--shared-mode-base` takes the bases whose second
 pretraining phase ran instruction windows in shared mode instead (docs/experiments.md).
 
-The unit of work is one task's stages of one kind (trained, then evaluated): the eight units
-run in `--workers` spawned processes, one per core on a CPU by default, since a model this
-small keeps a second thread of one process half idle. A unit's figures do not depend on the
-process that runs it (tested).
-
 Everything lands under `--out` (default `runs/demo`): world/,
 stages/<task>/<kind>/<method>/<stage>/, report.md, report.json, predictions.jsonl and the plots.
 Trained stages already in the folder are reused, so an interrupted demo picks up where it stopped
@@ -25,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +33,6 @@ ASSETS = Path(__file__).parent / "assets"
 # adapt, the paper's other rows, run for one kind (`DemoConfig.every_method_kind`): the budget
 KIND_METHODS = ("single", "chain", "fthss")
 EXTRA_METHODS = ("distill", "adapt")
-MAX_WORKERS = 4  # each holds the base, the world's data and its stages: about 2 GB
 
 
 @dataclass
@@ -51,8 +44,9 @@ class DemoConfig:
     test_records: int = 500
     train_samples: int = 1024  # per task and method (adapt: a quarter, as the paper's subset)
     epochs: float = 1.0  # prompt kind
-    # lora kind: one epoch under-trains it, FTHSS more than the chain (exp28)
-    lora_epochs: float = 2.0
+    # lora kind: 2 epochs bring FTHSS within 2 points of the chain on more cells, but take the
+    # demo past its 30-min budget (exp28: `fthss demo --lora-epochs 2`)
+    lora_epochs: float = 1.0
     micro_batch_size: int = 16
     # single-round FTHSS (and adapt) trains one stage per phase where the chain trains all in one:
     # dividing the micro-batch by the number of stages gives each stage the chain's number of
@@ -132,9 +126,8 @@ def embedded_base(world_manifest: dict, shared_mode: bool = False) -> Path | Non
     return None
 
 
-def prepare(config: DemoConfig, out: Path, device: str) -> tuple[Path, Path, object]:
-    """The world (built once per folder), and a base that knows it: its folder and the loaded
-    `BaseModel`."""
+def prepare(config: DemoConfig, out: Path, device: str):
+    """The world (built once per folder) and a base that knows it."""
     from transformers import AutoTokenizer
 
     from fthss.models.base import BaseModel
@@ -157,7 +150,7 @@ def prepare(config: DemoConfig, out: Path, device: str) -> tuple[Path, Path, obj
     if base.tokenizer.get_vocab() != AutoTokenizer.from_pretrained(world / "tokenizer").get_vocab():
         raise ConfigError(f"the base in {base_dir} was pretrained with another tokenizer than the "
                          f"world in {world} has: rebuild it with `fthss base pretrain`")
-    return world, base_dir, base
+    return world, base
 
 
 def pretrain_base(world: Path, base_dir: Path, config: DemoConfig, device: str) -> None:
@@ -191,7 +184,7 @@ def pretrain_base(world: Path, base_dir: Path, config: DemoConfig, device: str) 
 
 
 def train_stages(base, task, samples, method: str, kind: str, config: DemoConfig, folder: Path,
-                 start_from: list | None = None, progress: bool = True) -> list:
+                 start_from: list | None = None) -> list:
     """The method's trained stages of `kind`: loaded from `folder` if a previous run saved them
     all."""
     from fthss.prompts.stage import Stage, load_stage
@@ -216,17 +209,16 @@ def train_stages(base, task, samples, method: str, kind: str, config: DemoConfig
                         warmup_ratio=0.03, max_length=None, seed=config.stage_seed)
     count = len(samples) // 4 if method == "adapt" else len(samples)
     train_method(base, samples, method, stages, None, train, folder, rounds=task.rounds,
-                 max_samples=count, progress=progress)
+                 max_samples=count)
     return [load_stage(folder / n, base) for n in names]
 
 
-def run_unit(base, task_name: str, kind: str, world: Path, config: DemoConfig, out: Path,
-             timings: dict[str, float], progress: bool = True) -> dict:
-    """One task's stages of one kind, the demo's unit of work: each method trained (or loaded
-    from `out`), then all evaluated on the same test records; returns `evaluate`'s section.
-    `timings` gets the wall seconds of each phase ("task/kind/method" for a training,
-    "task/kind/evaluate"), which is where the demo's budget goes."""
-    from fthss.evaluation.evaluate import evaluate
+def run_task(base, task_name: str, world: Path, config: DemoConfig, out: Path,
+             timings: dict[str, float]) -> dict:
+    """One task's report section: for each stage kind, its methods trained and evaluated on the
+    same test records. `timings` gets the wall seconds of each phase ("task/kind/method" for a
+    training, "task/kind/evaluate"), which is where the demo's budget goes."""
+    from fthss.evaluation.evaluate import evaluate, merge_sections
     from fthss.layout.chain import load_chains
     from fthss.retrieval.bm25 import BM25Retriever
     from fthss.tasks import get_task
@@ -236,96 +228,29 @@ def run_unit(base, task_name: str, kind: str, world: Path, config: DemoConfig, o
     samples = load_chains(data / "train.jsonl")[: config.train_samples]
     records = task.records(data / "test.jsonl")[: config.test_records]
     retriever = BM25Retriever.from_file(world / "corpus.jsonl")
-    folder = out / "stages" / task_name / kind
-    stage_sets = {}
-    for method in config.methods(kind):
-        note = " (FTHSS tuning of the chain stages on a subset)" if method == "adapt" else ""
-        print(f"[demo] {task_name}, {kind} stages: training {method}{note}", flush=True)
+    sections = []
+    for kind in config.kinds:
+        folder = out / "stages" / task_name / kind
+        stage_sets = {}
+        for method in config.methods(kind):
+            note = " (FTHSS tuning of the chain stages on a subset)" if method == "adapt" else ""
+            print(f"[demo] {task_name}, {kind} stages: training {method}{note}")
+            started = time.perf_counter()
+            stage_sets[method] = train_stages(
+                base, task, samples, method, kind, config, folder / method,
+                start_from=stage_sets["chain"] if method == "adapt" else None)
+            timings[f"{task_name}/{kind}/{method}"] = time.perf_counter() - started
+        print(f"[demo] {task_name}, {kind} stages: evaluating {len(records)} test questions")
         started = time.perf_counter()
-        stage_sets[method] = train_stages(
-            base, task, samples, method, kind, config, folder / method,
-            start_from=stage_sets["chain"] if method == "adapt" else None, progress=progress)
-        timings[f"{task_name}/{kind}/{method}"] = time.perf_counter() - started
-    print(f"[demo] {task_name}, {kind} stages: evaluating {len(records)} test questions",
-          flush=True)
-    started = time.perf_counter()
-    section = evaluate(base, task, records, stage_sets, retriever, gold_upstream=True,
-                       batch_size=config.batch_size, progress=progress,
-                       max_new_tokens=config.max_new_tokens, kind=kind)
-    timings[f"{task_name}/{kind}/evaluate"] = time.perf_counter() - started
-    return section
+        sections.append(evaluate(base, task, records, stage_sets, retriever, gold_upstream=True,
+                                 batch_size=config.batch_size, progress=True,
+                                 max_new_tokens=config.max_new_tokens, kind=kind))
+        timings[f"{task_name}/{kind}/evaluate"] = time.perf_counter() - started
+    return merge_sections(sections)
 
 
-def default_workers(device: str, units: int) -> int:
-    """Processes the demo runs its units in: one per core up to `MAX_WORKERS` on a CPU (a
-    3.6M-parameter model keeps a second thread of one process half idle, while two processes
-    of one thread each nearly double the work done: docs/experiments.md), one on a GPU."""
-    if device != "cpu":
-        return 1
-    return max(1, min(torch.get_num_threads(), MAX_WORKERS, units))
-
-
-_WORKER: dict = {}  # in a worker process: the base, loaded once for all its units
-
-
-def _start_worker(base_dir: str, device: str, threads: int) -> None:
-    from fthss.models.base import BaseModel
-
-    torch.set_num_threads(threads)
-    _WORKER["base"] = BaseModel.load(base_dir, device=device)
-
-
-def _unit_in_worker(task_name: str, kind: str, world: Path, config: DemoConfig, out: Path
-                    ) -> tuple[dict, dict[str, float]]:
-    timings: dict[str, float] = {}
-    # progress bars of several processes would overwrite each other: the [demo] lines remain
-    section = run_unit(_WORKER["base"], task_name, kind, world, config, out, timings,
-                       progress=False)
-    return section, timings
-
-
-def _units_in_workers(units: list[tuple[str, str]], workers: int, base_dir: Path, device: str,
-                      world: Path, config: DemoConfig, out: Path):
-    """Yields (unit, section, timings) as `workers` spawned processes finish the units, the
-    costliest submitted first (the kind with most methods), so that no long unit starts
-    last. On an error the units not started are cancelled and the error is raised."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
-
-    threads = max(1, torch.get_num_threads() // workers)
-    order = sorted(units, key=lambda unit: -len(config.methods(unit[1])))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start_worker,
-                             initargs=(str(base_dir), device, threads)) as pool:
-        pending = {pool.submit(_unit_in_worker, *unit, world, config, out): unit
-                   for unit in order}
-        try:
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    unit = pending.pop(future)
-                    try:
-                        yield (unit, *future.result())
-                    except BrokenProcessPool:
-                        raise RuntimeError(
-                            f"a demo worker process died while running {unit[0]}, {unit[1]} "
-                            "stages: killed (out of memory?), or a script called run_demo "
-                            "without `if __name__ == \"__main__\":`, which the spawned "
-                            "processes re-run; --workers 1 runs everything in this process"
-                        ) from None
-        finally:
-            pool.shutdown(cancel_futures=True)
-
-
-def run_demo(config: DemoConfig, out: str | Path, device: str | None = None,
-             workers: int | None = None) -> dict:
-    """Runs the demo into `out` and returns report.json's run fields (settings, latency and
-    memory rows, timings, `wall_s`). Each task's stages of each kind are a unit, run in
-    `workers` processes (default: `default_workers`); the report is rewritten as each task
-    completes, so that a stopped run leaves what it finished."""
+def run_demo(config: DemoConfig, out: str | Path, device: str | None = None) -> dict:
     from fthss.benchmarks.chains import kv_memory, stage_b_latency
-    from fthss.evaluation.evaluate import merge_sections
     from fthss.evaluation.report import write_report
     from fthss.tasks import TASKS
 
@@ -333,34 +258,22 @@ def run_demo(config: DemoConfig, out: str | Path, device: str | None = None,
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out.mkdir(parents=True, exist_ok=True)
     _check_same_config(config, out / "demo_config.json")
-    world, base_dir, base = prepare(config, out, device)
-    units = [(task, kind) for task in TASKS for kind in config.kinds]
-    workers = workers or default_workers(device, len(units))
-    sections, phases = {}, {}
-
-    def reports() -> list[dict]:  # the tasks whose every kind is done, in the tasks' order
-        return [merge_sections([sections[task, kind] for kind in config.kinds])
-                for task in TASKS if all((task, kind) in sections for kind in config.kinds)]
-
-    if workers == 1:
-        done = ((unit, run_unit(base, *unit, world, config, out, phases), {}) for unit in units)
-    else:
-        print(f"[demo] {len(units)} units (task × stage kind) in {workers} processes")
-        done = _units_in_workers(units, workers, base_dir, device, world, config, out)
-    with closing(done):  # on an error, the workers stop now, not when `done` is collected
-        for unit, section, timings in done:
-            sections[unit] = section
-            phases.update(timings)
-            if reports():  # so far, should the run stop
-                write_report(reports(), out, {"phase_wall_s": phases})
+    world, base = prepare(config, out, device)
+    reports, timings, phases = [], {}, {}
+    for task_name in TASKS:
+        task_started = time.perf_counter()
+        reports.append(run_task(base, task_name, world, config, out, phases))
+        timings[task_name] = time.perf_counter() - task_started
+        # so far, should the run stop
+        write_report(reports, out, {"task_wall_s": timings, "phase_wall_s": phases})
     print("[demo] measuring stage-B latency and KV memory (text vs shared)")
     latency = stage_b_latency(base, list(config.latency_lengths))
     memory = kv_memory(base, [1, 2, 3], config.memory_total_tokens)
     extra = {"config": asdict(config), "base": base.model.config.name_or_path,
-             "device": str(base.device), "torch": torch.__version__, "workers": workers,
-             "latency": latency, "memory": memory, "phase_wall_s": phases,
-             "wall_s": time.perf_counter() - started}
-    write_report(reports(), out, extra)
+             "device": str(base.device), "torch": torch.__version__,
+             "latency": latency, "memory": memory, "task_wall_s": timings,
+             "phase_wall_s": phases, "wall_s": time.perf_counter() - started}
+    write_report(reports, out, extra)
     return extra
 
 

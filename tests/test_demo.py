@@ -12,13 +12,13 @@ from fthss.demo import DemoConfig, run_demo
 from fthss.evaluation.evaluate import COMPARISONS, GOLD_UPSTREAM, RUNS
 
 TINY = DemoConfig(test_records=4, train_samples=8, micro_batch_size=8, max_new_tokens=4,
-                  latency_lengths=(20,), memory_total_tokens=24, pretrain_steps=2)
+                  latency_lengths=(20,), memory_total_tokens=24, pretrain_steps=2, lora_epochs=2)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    run_demo(TINY, out, device="cpu", workers=2)  # the units in two spawned processes
+    run_demo(TINY, out, device="cpu")
     return out
 
 
@@ -63,53 +63,10 @@ def test_a_rerun_reuses_the_stages_and_refuses_other_settings(demo, monkeypatch)
         raise AssertionError("a rerun must not train again")
 
     monkeypatch.setattr("fthss.training.run.train_method", no_training)
-    run_demo(TINY, demo, device="cpu", workers=1)  # in this process, where the patch holds
+    run_demo(TINY, demo, device="cpu")
     other = DemoConfig(**{**TINY.__dict__, "learning_rate": 1e-3})
     with pytest.raises(ValueError, match="learning_rate"):
         run_demo(other, demo, device="cpu")
-
-
-@pytest.mark.slow  # the quick demo, a few minutes
-def test_a_unit_run_in_this_process_equals_the_workers_run(demo, tmp_path):
-    """Training and evaluation do not depend on which process runs a unit, nor on what ran
-    before it there: the same figures and predictions, at the workers' thread count."""
-    import torch
-
-    from fthss.demo import prepare, run_unit
-
-    world, _, base = prepare(TINY, demo, "cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // 2))
-    try:
-        section = run_unit(base, "compress_qa", "lora", world, TINY, tmp_path, {},
-                           progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    report = json.loads((demo / "report.json").read_text())
-    [task] = [t for t in report["tasks"] if t["task"] == "compress_qa"]
-    def scores(rows):  # the per-stage means hold wall times
-        return [{k: v for k, v in row.items() if k != "stages"} for row in rows]
-
-    assert scores(section["methods"]) == scores(m for m in task["methods"] if m["kind"] == "lora")
-    assert section["comparisons"] == [c for c in task["comparisons"] if c["kind"] == "lora"]
-    predictions = [json.loads(line) for line in (demo / "predictions.jsonl").open()]
-    assert [{"task": "compress_qa", **p} for p in section["predictions"]] == [
-        p for p in predictions if p["task"] == "compress_qa" and p["kind"] == "lora"]
-
-
-@pytest.mark.slow  # spawns worker processes
-def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path):
-    import subprocess
-    import sys
-
-    script = tmp_path / "script.py"
-    script.write_text("from fthss.demo import DemoConfig, run_demo\n"
-                      f"run_demo(DemoConfig(test_records=4, train_samples=8), {str(tmp_path)!r},"
-                      " device='cpu', workers=2)\n")
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode != 0
-    assert 'without `if __name__ == "__main__":`' in run.stderr
 
 
 def test_a_damaged_settings_file_is_named(tmp_path):
@@ -130,7 +87,7 @@ def test_adapt_trains_copies_of_the_stages_it_starts_from(demo, tmp_path):
     def weights(stages):
         return [p.detach().clone() for s in stages for p in s.parameters()]
 
-    _, _, base = prepare(TINY, demo, "cpu")
+    _, base = prepare(TINY, demo, "cpu")
     chain = [load_stage(demo / "stages" / "compress_qa" / "lora" / "chain" / n, base)
              for n in "AB"]
     before = weights(chain)
@@ -144,7 +101,6 @@ def test_adapt_trains_copies_of_the_stages_it_starts_from(demo, tmp_path):
 
 @pytest.mark.slow  # the quick demo, a few minutes
 def test_each_fthss_stage_gets_as_many_updates_as_in_the_chains_joint_phase(demo):
-    assert (TINY.epochs, TINY.lora_epochs) == (1.0, 2.0)
     def updates(task, method, phase, kind="prompt"):
         return len((demo / "stages" / task / kind / method / f"train-{phase}" /
                     "metrics.jsonl").read_text().splitlines())
@@ -153,7 +109,7 @@ def test_each_fthss_stage_gets_as_many_updates_as_in_the_chains_joint_phase(demo
         chain = updates(task, "chain", "A+B")
         assert chain == 2  # 8 chains, 16 sequences, micro-batch 8
         assert updates(task, "fthss", "A") == updates(task, "fthss", "B") == chain
-        # the lora kind trains for `lora_epochs` (2), the prompt kind for `epochs` (1)
+        # the lora kind trains for `lora_epochs` (TINY: 2), the prompt kind for `epochs` (1)
         assert updates(task, "chain", "A+B", "lora") == updates(task, "fthss", "A", "lora") == 4
     # multi-round FTHSS trains its stages jointly, one sequence per chain: the batch stays
     assert updates("memory_reasoning", "fthss", "A+B") == 1
@@ -176,20 +132,21 @@ def test_each_committed_world_has_a_text_only_base_and_a_shared_mode_one():
     assert embedded_base({**worlds[0], "seed": 7}) is None
 
 
-@pytest.mark.parametrize("argv, shared_mode_steps, draws, records", [
-    ([], 0, 1, 500),
-    (["--test-records", "1000"], 0, 1, 1000),
-    (["--shared-mode-base"], 667, 3, 500),
-    (["--quick"], 0, 1, 48),
-    (["--quick", "--shared-mode-base", "--test-records", "8"], 10, 1, 8),
+@pytest.mark.parametrize("argv, shared_mode_steps, draws, records, lora_epochs", [
+    ([], 0, 1, 500, 1.0),
+    (["--test-records", "1000"], 0, 1, 1000, 1.0),
+    (["--shared-mode-base"], 667, 3, 500, 1.0),
+    (["--quick"], 0, 1, 48, 1.0),
+    (["--quick", "--shared-mode-base", "--test-records", "8"], 10, 1, 8, 1.0),
+    (["--lora-epochs", "2"], 0, 1, 500, 2.0),
 ])
-def test_the_command_picks_the_base_recipe(argv, shared_mode_steps, draws, records, tmp_path,
-                                          monkeypatch):
+def test_the_command_picks_the_base_recipe(argv, shared_mode_steps, draws, records, lora_epochs,
+                                          tmp_path, monkeypatch):
     from fthss.cli import main
 
     seen = []
 
-    def fake_run_demo(config, out, device=None, workers=None):
+    def fake_run_demo(config, out, device=None):
         seen.append(config)
         (Path(out) / "report.md").write_text("report")
         return {"wall_s": 0.0}
@@ -197,20 +154,10 @@ def test_the_command_picks_the_base_recipe(argv, shared_mode_steps, draws, recor
     monkeypatch.setattr("fthss.demo.run_demo", fake_run_demo)
     assert main(["demo", "--out", str(tmp_path), *argv]) == 0
     [config] = seen
-    assert (config.shared_mode_steps, config.pretrain_draws, config.test_records) == (
-        shared_mode_steps, draws, records)
+    assert (config.shared_mode_steps, config.pretrain_draws, config.test_records,
+            config.lora_epochs, config.epochs) == (shared_mode_steps, draws, records,
+                                                   lora_epochs, 1.0)
     assert config.kinds == ("prompt", "lora")
-
-
-def test_the_demo_runs_one_process_per_core_up_to_a_cap_and_one_on_a_gpu(monkeypatch):
-    import torch
-
-    from fthss.demo import MAX_WORKERS, default_workers
-
-    for cores, units, expected in [(1, 8, 1), (2, 8, 2), (16, 8, MAX_WORKERS), (16, 2, 2)]:
-        monkeypatch.setattr(torch, "get_num_threads", lambda cores=cores: cores)
-        assert default_workers("cpu", units) == expected
-    assert default_workers("cuda", 8) == 1
 
 
 def test_demo_kinds_are_checked():
