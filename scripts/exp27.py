@@ -8,30 +8,24 @@ lora rows.
 
 usage: python scripts/exp27.py --seed 0 --train-seed 11 --epochs 1 --out runs/exp27/w0-t11
        python scripts/exp27.py --seed 0 --train-seed 0 --epochs 2 --out runs/exp28/w0-e2
-(`--epochs` defaults to the demo's, 2 since exp28; exp27 ran at 1)
+(`--epochs`: the lora kind's epochs, default the demo's `lora_epochs`, 1)
 """
 import argparse
 
 from fthss.demo import DemoConfig, run_demo
 
-
-def main():
-    defaults = DemoConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seed", type=int, default=0, help="the world's seed (committed base)")
-    parser.add_argument("--train-seed", type=int, required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--test-records", type=int, default=defaults.test_records)
-    parser.add_argument("--epochs", type=float, default=defaults.lora_epochs)
-    parser.add_argument("--lora-lr", type=float, default=defaults.lora_learning_rate)
-    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
-    args = parser.parse_args()
-    run_demo(DemoConfig(seed=args.seed, train_seed=args.train_seed, kinds=("lora",),
-                        every_method_kind=None, test_records=args.test_records,
-                        lora_epochs=args.epochs,
-                        lora_learning_rate=args.lora_lr, lora_rank=args.lora_rank,
-                        lora_alpha=2.0 * args.lora_rank), args.out)
-
-
-if __name__ == "__main__":  # the demo's worker processes import this file
-    main()
+defaults = DemoConfig()
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--seed", type=int, default=0, help="the world's seed (committed base)")
+parser.add_argument("--train-seed", type=int, required=True)
+parser.add_argument("--out", required=True)
+parser.add_argument("--test-records", type=int, default=defaults.test_records)
+parser.add_argument("--epochs", type=float, default=defaults.lora_epochs)
+parser.add_argument("--lora-lr", type=float, default=defaults.lora_learning_rate)
+parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
+args = parser.parse_args()
+run_demo(DemoConfig(seed=args.seed, train_seed=args.train_seed, kinds=("lora",),
+                    every_method_kind=None, test_records=args.test_records,
+                    lora_epochs=args.epochs,
+                    lora_learning_rate=args.lora_lr, lora_rank=args.lora_rank,
+                    lora_alpha=2.0 * args.lora_rank), args.out)
