@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "intervals of docs/experiments.md, about 10 min more)")
     demo.add_argument("--lora-epochs", type=positive_float, default=None,
                       help="epochs of every lora-kind method (default 1; 2 brings FTHSS within "
-                      "2 points of the chain on more cells and takes about 8 min more: exp28)")
+                      "2 points of the chain on more cells and takes about 8 min more: "
+                      "exp28, exp29)")
     add_device_argument(demo)
     demo.set_defaults(func=cmd_demo)
 

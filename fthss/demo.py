@@ -45,7 +45,7 @@ class DemoConfig:
     train_samples: int = 1024  # per task and method (adapt: a quarter, as the paper's subset)
     epochs: float = 1.0  # prompt kind
     # lora kind: 2 epochs bring FTHSS within 2 points of the chain on more cells, but take the
-    # demo past its 30-min budget (exp28: `fthss demo --lora-epochs 2`)
+    # demo past its 30-min budget (exp28, exp29: `fthss demo --lora-epochs 2`)
     lora_epochs: float = 1.0
     micro_batch_size: int = 16
     # single-round FTHSS (and adapt) trains one stage per phase where the chain trains all in one:

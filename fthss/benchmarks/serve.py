@@ -114,8 +114,9 @@ def serve_throughput(base: BaseModel, concurrencies: list[int], intermediate_tok
     batch it ran, and the offline ceiling at batch = concurrency, measured just before on an
     engine of the same base and stages (the server's worker owns its own), so that a machine
     whose load drifts slows both alike. The server batches up to the largest concurrency.
-    `chain_rounds`: request j's chain runs `chain_rounds[j % len(chain_rounds)]` rounds; mixed
-    lengths are the load where batches that wait for their longest chain lose to joining."""
+    `chain_rounds`: request j's chain runs `chain_rounds[j % len(chain_rounds)]` rounds; with
+    mixed lengths a batch's members finish at different steps (docs/benchmarks.md measures
+    both batching policies on such a mix)."""
     from fthss.serve import create_app, running
 
     requests = [bench_request(base, intermediate_tokens, new_tokens, prompt_tokens,
