@@ -248,7 +248,8 @@ def cmd_base_pretrain(args) -> int:
 
     config = PretrainConfig(**{f.name: getattr(args, f.name)
                                for f in dataclasses.fields(PretrainConfig)})
-    recipe = pretrain(args.world, args.out, config, device=args.device)
+    recipe = pretrain(args.world, args.out, config, device=args.device,
+                      save_every=args.save_every)
     print(f"base -> {args.out}: {recipe['parameters']:,} parameters, "
           f"{recipe['tokens_seen']:,} tokens, final loss {recipe['final_loss']:.3f}, "
           f"{recipe['tokens_seen'] / recipe['wall_s']:.0f} tokens/s on {recipe['device']}")
@@ -514,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
                  else SHARE.arg if field.name.endswith("_share") else kind)
         pre.add_argument(f"--{field.name.replace('_', '-')}", type=parse, default=field.default,
                          help=f"the recipe's {field.name.replace('_', ' ')} (PretrainConfig)")
+    pre.add_argument("--save-every", type=NON_NEGATIVE.arg, default=100,
+                     help="checkpoint every K steps into OUT (0: never); rerunning the same "
+                     "command resumes from the last one")
     pre.set_defaults(func=cmd_base_pretrain)
     select = base_commands.add_parser(
         "select", help="keep the pretraining draw with the lowest loss on the world's dev splits")

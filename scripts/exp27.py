@@ -8,7 +8,10 @@ lora rows.
 
 usage: python scripts/exp27.py --seed 0 --train-seed 11 --epochs 1 --out runs/exp27/w0-t11
        python scripts/exp27.py --seed 0 --train-seed 0 --epochs 2 --out runs/exp28/w0-e2
-(`--epochs`: the lora kind's epochs, default the demo's `lora_epochs`, 1)
+       python scripts/exp27.py --seed 0 --train-seed 0 --epochs 2 --base runs/exp30/base-w0-d1 \
+           --out runs/exp30/w0-d1-e2
+(`--epochs`: the lora kind's epochs, default the demo's `lora_epochs`, 1; `--base`: another
+pretraining draw of the world, `fthss base pretrain --seed D`, instead of the committed one)
 """
 import argparse
 
@@ -19,6 +22,7 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--seed", type=int, default=0, help="the world's seed (committed base)")
 parser.add_argument("--train-seed", type=int, required=True)
 parser.add_argument("--out", required=True)
+parser.add_argument("--base", default=None, help="a base pretrained on this world")
 parser.add_argument("--test-records", type=int, default=defaults.test_records)
 parser.add_argument("--epochs", type=float, default=defaults.lora_epochs)
 parser.add_argument("--lora-lr", type=float, default=defaults.lora_learning_rate)
@@ -26,6 +30,6 @@ parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
 args = parser.parse_args()
 run_demo(DemoConfig(seed=args.seed, train_seed=args.train_seed, kinds=("lora",),
                     every_method_kind=None, test_records=args.test_records,
-                    lora_epochs=args.epochs,
+                    lora_epochs=args.epochs, base=args.base,
                     lora_learning_rate=args.lora_lr, lora_rank=args.lora_rank,
                     lora_alpha=2.0 * args.lora_rank), args.out)

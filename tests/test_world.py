@@ -3,9 +3,11 @@ tasks and the tokenizer it ships with."""
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from fthss.cli import main
 from fthss.tasks import get_task
@@ -173,6 +175,60 @@ def test_pretraining_a_small_base_lowers_its_loss_and_records_the_recipe(built, 
     assert not (tmp_path / "y").exists()
     with pytest.raises(ValueError, match=r"hole_share \(0.6\) and mask_share \(0.5\)"):
         PretrainConfig(hole_share=0.6, mask_share=0.5)
+
+
+def test_a_stopped_pretraining_resumes_bit_for_bit(built, tmp_path, monkeypatch, capsys):
+    """Killed in step 6 with checkpoints every 2 steps, the rerun goes on from step 4 and ends
+    with the very weights and losses of a run never stopped; a rerun with another recipe, or
+    over a damaged checkpoint, is refused at once, naming the file and the field."""
+    from fthss.world.pretrain import PretrainCheckpoint, PretrainData, pretrain
+
+    world = tmp_path / "world"  # the built world with 8 train chains per task: a fast stream
+    shutil.copytree(built, world, ignore=shutil.ignore_patterns("dev.jsonl", "test.jsonl"))
+    for train in world.glob("tasks/*/train.jsonl"):
+        train.write_text("".join(train.read_text().splitlines(keepends=True)[:8]))
+    config = PretrainConfig(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32,
+                            sequence_length=32, batch_size=4, warmup_steps=2, steps=7)
+    data = PretrainData(world)  # built once, for the three runs
+
+    def run(out):
+        return pretrain(world, out, config, device="cpu", progress=False, data=data,
+                        save_every=2)
+    whole = run(tmp_path / "whole")
+    assert not (tmp_path / "whole" / PretrainCheckpoint.FILE).exists()
+
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def killed_in_step_6(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return clip(*args, **kwargs)
+    stopped = tmp_path / "stopped"
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", killed_in_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        run(stopped)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    checkpoint = stopped / PretrainCheckpoint.FILE
+    assert torch.load(checkpoint, weights_only=True)["step"] == 4
+    assert not (stopped / "recipe.json").exists()
+
+    cli = ["base", "pretrain", "--world", str(world), "--out", str(stopped), "--steps", "7",
+           "--hidden-size", "16", "--layers", "1", "--heads", "2", "--kv-heads", "1",
+           "--intermediate-size", "32", "--sequence-length", "32", "--batch-size", "4",
+           "--warmup-steps", "2", "--save-every", "2", "--device", "cpu"]
+    assert main([*cli, "--seed", "1"]) == 2
+    assert (f"{checkpoint}: written by another pretraining run (config.seed: 0 there, 1 here)"
+            in capsys.readouterr().err)
+    resumed = run(stopped)
+    assert not checkpoint.exists()
+    assert {k: v for k, v in resumed.items() if k != "wall_s"} == {
+        k: v for k, v in whole.items() if k != "wall_s"}
+    assert ((stopped / "model.safetensors").read_bytes()
+            == (tmp_path / "whole" / "model.safetensors").read_bytes())
+    checkpoint.write_bytes(b"not a checkpoint")
+    assert main(cli) == 2
+    assert f"{checkpoint}: not a readable pretraining checkpoint" in capsys.readouterr().err
 
 
 def test_instruction_positions_keep_the_shared_mode_holes(built, tmp_path):

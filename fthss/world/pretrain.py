@@ -23,11 +23,13 @@ one text-mode phase, no hole windows, no masked chains.
 
 `fthss base pretrain` runs it; the recipe (architecture, data, steps, seed, and the recipe of the
 base it continued from) is written beside the weights in `recipe.json`, so the same command(s)
-rebuild the same base anywhere (bit-for-bit on the same hardware and library versions).
+rebuild the same base anywhere (bit-for-bit on the same hardware and library versions). A run
+stopped part way resumes from its last checkpoint when the same command is run again.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -39,11 +41,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fthss.atomic import atomic_write_text
+from fthss.atomic import atomic_write_bytes, atomic_write_text
 from fthss.errors import ConfigError, FthssError
 from fthss.layout.chain import load_chains
 from fthss.layout.sequence import SegmentCodec, TokenChain, positions
 from fthss.layout.visibility import Kind, TokenMeta, visibility
+from fthss.training.lock import run_lock
 
 
 @dataclass
@@ -180,9 +183,12 @@ class PretrainData:
 
 def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
              device: str | None = None, progress: bool = True,
-             data: PretrainData | None = None) -> dict:
+             data: PretrainData | None = None, save_every: int = 100) -> dict:
     """Pretrain (or continue) a base on the world in `world_dir` and save it with its recipe;
-    `data`, if given, is that world's `PretrainData`, shared with other runs."""
+    `data`, if given, is that world's `PretrainData`, shared with other runs. Every
+    `save_every` steps (0: never) the run's whole state goes to `out/pretrain-checkpoint.pt`;
+    a rerun into `out` with the same recipe resumes from it, bit-for-bit the run it continues
+    (`PretrainCheckpoint`); the file is removed once the base is saved."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     world_dir, out = Path(world_dir), Path(out)
@@ -210,6 +216,9 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
             max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=True)).to(device)
+    world = json.loads((world_dir / "manifest.json").read_text())
+    checkpoint = PretrainCheckpoint(out, {"config": asdict(config), "world": world})
+    saved = checkpoint.read()  # before the streams are built: a wrong rerun fails at once
     stream = data.stream
     instructions, instruction_starts, position_steps = data.instructions
     chains = data.chains if config.mask_share else []
@@ -248,41 +257,109 @@ def pretrain(world_dir: str | Path, out: str | Path, config: PretrainConfig,
         ids = stream[start:start + length]
         return ids, contiguous, causal, ids
 
-    bar = tqdm(range(config.steps), desc="pretrain", disable=not progress)
-    started, losses = time.perf_counter(), []
-    model.train()
-    for step in bar:
-        batch, positions_, visible, labels = (
-            torch.stack(t).to(device)
-            for t in zip(*(window() for _ in range(config.batch_size)), strict=True))
-        # without chain windows every row is causal: no mask, the kernels' causal path
-        mask = visible[:, None] if config.mask_share else None
-        loss = model(input_ids=batch, position_ids=positions_, attention_mask=mask,
-                     labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        tokens_per_s = (step + 1) * config.batch_size * length / (time.perf_counter() - started)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_s:.0f}")
-    model.eval()
-    tail = max(1, len(losses) // 10)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    recipe = {"config": asdict(config),
-              "world": json.loads((world_dir / "manifest.json").read_text()),
-              "stream_tokens": len(stream), "instruction_tokens": len(instructions),
-              "instruction_sequences": len(instruction_starts), "first_loss": losses[0],
-              "final_loss": sum(losses[-tail:]) / tail,  # mean over the last 10% of steps
-              "tokens_seen": config.steps * config.batch_size * length,
-              "parameters": sum(p.numel() for p in model.parameters()),
-              "device": str(device), "wall_s": time.perf_counter() - started,
-              "torch": torch.__version__, "continued_from": parent_recipe}
-    atomic_write_text(out / "recipe.json", json.dumps(recipe, indent=2))
+    with run_lock(out):
+        first_step, losses, earlier_s = checkpoint.restore(saved, model, optimizer, scheduler,
+                                                           generator)
+        model.train()
+        bar = tqdm(range(first_step, config.steps), desc="pretrain", disable=not progress,
+                   initial=first_step, total=config.steps)
+        started = time.perf_counter()
+        for step in bar:
+            batch, positions_, visible, labels = (
+                torch.stack(t).to(device)
+                for t in zip(*(window() for _ in range(config.batch_size)), strict=True))
+            # without chain windows every row is causal: no mask, the kernels' causal path
+            mask = visible[:, None] if config.mask_share else None
+            loss = model(input_ids=batch, position_ids=positions_, attention_mask=mask,
+                         labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            done = step + 1 - first_step
+            tokens_per_s = done * config.batch_size * length / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_s:.0f}")
+            if save_every and (step + 1) % save_every == 0 and step + 1 < config.steps:
+                checkpoint.save(step + 1, model, optimizer, scheduler, generator, losses,
+                                earlier_s + time.perf_counter() - started)
+        model.eval()
+        tail = max(1, len(losses) // 10)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        recipe = {"config": asdict(config), "world": world,
+                  "stream_tokens": len(stream), "instruction_tokens": len(instructions),
+                  "instruction_sequences": len(instruction_starts), "first_loss": losses[0],
+                  "final_loss": sum(losses[-tail:]) / tail,  # mean over the last 10% of steps
+                  "tokens_seen": config.steps * config.batch_size * length,
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "device": str(device),
+                  "wall_s": earlier_s + time.perf_counter() - started,  # resumed runs' summed
+                  "torch": torch.__version__, "continued_from": parent_recipe}
+        atomic_write_text(out / "recipe.json", json.dumps(recipe, indent=2))
+        checkpoint.remove()
     return recipe
+
+
+class PretrainCheckpoint:
+    """A pretraining run's whole state in one file, `OUT/pretrain-checkpoint.pt`: the weights,
+    AdamW's moments, the schedule, the data generator and torch's RNG, the losses so far and the
+    time spent. Written atomically (a run killed while saving keeps the previous one), loaded
+    with `weights_only`, and refused (ConfigError naming the fields) when the rerun's recipe or
+    world differs from the one that wrote it: a resumed run is the same run, bit-for-bit."""
+
+    FILE = "pretrain-checkpoint.pt"
+
+    def __init__(self, out: Path, identity: dict):
+        self.path, self.identity = out / self.FILE, identity
+
+    def save(self, step: int, model, optimizer, scheduler, generator, losses: list[float],
+             wall_s: float) -> None:
+        buffer = io.BytesIO()
+        torch.save({"identity": self.identity, "step": step, "losses": losses, "wall_s": wall_s,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                    "rng": torch.get_rng_state()}, buffer)
+        atomic_write_bytes(self.path, buffer.getvalue())
+
+    def read(self) -> dict | None:
+        """The saved state, after checking it was written by this run; None when there is
+        none."""
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated or foreign: say which file, never start over
+            raise ConfigError(f"{self.path}: not a readable pretraining checkpoint ({err}); "
+                              "delete it to start the run over") from err
+        saved = state.get("identity", {}) if isinstance(state, dict) else {}
+        differing = [f"{part}.{k}: {saved.get(part, {}).get(k)!r} there, {v.get(k)!r} here"
+                     for part, v in self.identity.items()
+                     for k in sorted(v.keys() | saved.get(part, {}).keys())
+                     if saved.get(part, {}).get(k) != v.get(k)]
+        if differing:
+            raise ConfigError(f"{self.path}: written by another pretraining run ("
+                              + ", ".join(differing) + "); rerun with its recipe, or delete "
+                              "it to start over")
+        return state
+
+    @staticmethod
+    def restore(state: dict | None, model, optimizer, scheduler, generator
+                ) -> tuple[int, list[float], float]:
+        """Put a `read` state into the given objects: `(step to go on from, losses so far, wall
+        seconds so far)`; a fresh run's `(0, [], 0.0)` when there is none."""
+        if state is None:
+            return 0, [], 0.0
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])
+        return state["step"], state["losses"], state["wall_s"]
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def load_world_base(base_dir: Path, world_dir: Path, tokenizer):
