@@ -307,29 +307,70 @@ def test_a_long_prefill_in_pieces_gives_the_same_logits(llama, three_stages, mon
 
 
 def test_row_groups_take_the_least_padding_plus_overhead():
-    """Against every split of a few rows into contiguous groups."""
+    """Against every split of a few rows into contiguous groups, with and without a price on
+    the columns a group's tokens attend over (its rows' latest start, plus its width)."""
     import itertools
     import random
 
     from fthss.engine.cache import row_groups
 
-    def cost(groups, widths, overhead):
-        return sum((g.stop - g.start) * max(widths[g]) + (overhead if max(widths[g]) else 0)
-                   for g, _ in groups)
+    def cost(groups, widths, overhead, starts, column_cost):
+        return sum((g.stop - g.start) * max(widths[g])
+                   * (1 + column_cost * (max(starts[g]) + max(widths[g])))
+                   + (overhead if max(widths[g]) else 0) for g, _ in groups)
     rnd = random.Random(0)
-    for _ in range(200):
-        widths = [rnd.choice([0, 1, 3, 20, 21, 300]) for _ in range(rnd.randint(1, 7))]
+    for _ in range(300):
+        n = rnd.randint(1, 7)
+        widths = [rnd.choice([0, 1, 3, 20, 21, 300]) for _ in range(n)]
         overhead = rnd.choice([0, 10, 512])
-        groups = row_groups(widths, overhead)
-        assert [i for g, _ in groups for i in range(g.start, g.stop)] == list(range(len(widths)))
+        starts, column_cost = rnd.choice([(None, 0.0), ([rnd.choice([0, 40, 900, 2000])
+                                                          for _ in range(n)], 0.01)])
+        groups = row_groups(widths, overhead, starts, column_cost)
+        assert [i for g, _ in groups for i in range(g.start, g.stop)] == list(range(n))
         assert all(width == max(widths[g]) for g, width in groups)
-        splits = [[slice(a, b) for a, b in zip((0, *cuts), (*cuts, len(widths)), strict=True)]
-                  for r in range(len(widths))
-                  for cuts in itertools.combinations(range(1, len(widths)), r)]
-        assert cost(groups, widths, overhead) == min(
-            cost([(g, 0) for g in split], widths, overhead) for split in splits)
+        splits = [[slice(a, b) for a, b in zip((0, *cuts), (*cuts, n), strict=True)]
+                  for r in range(n) for cuts in itertools.combinations(range(1, n), r)]
+        starts = starts or [0] * n
+        assert cost(groups, widths, overhead, starts, column_cost) == pytest.approx(min(
+            cost([(g, 0) for g in split], widths, overhead, starts, column_cost)
+            for split in splits))
     assert row_groups([20] * 5 + [1000] * 2) == [(slice(0, 5), 20), (slice(5, 7), 1000)]
     assert row_groups([300, 310, 290]) == [(slice(0, 3), 310)]  # alike: one forward
+    # like chunks, unlike histories (members of a running batch at rounds 1 and 3)
+    assert row_groups([1000] * 2, starts=[1000, 3000], column_cost=6.5e-4) == [
+        (slice(0, 1), 1000), (slice(1, 2), 1000)]
+    assert row_groups([1000] * 2, starts=[1000, 3000]) == [(slice(0, 2), 1000)]
+
+
+def test_prefill_groups_rows_out_of_slot_order(llama, three_stages, monkeypatch):
+    """Rows whose chunks alternate short and long, or whose histories alternate short and
+    long, prefill in groups of like rows taken out of slot order (copies of their cache rows,
+    written back): each answers, scores included, as it does alone."""
+    from fthss.engine import cache
+
+    indexed, append_rows = [], cache.ChainCache._append_rows
+
+    def spied(self, rows, *args):
+        indexed.append(isinstance(rows, torch.Tensor))
+        return append_rows(self, rows, *args)
+    monkeypatch.setattr(cache.ChainCache, "_append_rows", spied)
+    monkeypatch.setattr(cache, "GROUP_OVERHEAD", 4)
+    monkeypatch.setattr(cache.ChainCache, "column_cost", 0.05)
+
+    def request(i, words):
+        return ChainSample(f"q{i} " + "context " * words, [
+            Step("A", input="d " * (1 + 30 * (i % 2)), max_new_tokens=3),
+            Step("C", max_new_tokens=2), Step("B", input="e", max_new_tokens=2)])
+    # step 0: shared content short / long / short / long; step 1: like inputs, histories alike
+    # in pairs (0, 2) and (1, 3) after step 0's long inputs
+    requests = [request(i, 40 * (i % 2)) for i in range(4)]
+    engine = ChainEngine(llama, three_stages, batch_size=4)
+    together = engine.run(requests, "shared", output_scores=True)
+    assert sum(indexed) >= 2  # both steps ran a group out of order
+    alone = [ChainEngine(llama, three_stages, batch_size=1).run([r], "shared",
+                                                                 output_scores=True)[0]
+             for r in requests]
+    assert_same_generations(together, alone)
 
 
 @pytest.mark.parametrize("mode", ["shared", "text"])

@@ -4,6 +4,7 @@ re-encoded text; a request decodes the same alone and inside a padded batch. On 
 dtype (`device` marker, tests/conftest.py), within the dtype's tolerance."""
 
 import random
+from contextlib import ExitStack, contextmanager
 from unittest.mock import patch
 
 import pytest
@@ -37,19 +38,32 @@ def setups(draw):
     return base, stages, requests, draw(st.integers(1, 5))
 
 
-# a prefill's row groups as the engine picks them, or every cut that saves a padded column
-GROUPINGS = st.sampled_from([cache.GROUP_OVERHEAD, 0])
+# a prefill's row groups as the engine picks them, every cut that saves a padded column, or
+# rows apart whenever their histories end at different columns (groups of rows out of order)
+GROUPINGS = st.sampled_from([(cache.GROUP_OVERHEAD, None), (0, None), (4, 0.0)])
+
+
+@contextmanager
+def grouping(block: int, groups: tuple[int, float | None]):
+    """The cache's block size and its prefills' row grouping (`cache.row_groups`) patched."""
+    overhead, column_cost = groups
+    with ExitStack() as patches:
+        patches.enter_context(patch.object(cache, "BLOCK", block))
+        patches.enter_context(patch.object(cache, "GROUP_OVERHEAD", overhead))
+        if column_cost is not None:
+            patches.enter_context(patch.object(cache.ChainCache, "column_cost", column_cost))
+        yield
 
 
 @settings(max_examples=150)
 @given(setups(), st.sampled_from([cache.BLOCK, 1]), GROUPINGS)
-def test_shared_incremental_equals_one_pass(setup, block, overhead):
+def test_shared_incremental_equals_one_pass(setup, block, groups):
     """Also with 1-column blocks: then `free_hidden` compacts the cache whenever a slot dies,
     where 256-column blocks rarely give one back in chains this short; and with prefills split
     into as many row groups as save padding."""
     base, stages, requests, batch_size = setup
     engine = ChainEngine(base, stages, batch_size=batch_size)
-    with patch.object(cache, "BLOCK", block), patch.object(cache, "GROUP_OVERHEAD", overhead):
+    with grouping(block, groups):
         results = engine.run(requests, "shared", output_scores=True)
     for result, reference in zip(results, output_logits_one_pass(engine, results), strict=True):
         scores = torch.cat([s.scores for s in result.steps])
@@ -82,7 +96,7 @@ def run_joining(engine, requests, mode, joins):
 @settings(max_examples=100)
 @given(setups(), st.sampled_from([cache.BLOCK, 1]), st.sampled_from(["shared", "text"]),
        st.randoms(use_true_random=False), GROUPINGS)
-def test_requests_joining_a_running_batch_are_exact(setup, block, mode, rnd, overhead):
+def test_requests_joining_a_running_batch_are_exact(setup, block, mode, rnd, groups):
     """Continuous batching: requests join while others are mid-chain (rows at different steps
     in one prefill and one decode loop, rows leaving as their chains end, the cache compacted
     under them); each still equals the one-pass forward (shared) or the plain forward of its
@@ -90,7 +104,7 @@ def test_requests_joining_a_running_batch_are_exact(setup, block, mode, rnd, ove
     base, stages, requests, _ = setup
     engine = ChainEngine(base, stages)
     joins = [rnd.randrange(4) for _ in requests]
-    with patch.object(cache, "BLOCK", block), patch.object(cache, "GROUP_OVERHEAD", overhead):
+    with grouping(block, groups):
         results = run_joining(engine, requests, mode, joins)
     if mode == "shared":
         references = output_logits_one_pass(engine, results)
@@ -105,10 +119,10 @@ def test_requests_joining_a_running_batch_are_exact(setup, block, mode, rnd, ove
 
 @settings(max_examples=80)
 @given(setups(), GROUPINGS)
-def test_text_mode_equals_plain_forward_of_the_text(setup, overhead):
+def test_text_mode_equals_plain_forward_of_the_text(setup, groups):
     base, stages, requests, batch_size = setup
     engine = ChainEngine(base, stages, batch_size=batch_size)
-    with patch.object(cache, "GROUP_OVERHEAD", overhead):
+    with grouping(cache.BLOCK, groups):
         results = engine.run(requests, "text", output_scores=True)
     for result in results:
         for k in range(len(result.steps)):

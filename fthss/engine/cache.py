@@ -18,6 +18,8 @@ to float.
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from transformers import DynamicCache
 
@@ -106,25 +108,36 @@ def _widths(meta: TokenMeta) -> torch.Tensor:
     return torch.where(meta.is_real, index, 0).max(dim=1).values
 
 
-def row_groups(widths: list[int], overhead: int | None = None) -> list[tuple[slice, int]]:
+def row_groups(widths: list[int], overhead: int | None = None, starts: list[int] | None = None,
+               column_cost: float = 0.0) -> list[tuple[slice, int]]:
     """Contiguous groups of rows for a prefill, each run padded only to its own widest chunk:
     `(rows, width)` pairs covering every row in order. The split minimises the padded tokens
     (rows x width, summed over groups) plus `overhead` (default GROUP_OVERHEAD) per forward,
     by dynamic programming over the cut points; a group of width 0 (rows with nothing to
     encode) runs no forward. Rows of like widths make one group; a long chunk among short
     ones (a request joining a running batch with its shared content) makes its own, so its
-    batch-mates' steps are not padded to its length."""
+    batch-mates' steps are not padded to its length.
+
+    With `starts` (per row, the column its chunk would be written from: a group writes from
+    its rows' latest) a group's tokens also cost `column_cost` per column they attend over
+    (rows x width x column_cost x (latest start + width)): rows whose histories differ much in
+    length are then kept apart, so a short history is not padded to a long one's."""
     overhead = GROUP_OVERHEAD if overhead is None else overhead
     n = len(widths)
-    width = torch.tensor(widths, dtype=torch.float64)
-    # widest[i, j] = max(widths[i..j]) for j >= i (row i's widths from column i on, running max)
-    widest = torch.triu(width.expand(n, n)).cummax(dim=1).values
+
+    def running_max(values) -> torch.Tensor:  # [i, j] = max(values[i..j]) for j >= i
+        return torch.triu(torch.tensor(values, dtype=torch.float64).expand(n, n)).cummax(
+            dim=1).values
+    widest = running_max(widths)
+    latest = running_max(starts) if starts is not None else torch.zeros(n, n, dtype=torch.float64)
     best = torch.zeros(n + 1, dtype=torch.float64)  # best[j]: the least cost of rows [0, j)
     cut = [0] * (n + 1)  # cut[j]: where the last group of that split starts
     for j in range(n):
         spans = widest[: j + 1, j]  # the width of a last group [i, j] for each i
+        columns = latest[: j + 1, j] + spans  # the columns its tokens attend over
         rows = torch.arange(j + 1, 0, -1, dtype=torch.float64)
-        cost = best[: j + 1] + rows * spans + overhead * (spans > 0)
+        cost = (best[: j + 1] + rows * spans * (1 + column_cost * columns)
+                + overhead * (spans > 0))
         cut[j + 1] = int(cost.argmin())
         best[j + 1] = cost[cut[j + 1]]
     groups, end = [], n
@@ -133,6 +146,14 @@ def row_groups(widths: list[int], overhead: int | None = None) -> list[tuple[sli
         groups.append((slice(start, end), max(widths[start:end])))
         end = start
     return groups[::-1]
+
+
+def _as_rows(rows: list[int], device: torch.device) -> slice | torch.Tensor:
+    """Row indices (ascending) as a slice when they are contiguous (views, no copy), else as
+    an index tensor."""
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows, device=device)
 
 
 class ChainCache:
@@ -177,6 +198,14 @@ class ChainCache:
         self.decode_mask: torch.Tensor | None = None
         self._sees_itself = self._sees_earlier = None  # per row, from the rule (start_decoding)
         self._decode_start, self._decode_rows = 0, slice(None)
+
+    @cached_property
+    def column_cost(self) -> float:
+        """A token's work per column it attends over (QK and PV: 2 multiply-adds per head
+        dimension), relative to its work in a decoder layer's weights: `row_groups`' price of
+        attending over a longer history's padding."""
+        layer = sum(p.numel() for p in self.base.model.get_decoder().layers[0].parameters())
+        return 2 * self.base.config.num_attention_heads * self.base.head_dim / layer
 
     def add_rows(self, count: int) -> None:
         """`count` rows after the others (requests joining the batch): each holds the prompt
@@ -256,13 +285,17 @@ class ChainCache:
         `[batch, q, vocab]`, or with `last_only` those of each row's last real token
         `[batch, vocab]` (computing no others: a long prefill needs only one row of logits).
 
-        Rows run in contiguous groups, each padded only to its own longest chunk (`row_groups`),
-        and each group writes right after the last slot its rows hold, not after the batch's
-        last column: a request joining a running batch fills the padding its row holds there,
-        so it neither attends over its batch-mates' columns nor makes the cache longer by its
-        whole chunk. A group's long chunk runs in pieces of at most PREFILL_TOKENS tokens per
-        forward, which bounds the activations and the mask a prefill needs. Where a group
-        computes no logits (its padding, a row with nothing to encode) they are zeros."""
+        Rows run in groups, each padded only to its own longest chunk, and each group writes
+        right after the last slot its rows hold, not after the batch's last column: a request
+        joining a running batch fills the padding its row holds there, so it neither attends
+        over its batch-mates' columns nor makes the cache longer by its whole chunk. The groups
+        (`row_groups`, over the rows ordered by chunk width, then by where they end) keep rows
+        of unlike widths apart, and unlike histories too (members of a running batch at
+        different rounds of their chains), so that no chunk is padded to a longer one's width
+        nor attends over a longer history's padding. A group's long chunk runs in pieces of at
+        most PREFILL_TOKENS tokens per forward, which bounds the activations and the mask a
+        prefill needs. Where a group computes no logits (its padding, a row with nothing to
+        encode) they are zeros."""
         meta, input_ids = meta.to(self.base.device), input_ids.to(self.base.device)
         self.base.check_positions(positions(meta, self.next_position))
         widths = _widths(meta)
@@ -271,8 +304,15 @@ class ChainCache:
         held = self.slots.kind[:, : self.length] != Kind.PAD
         ends = torch.where(held, torch.arange(1, self.length + 1, device=held.device), 0).max(
             dim=1).values if self.length else torch.zeros_like(widths)
-        groups = [(rows, width, int(ends[rows].max())) for rows, width in
-                  row_groups(widths.tolist()) if width > 0]  # width 0: nothing to encode
+        width_of, end_of = widths.tolist(), ends.tolist()
+        order = sorted((r for r in range(self.batch_size) if width_of[r]),  # 0: nothing to encode
+                       key=lambda r: (width_of[r], end_of[r]))
+        groups = []
+        for members, width in row_groups([width_of[r] for r in order], starts=[
+                end_of[r] for r in order], column_cost=self.column_cost):
+            rows = sorted(order[members])
+            groups.append((_as_rows(rows, self.base.device), width,
+                           max(end_of[r] for r in rows)))
         length = max([self.length] + [first + width for _, width, first in groups])
         self.reserve(length - self.length)
         shape = (self.batch_size, *((self.base.vocab_size,) if last_only
@@ -288,17 +328,34 @@ class ChainCache:
         self.next_position = self.next_position + meta.is_real.sum(dim=1)
         return torch.zeros(shape, device=self.base.device) if out is None else out
 
-    def _append_rows(self, rows: slice, first: int, input_ids: torch.Tensor, meta: TokenMeta,
-                     last: torch.Tensor | None) -> torch.Tensor:
+    def _append_rows(self, rows: slice | torch.Tensor, first: int, input_ids: torch.Tensor,
+                     meta: TokenMeta, last: torch.Tensor | None) -> torch.Tensor:
         """`append` for one group of rows, their chunk (`[rows, width]`) written from column
-        `first` on (padding there in every row of the group): slots and K/V of views of those
-        rows' cache, in pieces of at most PREFILL_TOKENS tokens. The logits of every token, or
-        with `last` per row those of the token at that index only."""
+        `first` on (padding there in every row of the group): slots and K/V of those rows'
+        cache (views of it for a slice of rows; for an index, copies whose new columns are
+        written back), in pieces of at most PREFILL_TOKENS tokens. The logits of every token,
+        or with `last` per row those of the token at that index only."""
         store = SlotCache([k[rows] for k in self.store.keys], [v[rows] for v in self.store.values])
         slots = _part(self.slots, rows)
+        written = slice(first, first + meta.length)
         for mine, theirs in zip(_fields(slots), _fields(meta), strict=True):
-            mine[:, first:first + meta.length] = theirs
-        next_position = self.next_position[rows]
+            mine[:, written] = theirs
+        logits = self._encode_rows(store, slots, first, input_ids, meta, last,
+                                   self.next_position[rows])
+        if isinstance(rows, torch.Tensor):  # copies: their new columns go back into the cache
+            for mine, theirs in zip(_fields(self.slots), _fields(slots), strict=True):
+                mine[rows, written] = theirs[:, written]
+            for tensors, copies in ((self.store.keys, store.keys),
+                                    (self.store.values, store.values)):
+                for layer, copy in zip(tensors, copies, strict=True):
+                    layer[rows, :, written] = copy[:, :, written]
+        return logits
+
+    def _encode_rows(self, store: SlotCache, slots: TokenMeta, first: int,
+                     input_ids: torch.Tensor, meta: TokenMeta, last: torch.Tensor | None,
+                     next_position: torch.Tensor) -> torch.Tensor:
+        """The forwards of `_append_rows`: the group's chunk in pieces, into `store`
+        (`next_position`: the group's rows' next positions)."""
         width = max(1, PREFILL_TOKENS // next_position.shape[0])
         pieces = []
         for start in range(0, meta.length, width):
