@@ -335,9 +335,11 @@ class ChainCache:
         cache (views of it for a slice of rows; for an index, copies whose new columns are
         written back), in pieces of at most PREFILL_TOKENS tokens. The logits of every token,
         or with `last` per row those of the token at that index only."""
-        store = SlotCache([k[rows] for k in self.store.keys], [v[rows] for v in self.store.values])
-        slots = _part(self.slots, rows)
         written = slice(first, first + meta.length)
+        used = slice(0, written.stop)  # the columns the chunk reads and writes
+        store = SlotCache([k[rows, :, used] for k in self.store.keys],
+                          [v[rows, :, used] for v in self.store.values])
+        slots = _part(self.slots, rows, used)
         for mine, theirs in zip(_fields(slots), _fields(meta), strict=True):
             mine[:, written] = theirs
         logits = self._encode_rows(store, slots, first, input_ids, meta, last,
