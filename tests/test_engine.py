@@ -373,6 +373,35 @@ def test_prefill_groups_rows_out_of_slot_order(llama, three_stages, monkeypatch)
     assert_same_generations(together, alone)
 
 
+def test_rows_are_packed_before_a_long_chunk_would_attend_over_their_padding(
+        llama, three_stages, monkeypatch):
+    """A member that decoded beside one with a longer history wrote its tokens after the
+    other's last column; before its next long chunk the rows are packed (each row's slots
+    to the left), so the chunk is written right after the row's own slots and attends over no
+    gap. Both answer as they do alone."""
+    from fthss.engine import cache
+
+    monkeypatch.setattr(cache, "GROUP_OVERHEAD", 4)
+    writes, append_rows = [], cache.ChainCache._append_rows
+
+    def spied(self, rows, first, input_ids, *rest):
+        writes.append((first, int(self.tokens_held()[rows].max()), input_ids.shape[1]))
+        return append_rows(self, rows, first, input_ids, *rest)
+    monkeypatch.setattr(cache.ChainCache, "_append_rows", spied)
+    requests = [ChainSample("long " + "context " * 120, [Step("A", max_new_tokens=3),
+                                                         Step("C", input="e", max_new_tokens=2)]),
+                ChainSample("short", [Step("A", max_new_tokens=3),
+                                      Step("C", input="d " * 60, max_new_tokens=2)])]
+    together = ChainEngine(llama, three_stages, batch_size=2).run(requests, "shared",
+                                                                   output_scores=True)
+    long_chunks = [(first, held) for first, held, width in writes[2:] if width > 50]
+    assert long_chunks and all(first == held for first, held in long_chunks)
+    alone = [ChainEngine(llama, three_stages, batch_size=1).run([r], "shared",
+                                                                 output_scores=True)[0]
+             for r in requests]
+    assert_same_generations(together, alone)
+
+
 @pytest.mark.parametrize("mode", ["shared", "text"])
 def test_a_long_joiner_does_not_pad_its_batch_mates_prefill(llama, three_stages, mode,
                                                              monkeypatch):
@@ -425,28 +454,39 @@ def test_a_long_joiner_does_not_pad_its_batch_mates_prefill(llama, three_stages,
 @pytest.mark.parametrize("mode", ["shared", "text"])
 def test_the_eager_decode_step_leaves_out_the_rows_at_the_edges_that_do_not_decode(
         llama, three_stages, mode, monkeypatch):
-    """Rows in a step with a given output idle while their batch-mates decode: the eager step
-    runs only the rows from the first to the last that decode, and every row's tokens and
-    scores are those it has alone."""
+    """Members whose step only encodes (a given output) run alone first, the decoding ones
+    one engine step later, never two in a row: then in phase. A row in a step with a given
+    output idles while its batch-mates decode: the eager step runs only the rows from the
+    first to the last that decode. Every row's tokens and scores are those it has alone."""
     from fthss.engine import cache
 
     def given():
         return Step("A", output="a given answer")
-    requests = [ChainSample("q0", [given(), Step("C", max_new_tokens=4)]),
+    requests = [ChainSample("q0", [given(), given(), Step("C", max_new_tokens=4)]),
                 ChainSample("q1 longer", [Step("C", input="doc", max_new_tokens=5),
                                           Step("B", max_new_tokens=3)]),
-                ChainSample("q2", [Step("B", max_new_tokens=3), given()]),
+                ChainSample("q2", [Step("B", max_new_tokens=3), Step("C", max_new_tokens=2)]),
                 ChainSample("q3", [given(), given(), Step("A", max_new_tokens=2)])]
     spans, start_decoding = [], cache.ChainCache.start_decoding
+    taken, taking = [], RunningBatch._taking
 
     def recorded(self, query):
         start_decoding(self, query)
         spans.append((self._decode_rows, self.batch_size))
+
+    def recorded_taking(self):
+        rows = taking(self)
+        taken.append([(row.index, row.k) for row in rows])
+        return rows
     monkeypatch.setattr(cache.ChainCache, "start_decoding", recorded)
+    monkeypatch.setattr(RunningBatch, "_taking", recorded_taking)
     batched = ChainEngine(llama, three_stages, batch_size=4).run(requests, mode,
                                                                  output_scores=True)
-    assert (slice(1, 3), 4) in spans  # step 0: rows 1 and 2 decode, 0 and 3 idle
-    assert (slice(0, 2), 4) in spans  # step 1: rows 0 and 1 decode, 2 and 3 idle
+    assert taken == [[(0, 0), (3, 0)],  # the given outputs alone; rows 1 and 2 wait
+                     [(0, 1), (1, 0), (2, 0), (3, 1)],  # everyone: in phase from here
+                     [(0, 2), (1, 1), (2, 1), (3, 2)]]
+    # step 2: rows 1 and 2 decode, 0 and 3 idle (given outputs); step 3: every row decodes
+    assert spans == [(slice(1, 3), 4), (slice(None), 4)]
     alone = ChainEngine(llama, three_stages, batch_size=1).run(requests, mode,
                                                                output_scores=True)
     for result, reference in zip(batched, alone, strict=True):

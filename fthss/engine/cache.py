@@ -300,10 +300,7 @@ class ChainCache:
         self.base.check_positions(positions(meta, self.next_position))
         widths = _widths(meta)
         last = (widths - 1).clamp(min=0)  # per row, its last real token's index in the chunk
-        # per row, the columns up to its last slot in use: a row's slots after it are padding
-        held = self.slots.kind[:, : self.length] != Kind.PAD
-        ends = torch.where(held, torch.arange(1, self.length + 1, device=held.device), 0).max(
-            dim=1).values if self.length else torch.zeros_like(widths)
+        ends = self._pack_for(widths)
         width_of, end_of = widths.tolist(), ends.tolist()
         order = sorted((r for r in range(self.batch_size) if width_of[r]),  # 0: nothing to encode
                        key=lambda r: (width_of[r], end_of[r]))
@@ -327,6 +324,26 @@ class ChainCache:
         self.length = length
         self.next_position = self.next_position + meta.is_real.sum(dim=1)
         return torch.zeros(shape, device=self.base.device) if out is None else out
+
+    def _pack_for(self, widths: torch.Tensor) -> torch.Tensor:
+        """Per row, the columns up to its last slot in use (a row's slots after it are
+        padding), after packing every row's slots to the left when the chunks about to be
+        written (`widths` per row) would attend over more padding inside the rows than a
+        forward is worth (`GROUP_OVERHEAD`, at `column_cost` per column): a row that decoded
+        beside a longer one wrote its tokens after the longer one's last column, and its next
+        long chunk (a 1,000-token input) would otherwise attend over the gap."""
+        if not self.length:
+            return torch.zeros_like(widths)
+        held = self.slots.kind[:, : self.length] != Kind.PAD
+        ends = torch.where(held, torch.arange(1, self.length + 1, device=held.device), 0).max(
+            dim=1).values
+        gaps = ends - held.sum(dim=1)  # padding inside each row
+        if float((widths * gaps).sum()) * self.column_cost <= GROUP_OVERHEAD:
+            return ends
+        keep = torch.zeros_like(self.slots.kind, dtype=torch.bool)
+        keep[:, : self.length] = held
+        self._compact(keep)
+        return held.sum(dim=1)
 
     def _append_rows(self, rows: slice | torch.Tensor, first: int, input_ids: torch.Tensor,
                      meta: TokenMeta, last: torch.Tensor | None) -> torch.Tensor:
@@ -541,11 +558,17 @@ class ChainCache:
         seen = visibility(written.cat(query), 1)[:, 0, 0, : self.length]
         keep = torch.zeros_like(kind, dtype=torch.bool)
         keep[:, : self.length] = seen | (written.kind == Kind.PROMPT)
+        if _blocks(int(keep.sum(dim=1).max())) >= self.capacity:
+            return  # no block to give back: a copy would cost time and free nothing
+        self._compact(keep)
+
+    def _compact(self, keep: torch.Tensor) -> None:
+        """Keep the slots `keep` marks (`[batch, capacity]`), each row's first and in order,
+        and drop the others; the length becomes the longest row's, the capacity shrinks to
+        fit. K/V keep their rotations (positions are not slots)."""
+        kind = self.slots.kind
         counts = keep.sum(dim=1)
         new_length = int(counts.max())
-        if _blocks(new_length) >= self.capacity:
-            return  # no block to give back: a copy would cost time and free nothing
-
         # per row, the kept columns first, in order (a stable sort on "dropped")
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :new_length]
         filled = torch.arange(new_length, device=kind.device)[None] < counts[:, None]

@@ -666,6 +666,7 @@ class RunningBatch:
         self._failed: list[tuple[int, ChainResult]] = []  # refused at `join`, told by `step`
         self._shared: ChainCache | None = None  # shared mode: the batch's one cache
         self._held: dict[str, ChainCache] = {}  # text mode: each stage's latest cache
+        self._held_back = False  # the decoding members waited in the last step (`_taking`)
 
     def __len__(self) -> int:
         """Members, those waiting to start included."""
@@ -724,7 +725,7 @@ class RunningBatch:
         chunk each encodes (prefill), the outputs they generate (decode), then their results."""
         engine, rows = self.engine, self.rows
         started = time.perf_counter()  # a step 0's clock includes encoding the shared content
-        active = [row for row in rows if engine._take_input(row, self.step_input)]
+        active = [row for row in self._taking() if engine._take_input(row, self.step_input)]
         if not active:
             return
         if self._shared is not None:
@@ -743,6 +744,20 @@ class RunningBatch:
         engine._record_step(active, chunks, outputs, self._caches(), started, self.listener)
         for row in active:
             row.k += 1
+
+    def _taking(self) -> list[_Row]:
+        """The rows whose step runs now. When some members' steps only encode (their output
+        is given) and others' decode, the encoding ones run alone first and the decoding ones
+        wait one engine step (never two in a row): a step holding both would make each wait
+        for the other's work (a long prefill, a decode loop), and members out of phase (a
+        request joining while its batch-mates decode) would stay so, step after step. After
+        it, they run in phase."""
+        encoding = [row for row in self.rows if row.request.steps[row.k].output is not None]
+        if encoding and len(encoding) < len(self.rows) and not self._held_back:
+            self._held_back = True
+            return encoding
+        self._held_back = False
+        return self.rows
 
     def _release(self) -> list[tuple[int, ChainResult]]:
         """The members whose chain is done leave: their results, and their rows given back."""
