@@ -342,18 +342,19 @@ def test_row_groups_take_the_least_padding_plus_overhead():
     assert row_groups([1000] * 2, starts=[1000, 3000]) == [(slice(0, 2), 1000)]
 
 
-def test_prefill_groups_rows_out_of_slot_order(llama, three_stages, monkeypatch):
+@pytest.mark.parametrize("mode", ["shared", "text"])
+def test_prefill_groups_rows_out_of_slot_order(llama, three_stages, mode, monkeypatch):
     """Rows whose chunks alternate short and long, or whose histories alternate short and
     long, prefill in groups of like rows taken out of slot order (copies of their cache rows,
     written back): each answers, scores included, as it does alone."""
     from fthss.engine import cache
 
-    indexed, append_rows = [], cache.ChainCache._append_rows
+    indexed, as_rows = [], cache._as_rows
 
-    def spied(self, rows, *args):
-        indexed.append(isinstance(rows, torch.Tensor))
-        return append_rows(self, rows, *args)
-    monkeypatch.setattr(cache.ChainCache, "_append_rows", spied)
+    def spied(rows, device):
+        indexed.append(isinstance(as_rows(rows, device), torch.Tensor))
+        return as_rows(rows, device)
+    monkeypatch.setattr(cache, "_as_rows", spied)
     monkeypatch.setattr(cache, "GROUP_OVERHEAD", 4)
     monkeypatch.setattr(cache.ChainCache, "column_cost", 0.05)
 
@@ -365,9 +366,9 @@ def test_prefill_groups_rows_out_of_slot_order(llama, three_stages, monkeypatch)
     # in pairs (0, 2) and (1, 3) after step 0's long inputs
     requests = [request(i, 40 * (i % 2)) for i in range(4)]
     engine = ChainEngine(llama, three_stages, batch_size=4)
-    together = engine.run(requests, "shared", output_scores=True)
-    assert sum(indexed) >= 2  # both steps ran a group out of order
-    alone = [ChainEngine(llama, three_stages, batch_size=1).run([r], "shared",
+    together = engine.run(requests, mode, output_scores=True)
+    assert sum(indexed) >= 2  # steps ran groups out of order
+    alone = [ChainEngine(llama, three_stages, batch_size=1).run([r], mode,
                                                                  output_scores=True)[0]
              for r in requests]
     assert_same_generations(together, alone)

@@ -301,15 +301,9 @@ class ChainCache:
         widths = _widths(meta)
         last = (widths - 1).clamp(min=0)  # per row, its last real token's index in the chunk
         ends = self._pack_for(widths)
-        width_of, end_of = widths.tolist(), ends.tolist()
-        order = sorted((r for r in range(self.batch_size) if width_of[r]),  # 0: nothing to encode
-                       key=lambda r: (width_of[r], end_of[r]))
-        groups = []
-        for members, width in row_groups([width_of[r] for r in order], starts=[
-                end_of[r] for r in order], column_cost=self.column_cost):
-            rows = sorted(order[members])
-            groups.append((_as_rows(rows, self.base.device), width,
-                           max(end_of[r] for r in rows)))
+        end_of = ends.tolist()
+        groups = [(_as_rows(rows, self.base.device), width, max(end_of[r] for r in rows))
+                  for rows, width in self._groups(widths.tolist(), end_of)]
         length = max([self.length] + [first + width for _, width, first in groups])
         self.reserve(length - self.length)
         shape = (self.batch_size, *((self.base.vocab_size,) if last_only
@@ -324,6 +318,17 @@ class ChainCache:
         self.length = length
         self.next_position = self.next_position + meta.is_real.sum(dim=1)
         return torch.zeros(shape, device=self.base.device) if out is None else out
+
+    def _groups(self, widths: list[int], ends: list[int] | None) -> list[tuple[list[int], int]]:
+        """The rows with something to encode, in groups for a prefill: `row_groups` over the
+        rows ordered by chunk width, then by where their histories end (`ends`; None: all
+        alike), as `(rows, width)` with each group's rows ascending."""
+        ends = ends or [0] * len(widths)
+        order = sorted((r for r in range(len(widths)) if widths[r]),  # 0: nothing to encode
+                       key=lambda r: (widths[r], ends[r]))
+        return [(sorted(order[members]), width) for members, width in row_groups(
+            [widths[r] for r in order], starts=[ends[r] for r in order],
+            column_cost=self.column_cost)]
 
     def _pack_for(self, widths: torch.Tensor) -> torch.Tensor:
         """Per row, the columns up to its last slot in use (a row's slots after it are
@@ -415,9 +420,10 @@ class ChainCache:
         in one forward with no mask, as PEFT + `generate` runs a prompt-tuned model: SDPA takes its
         causal kernel, which skips the blocks above the diagonal that an explicit mask makes it
         compute. The prompt's K/V come out as the cached ones (within float) and overwrite them.
-        Rows run in contiguous groups of like widths, each padded to its own longest chunk only
-        (`row_groups`), a forward taking at most PREFILL_TOKENS tokens. Returns the logits of
-        each row's last real token, `[batch, vocab]` (zeros for a row with none)."""
+        Rows run in groups of like widths (in or out of slot order), each padded to its own
+        longest chunk only (`row_groups`), a forward taking at most PREFILL_TOKENS tokens.
+        Returns the logits of each row's last real token, `[batch, vocab]` (zeros for a row
+        with none)."""
         n = prompt.shape[0]
         if self.length != n or self.first_position != n:
             raise ValueError("append_causal needs a cache holding one stage's prompt only")
@@ -431,13 +437,11 @@ class ChainCache:
         prompt = prompt.to(self.base.device, self.base.dtype)
         prompt_pos = torch.arange(n, device=input_ids.device)
         out = None
-        for rows_alike, width in row_groups(widths.tolist()):
-            if width == 0:  # nothing to encode: no forward
-                continue
+        for rows_alike, width in self._groups(widths.tolist(), None):
             columns = n + width
             per_forward = max(1, PREFILL_TOKENS // columns)
-            for start in range(rows_alike.start, rows_alike.stop, per_forward):
-                group = slice(start, min(start + per_forward, rows_alike.stop))
+            for start in range(0, len(rows_alike), per_forward):
+                group = _as_rows(rows_alike[start:start + per_forward], self.base.device)
                 ids = input_ids[group, :width]
                 embeds = torch.cat([prompt.expand(ids.shape[0], -1, -1), self.base.embed(ids)], 1)
                 cache = DynamicCache()  # fresh: no mask to build, so attention runs causal
