@@ -455,9 +455,9 @@ def test_a_long_joiner_does_not_pad_its_batch_mates_prefill(llama, three_stages,
 @pytest.mark.parametrize("mode", ["shared", "text"])
 def test_the_eager_decode_step_leaves_out_the_rows_at_the_edges_that_do_not_decode(
         llama, three_stages, mode, monkeypatch):
-    """Members whose step only encodes (a given output) run alone first, the decoding ones
-    one engine step later, never two in a row: then in phase. A row in a step with a given
-    output idles while its batch-mates decode: the eager step runs only the rows from the
+    """Members whose step only encodes (a given output) and members that decode take turns,
+    the encoding ones first, neither kind waiting two engine steps in a row. A row that does
+    not decode idles while its batch-mates do: the eager step runs only the rows from the
     first to the last that decode. Every row's tokens and scores are those it has alone."""
     from fthss.engine import cache
 
@@ -483,10 +483,11 @@ def test_the_eager_decode_step_leaves_out_the_rows_at_the_edges_that_do_not_deco
     monkeypatch.setattr(RunningBatch, "_taking", recorded_taking)
     batched = ChainEngine(llama, three_stages, batch_size=4).run(requests, mode,
                                                                  output_scores=True)
-    assert taken == [[(0, 0), (3, 0)],  # the given outputs alone; rows 1 and 2 wait
-                     [(0, 1), (1, 0), (2, 0), (3, 1)],  # everyone: in phase from here
-                     [(0, 2), (1, 1), (2, 1), (3, 2)]]
-    # step 2: rows 1 and 2 decode, 0 and 3 idle (given outputs); step 3: every row decodes
+    assert taken == [[(0, 0), (3, 0)],  # the given outputs first; rows 1 and 2 wait
+                     [(1, 0), (2, 0)],  # then the decoding ones, rows 0 and 3 waiting
+                     [(0, 1), (3, 1)],
+                     [(0, 2), (1, 1), (2, 1), (3, 2)]]  # every row decodes: all at once
+    # step 2: rows 1 and 2 decode, 0 and 3 idle; step 4: every row decodes
     assert spans == [(slice(1, 3), 4), (slice(None), 4)]
     alone = ChainEngine(llama, three_stages, batch_size=1).run(requests, mode,
                                                                output_scores=True)

@@ -666,7 +666,7 @@ class RunningBatch:
         self._failed: list[tuple[int, ChainResult]] = []  # refused at `join`, told by `step`
         self._shared: ChainCache | None = None  # shared mode: the batch's one cache
         self._held: dict[str, ChainCache] = {}  # text mode: each stage's latest cache
-        self._held_back = False  # the decoding members waited in the last step (`_taking`)
+        self._encoded_last = False  # the last step ran only the encoding members (`_taking`)
 
     def __len__(self) -> int:
         """Members, those waiting to start included."""
@@ -747,17 +747,18 @@ class RunningBatch:
 
     def _taking(self) -> list[_Row]:
         """The rows whose step runs now. When some members' steps only encode (their output
-        is given) and others' decode, the encoding ones run alone first and the decoding ones
-        wait one engine step (never two in a row): a step holding both would make each wait
-        for the other's work (a long prefill, a decode loop), and members out of phase (a
-        request joining while its batch-mates decode) would stay so, step after step. After
-        it, they run in phase."""
+        is given) and others' decode, the two kinds take turns, the encoding ones first: a
+        step holding both would make each wait for the other's work (a long prefill, a decode
+        loop), step after step, and in text mode would take the masked path where one stage's
+        rows take the causal one. Neither kind waits two steps in a row."""
         encoding = [row for row in self.rows if row.request.steps[row.k].output is not None]
-        if encoding and len(encoding) < len(self.rows) and not self._held_back:
-            self._held_back = True
+        if not encoding or len(encoding) == len(self.rows):
+            self._encoded_last = False
+            return self.rows
+        self._encoded_last = not self._encoded_last
+        if self._encoded_last:
             return encoding
-        self._held_back = False
-        return self.rows
+        return [row for row in self.rows if row.request.steps[row.k].output is None]
 
     def _release(self) -> list[tuple[int, ChainResult]]:
         """The members whose chain is done leave: their results, and their rows given back."""
