@@ -57,16 +57,34 @@ def random_stages(base: BaseModel, rnd: random.Random, max_stages: int = 3,
 
 
 def random_chains(stages: list[Stage], rnd: random.Random, count: int, max_steps: int = 4,
-                  max_new_tokens: int = 5) -> list[ChainSample]:
+                  max_new_tokens: int = 5, given_share: float = 0.25) -> list[ChainSample]:
+    """`count` chains over the stages, of up to `max_steps` steps of random stages, inputs
+    and visibility; a `given_share` of the steps have their output given (a step that only
+    encodes, as a gold upstream or an active-RAG step's tool output), the others generate up
+    to `max_new_tokens`."""
     names = [s.name for s in stages]
-    return [ChainSample(random_text(rnd, 4), [
-        Step(rnd.choice(names), input=rnd.choice([None, random_text(rnd, 4)]),
-             input_visible=rnd.random() < 0.3, max_new_tokens=rnd.randint(1, max_new_tokens))
-        for _ in range(rnd.randint(1, max_steps))], id=str(i)) for i in range(count)]
+
+    def step() -> Step:
+        stage, text = rnd.choice(names), rnd.choice([None, random_text(rnd, 4)])
+        visible, given = rnd.random() < 0.3, rnd.random() < given_share
+        if given:
+            return Step(stage, input=text, input_visible=visible, output=random_text(rnd, 3))
+        return Step(stage, input=text, input_visible=visible,
+                    max_new_tokens=rnd.randint(1, max_new_tokens))
+    return [ChainSample(random_text(rnd, 4), [step() for _ in range(rnd.randint(1, max_steps))],
+                        id=str(i)) for i in range(count)]
+
+
+def generated_scores(result: ChainResult, vocab_size: int) -> torch.Tensor:
+    """The logits each generated token of a run with `output_scores` was chosen from, over its
+    steps in order (steps with a given output have none): `[tokens, vocab_size]`."""
+    scores = [s.scores for s in result.steps if s.scores is not None]
+    return torch.cat(scores) if scores else torch.zeros(0, vocab_size)
 
 
 def output_logits_one_pass(engine: ChainEngine, results: list[ChainResult]) -> list[torch.Tensor]:
-    """Per result, the one-pass forward's logits predicting each output token, in order."""
+    """Per result (of a run with `output_scores`), the one-pass forward's logits predicting
+    each generated output token, in order (`generated_scores`' reference)."""
     names = list(dict.fromkeys(s.stage for r in results for s in r.tokens.steps))
     prompts = engine.prompt_caches(names)
     layout = build_layout([r.tokens for r in results], {n: i for i, n in enumerate(names)},
@@ -76,8 +94,11 @@ def output_logits_one_pass(engine: ChainEngine, results: list[ChainResult]) -> l
     with torch.no_grad():
         logits = one_pass_logits(engine.base, prompts, layout, engine.lora_bank(names))
     rows = []
-    for i in range(len(results)):
-        targets = (layout.meta.kind[i] == Kind.OUTPUT).nonzero().squeeze(1)
+    for i, result in enumerate(results):
+        generated = torch.tensor([k for k, step in enumerate(result.steps)
+                                  if step.scores is not None], dtype=torch.long)
+        targets = ((layout.meta.kind[i] == Kind.OUTPUT)
+                   & torch.isin(layout.meta.step[i], generated)).nonzero().squeeze(1)
         rows.append(logits[i, targets.to(logits.device) - 1].float().cpu())
     return rows
 
@@ -123,6 +144,11 @@ def merged_forward(base: BaseModel, stage: Stage, **inputs):
     return torch.func.functional_call(base.model, merged, kwargs=inputs, strict=False)
 
 
+def _largest(difference: torch.Tensor) -> float:
+    """The largest absolute value (0 for a chain that generated nothing)."""
+    return float(difference.abs().max()) if difference.numel() else 0.0
+
+
 @dataclass
 class VerifyReport:
     shared_vs_one_pass: float
@@ -139,12 +165,14 @@ def verify(base: BaseModel, chains: int = 8, seed: int = 0, batch_size: int = 4)
     engine = ChainEngine(base, stages, batch_size=batch_size)
     shared = engine.run(requests, "shared", output_scores=True)
     one_pass = output_logits_one_pass(engine, shared)
-    shared_diff = max(float((torch.cat([s.scores for s in r.steps]) - ref).abs().max())
+    shared_diff = max(_largest(generated_scores(r, base.vocab_size) - ref)
                       for r, ref in zip(shared, one_pass, strict=True))
     text = engine.run(requests, "text", output_scores=True)
     text_diff = 0.0
     for r in text:
         for k, step in enumerate(r.tokens.steps):
+            if r.steps[k].scores is None:  # a given output: nothing generated
+                continue
             view = text_view(r.tokens, k)
             ref = plain_forward(base, engine.stages[step.stage], view + step.output_ids[:-1])
             text_diff = max(text_diff, float((r.steps[k].scores - ref[len(view) - 1:]).abs().max()))
@@ -152,7 +180,7 @@ def verify(base: BaseModel, chains: int = 8, seed: int = 0, batch_size: int = 4)
     batch_diff = max(float((a.scores - b.scores).abs().max())
                      for ra, rb in zip(alone, shared, strict=True)
                      for a, b in zip(ra.steps, rb.steps, strict=False)
-                     if a.scores.shape == b.scores.shape)
+                     if a.scores is not None and a.scores.shape == b.scores.shape)
     same = all(a.output_ids == b.output_ids
                for ra, rb in zip(alone, shared, strict=True)
                for a, b in zip(ra.steps, rb.steps, strict=False))

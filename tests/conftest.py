@@ -70,7 +70,8 @@ def assert_same_generations(results, reference, scores: bool = True) -> None:
             ours, theirs = step.output_ids, ref_step.output_ids
             same = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
                         min(len(ours), len(theirs)))
-            if scores:
+            assert (step.scores is None) == (ref_step.scores is None)  # None: a given output
+            if scores and step.scores is not None:
                 torch.testing.assert_close(step.scores[:same], ref_step.scores[:same],
                                            atol=TOLERANCE, rtol=0)
             if ours == theirs:

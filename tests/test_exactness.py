@@ -18,6 +18,7 @@ from fthss.engine.engine import ChainEngine, RunningBatch
 from fthss.engine.sampling import SamplingConfig
 from fthss.models.presets import ARCHITECTURES
 from fthss.verify import (
+    generated_scores,
     output_logits_one_pass,
     plain_forward,
     random_chains,
@@ -66,7 +67,7 @@ def test_shared_incremental_equals_one_pass(setup, block, groups):
     with grouping(block, groups):
         results = engine.run(requests, "shared", output_scores=True)
     for result, reference in zip(results, output_logits_one_pass(engine, results), strict=True):
-        scores = torch.cat([s.scores for s in result.steps])
+        scores = generated_scores(result, base.vocab_size)
         assert scores.shape == reference.shape
         torch.testing.assert_close(scores, reference, atol=TOLERANCE, rtol=0)
 
@@ -109,11 +110,12 @@ def test_requests_joining_a_running_batch_are_exact(setup, block, mode, rnd, gro
     if mode == "shared":
         references = output_logits_one_pass(engine, results)
     else:
-        references = [torch.cat([plain_logits(engine, r, k) for k in range(len(r.steps))])
-                      for r in results]
+        references = [torch.cat([plain_logits(engine, r, k) for k in range(len(r.steps))
+                                 if r.steps[k].scores is not None] or [
+                                     torch.zeros(0, base.vocab_size)]) for r in results]
     for result, reference in zip(results, references, strict=True):
         assert result.error is None
-        torch.testing.assert_close(torch.cat([s.scores for s in result.steps]), reference,
+        torch.testing.assert_close(generated_scores(result, base.vocab_size), reference,
                                    atol=TOLERANCE, rtol=0)
 
 
@@ -125,10 +127,13 @@ def test_text_mode_equals_plain_forward_of_the_text(setup, groups):
     with grouping(cache.BLOCK, groups):
         results = engine.run(requests, "text", output_scores=True)
     for result in results:
-        for k in range(len(result.steps)):
-            torch.testing.assert_close(result.steps[k].scores, plain_logits(engine, result, k),
+        for k, step in enumerate(result.steps):
+            if step.scores is None:  # a given output: nothing to re-encode or generate
+                assert step.stats.prefilled_tokens == 0
+                continue
+            torch.testing.assert_close(step.scores, plain_logits(engine, result, k),
                                        atol=TOLERANCE, rtol=0)
-            assert result.steps[k].stats.prefilled_tokens == len(text_view(result.tokens, k))
+            assert step.stats.prefilled_tokens == len(text_view(result.tokens, k))
 
 
 @settings(max_examples=80)
@@ -167,9 +172,9 @@ def test_compaction_drops_dead_slots_and_keeps_the_one_pass_logits(llama, monkey
     compactions = []
     original = cache.ChainCache.free_hidden
 
-    def counted(self, next_step):
+    def counted(self, next_step, kept=None):
         before = self.capacity
-        original(self, next_step)
+        original(self, next_step, kept)
         compactions.append(before - self.capacity)
     monkeypatch.setattr(cache.ChainCache, "free_hidden", counted)
     stages = [Stage.create(StageConfig("A", "prompt", 3), llama, seed=1),
@@ -181,7 +186,7 @@ def test_compaction_drops_dead_slots_and_keeps_the_one_pass_logits(llama, monkey
     results = engine.run(requests, "shared", output_scores=True)
     assert max(compactions) > 0
     for result, reference in zip(results, output_logits_one_pass(engine, results), strict=True):
-        torch.testing.assert_close(torch.cat([s.scores for s in result.steps]), reference,
+        torch.testing.assert_close(generated_scores(result, llama.vocab_size), reference,
                                    atol=TOLERANCE, rtol=0)
 
 

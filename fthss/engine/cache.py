@@ -547,12 +547,15 @@ class ChainCache:
         self.slots.kind[row, columns] = Kind.PAD
         self.next_position[row] -= len(columns)
 
-    def free_hidden(self, next_step: int | torch.Tensor) -> None:
+    def free_hidden(self, next_step: int | torch.Tensor, kept: torch.Tensor | None = None
+                    ) -> None:
         """Drop every slot no step from `next_step` on can see (one step for every row, or
         `[batch]`, each row's own): padding, and inputs of earlier steps not marked visible
         downstream, once that gives back at least one block. Each row keeps its other slots in
         order (K/V keep their rotations: positions are not slots), and the capacity shrinks to
-        fit. Slots left in place stay masked."""
+        fit. Slots left in place stay masked. `kept` (`[batch]` bool): rows that keep every
+        slot they hold (a row whose step did not run: its previous step's last token, encoded
+        with its next step, still reads what that step saw)."""
         kind = self.slots.kind
         # what the rule lets step `next_step` see (a later step sees no more of what is written
         # now); prompt slots are kept for whichever stage runs next
@@ -562,6 +565,8 @@ class ChainCache:
         seen = visibility(written.cat(query), 1)[:, 0, 0, : self.length]
         keep = torch.zeros_like(kind, dtype=torch.bool)
         keep[:, : self.length] = seen | (written.kind == Kind.PROMPT)
+        if kept is not None:
+            keep[:, : self.length] |= kept[:, None] & (written.kind != Kind.PAD)
         if _blocks(int(keep.sum(dim=1).max())) >= self.capacity:
             return  # no block to give back: a copy would cost time and free nothing
         self._compact(keep)

@@ -736,8 +736,13 @@ class RunningBatch:
         active = engine._within_limits(cache, active, chunks)
         prompt = engine._causal_prompt(list(cache_ids)) if self.mode == "text" else None
         logits = engine._prefill(cache, [chunks.get(id(row), []) for row in rows], prompt)
-        if self._shared is not None:  # each row's previous step is in: free what it won't see
-            cache.free_hidden(torch.tensor([row.k for row in rows], device=cache.base.device))
+        if self._shared is not None:
+            # a row that ran has its previous step in: free what its step won't see; a row
+            # that waits (`_taking`) or failed keeps what it holds
+            ran = {id(row) for row in active}
+            cache.free_hidden(torch.tensor([row.k for row in rows], device=cache.base.device),
+                              torch.tensor([id(row) not in ran for row in rows],
+                                           device=cache.base.device))
         generating = [row for row in active if row.request.steps[row.k].output is None]
         outputs = engine._decode(cache, logits, rows, generating, self.sampling,
                                  self.output_scores, cache_ids, self.listener)
