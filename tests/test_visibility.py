@@ -147,7 +147,7 @@ def test_no_visibility_row_is_empty_and_the_rule_is_causal(layout):
 
 def test_every_decode_mask_row_is_the_rules_row_for_the_new_token(llama, monkeypatch):
     """The decode step updates its mask in place, from what the rule said at the step's start;
-    each row still decoding (and each idle row: one whose step's output is given) must see
+    each row still decoding (and each idle row: one whose given output waits its turn) must see
     exactly what the rule says its newest token sees. A row that has stopped is not checked:
     its logits are not used."""
     from fthss.engine.engine import ChainEngine
@@ -173,9 +173,11 @@ def test_every_decode_mask_row_is_the_rules_row_for_the_new_token(llama, monkeyp
               enumerate("AB")]
     requests = [ChainSample("q", [Step("A", input="doc", max_new_tokens=5, input_visible=True),
                                   Step("B", max_new_tokens=3)]),
-                # step 1's output is given: the row idles while the others decode
+                # steps 1 and 2 have given outputs: the row runs step 1 alone (an encoding
+                # turn), then idles while the others decode (their turn), then runs step 2
                 ChainSample("another q", [Step("A", input="d", max_new_tokens=2),
-                                          Step("B", output="a given answer")]),
+                                          Step("B", output="a given answer"),
+                                          Step("A", output="another")]),
                 ChainSample("q3", [Step("B", max_new_tokens=4), Step("A", max_new_tokens=6)])]
     ChainEngine(llama, stages, batch_size=3).run(requests)
     assert True in checked and False in checked  # live rows and idle ones
