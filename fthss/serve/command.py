@@ -69,7 +69,7 @@ def add_serve_command(commands) -> None:
     parser.add_argument("--batching", choices=BATCHING, default="dynamic",
                         help="dynamic: requests that arrive while a batch runs wait for the next "
                         "one; continuous: they join the running batch at its next step boundary "
-                        "(slower than dynamic on the loads measured: docs/benchmarks.md)")
+                        "(no faster than dynamic on the loads measured: docs/benchmarks.md)")
     parser.add_argument("--max-queue", type=positive_int, default=1024,
                         help="requests waiting beyond this get 503 with Retry-After")
     parser.add_argument("--api-key", default=None, help="bearer token required on /v1/chains "

@@ -13,9 +13,10 @@ for the next one; with `"continuous"` they join it at its next step boundary
 share the batch (one that cannot waits for the batch to drain, so that no setting starves).
 Either way a member whose chain is done leaves the batch and is answered at once. A joiner's
 long prefill runs in a row group of its own (`fthss.engine.cache.row_groups`), so members in
-short steps do not pay for its width, but they still wait for it within the step: on a mix of
-multi-round chains continuous batching measured 0.57-0.77x dynamic's requests/s
-(docs/benchmarks.md).
+short steps do not pay for its width, and members whose steps only encode take turns with
+those that decode (`RunningBatch`), so that no step holds both. On a mix of 1- to 3-round
+chains continuous batching measured 0.95-1.09x dynamic's requests/s in shared mode and
+0.73-1.28x in text mode (docs/benchmarks.md, busy machine), so dynamic stays the default.
 
 The queue is bounded: a full queue refuses a job (the API answers 503). A cancelled job (its
 client left) leaves the queue; if it is already running, it ends at its next step boundary (the
