@@ -342,6 +342,21 @@ def test_row_groups_take_the_least_padding_plus_overhead():
     assert row_groups([1000] * 2, starts=[1000, 3000]) == [(slice(0, 2), 1000)]
 
 
+def test_column_cost_is_a_columns_attention_work_over_a_layers_weights(llama, monkeypatch):
+    """2 multiply-adds per head dimension per attended column, over a decoder layer's
+    parameters; a model whose decoder has no `layers` list uses its parameters per layer."""
+    from fthss.engine.cache import ChainCache
+
+    config = llama.model.config
+    layer = sum(p.numel() for p in llama.model.get_decoder().layers[0].parameters())
+    work = 2 * config.num_attention_heads * llama.head_dim
+    assert ChainCache(llama, [], 1).column_cost == pytest.approx(work / layer)
+    monkeypatch.setattr(llama.model, "get_decoder", lambda: object())
+    total = sum(p.numel() for p in llama.model.parameters())
+    assert ChainCache(llama, [], 1).column_cost == pytest.approx(
+        work * config.num_hidden_layers / total)
+
+
 @pytest.mark.parametrize("mode", ["shared", "text"])
 def test_prefill_groups_rows_out_of_slot_order(llama, three_stages, mode, monkeypatch):
     """Rows whose chunks alternate short and long, or whose histories alternate short and

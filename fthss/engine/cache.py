@@ -204,7 +204,9 @@ class ChainCache:
         """A token's work per column it attends over (QK and PV: 2 multiply-adds per head
         dimension), relative to its work in a decoder layer's weights: `row_groups`' price of
         attending over a longer history's padding."""
-        layer = sum(p.numel() for p in self.base.model.get_decoder().layers[0].parameters())
+        layers = getattr(self.base.model.get_decoder(), "layers", None)
+        layer = (sum(p.numel() for p in layers[0].parameters()) if layers is not None
+                 else sum(p.numel() for p in self.base.model.parameters()) / self.base.num_layers)
         return 2 * self.base.config.num_attention_heads * self.base.head_dim / layer
 
     def add_rows(self, count: int) -> None:
