@@ -28,6 +28,14 @@ class OutputExistsError(FthssError):
     """An output that would overwrite something fthss was not asked to overwrite."""
 
 
+def differences(theirs: dict, ours: dict) -> dict[str, str]:
+    """The keys whose values differ between a saved record (`theirs`: a checkpoint's settings,
+    a base's world) and this run's (`ours`), in key order, each described for a message as
+    "key: <theirs> there, <ours> here"."""
+    return {k: f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here"
+            for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k)}
+
+
 class MissingDependencyError(FthssError):
     """An optional package a command needs is not installed; the message names the extra."""
 

@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import asdict
 
-from fthss.errors import ConfigError
+from fthss.errors import ConfigError, differences
 
 _IGNORED = {"save_every", "keep_checkpoints", "gradient_checkpointing", "max_length"}
 LENGTH = {"max_steps", "epochs", "total_steps"}  # what --extend may change, to more steps
@@ -52,10 +52,9 @@ def check_settings(saved: dict | None, current: dict, extend: bool, where: str) 
         return
     if not isinstance(saved, dict):
         raise ConfigError(f"{where}: settings must be a JSON object")
-    differs = {k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k)}
-    described = "; ".join(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} here"
-                          for k in sorted(differs))
-    if differs - LENGTH:
+    differs = differences(saved, current)
+    described = "; ".join(differs.values())
+    if differs.keys() - LENGTH:
         raise ConfigError(f"{where}: this run's settings differ from those of the run it would "
                           f"resume ({described}); rerun with the same settings, or choose "
                           "another --out")

@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fthss.atomic import atomic_write_bytes, atomic_write_text
-from fthss.errors import ConfigError, FthssError
+from fthss.errors import ConfigError, FthssError, differences
 from fthss.layout.chain import load_chains
 from fthss.layout.sequence import SegmentCodec, TokenChain, positions
 from fthss.layout.visibility import Kind, TokenMeta, visibility
@@ -316,6 +316,7 @@ class PretrainCheckpoint:
 
     def save(self, step: int, model, optimizer, scheduler, generator, losses: list[float],
              wall_s: float) -> None:
+        """Write the state after `step` steps (the losses and wall seconds so far with it)."""
         buffer = io.BytesIO()
         torch.save({"identity": self.identity, "step": step, "losses": losses, "wall_s": wall_s,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -334,14 +335,11 @@ class PretrainCheckpoint:
             raise ConfigError(f"{self.path}: not a readable pretraining checkpoint ({err}); "
                               "delete it to start the run over") from err
         saved = state.get("identity", {}) if isinstance(state, dict) else {}
-        differing = [f"{part}.{k}: {saved.get(part, {}).get(k)!r} there, {v.get(k)!r} here"
-                     for part, v in self.identity.items()
-                     for k in sorted(v.keys() | saved.get(part, {}).keys())
-                     if saved.get(part, {}).get(k) != v.get(k)]
+        differing = differences(_flat(saved), _flat(self.identity))
         if differing:
             raise ConfigError(f"{self.path}: written by another pretraining run ("
-                              + ", ".join(differing) + "); rerun with its recipe, or delete "
-                              "it to start over")
+                              + ", ".join(differing.values()) + "); rerun with its recipe, or "
+                              "delete it to start over")
         return state
 
     @staticmethod
@@ -359,7 +357,14 @@ class PretrainCheckpoint:
         return state["step"], state["losses"], state["wall_s"]
 
     def remove(self) -> None:
+        """Delete the checkpoint (the base it led to is saved)."""
         self.path.unlink(missing_ok=True)
+
+
+def _flat(identity: dict) -> dict:
+    """`{"config": {"seed": 0}}` as `{"config.seed": 0}`, for messages naming the field."""
+    return {f"{part}.{k}": v for part, values in identity.items()
+            if isinstance(values, dict) for k, v in values.items()}
 
 
 def load_world_base(base_dir: Path, world_dir: Path, tokenizer):
@@ -374,11 +379,10 @@ def load_world_base(base_dir: Path, world_dir: Path, tokenizer):
                             "`fthss base pretrain`")
     recipe = json.loads(recipe_path.read_text())
     world, theirs = json.loads((world_dir / "manifest.json").read_text()), recipe.get("world", {})
-    differing = sorted(k for k in world.keys() | theirs.keys() if world.get(k) != theirs.get(k))
+    differing = differences(theirs, world)
     if differing:  # the same rule as the demo's embedded bases: exactly this world
         raise PretrainError(f"{recipe_path}: pretrained on another world than {world_dir} ("
-                            + ", ".join(f"{k}: {theirs.get(k)!r} there, {world.get(k)!r} here"
-                                        for k in differing) + ")")
+                            + ", ".join(differing.values()) + ")")
     if AutoTokenizer.from_pretrained(base_dir).get_vocab() != tokenizer.get_vocab():
         raise PretrainError(f"{base_dir}: its tokenizer is not the one of "
                             f"{world_dir / 'tokenizer'}")
