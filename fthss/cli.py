@@ -60,7 +60,7 @@ def cmd_verify(args) -> int:
           f"{report.chains} random chains)")
     print("  shared incremental vs one-pass masked forward: max |dlogit| = "
           f"{report.shared_vs_one_pass:.3g}")
-    print("  text mode vs plain forward of the text:        max |dlogit| = "
+    print("  text modes vs plain forward of the text:       max |dlogit| = "
           f"{report.text_vs_plain:.3g}")
     print("  padded batch vs alone:                         max |dlogit| = "
           f"{report.batch_vs_alone:.3g}")
@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", required=True, help="results JSONL: texts and per-step stats")
     run.add_argument("--mode", choices=MODES, default="shared",
                      help="shared: one cache per request (FTHSS); text: the chain-of-models "
-                     "baseline")
+                     "baseline; text-cached: that baseline with a prefix cache per stage")
     run.add_argument("--given-outputs", action="store_true",
                      help="use outputs present in the input as given (teacher-forced) instead "
                      "of generating them")

@@ -3,8 +3,9 @@
 Random stages and random chains, then two comparisons:
 - shared mode, decoded incrementally, against the one-pass masked forward over the same tokens
   (the training forward): same logits for every generated token;
-- text mode against a plain Hugging Face forward of the re-encoded text under the stage's prompt
-  (prompt embeddings prepended, or the prefix as past K/V; the model's own causal mask).
+- text mode, and text-cached mode (a prefix cache per stage), against a plain Hugging Face
+  forward of the re-encoded text under the stage's prompt (prompt embeddings prepended, or the
+  prefix as past K/V; the model's own causal mask).
 The text view is written out here a second time on purpose, as an independent oracle.
 """
 
@@ -167,9 +168,9 @@ def verify(base: BaseModel, chains: int = 8, seed: int = 0, batch_size: int = 4)
     one_pass = output_logits_one_pass(engine, shared)
     shared_diff = max(_largest(generated_scores(r, base.vocab_size) - ref)
                       for r, ref in zip(shared, one_pass, strict=True))
-    text = engine.run(requests, "text", output_scores=True)
     text_diff = 0.0
-    for r in text:
+    for r in (r for mode in ("text", "text-cached")
+              for r in engine.run(requests, mode, output_scores=True)):
         for k, step in enumerate(r.tokens.steps):
             if r.steps[k].scores is None:  # a given output: nothing generated
                 continue

@@ -228,7 +228,7 @@ def test_bench_serve_rows_against_the_offline_ceiling(tmp_path, capsys, figures)
                    "--batching", "continuous", "dynamic", "--chain-rounds", "1", "2")
     rows = {(r["batching"], r["mode"], r["concurrency"]): r for r in result["rows"]}
     assert set(rows) == {(b, m, c) for b in ("continuous", "dynamic")
-                         for m in ("text", "shared") for c in (1, 3)}
+                         for m in ("text", "text-cached", "shared") for c in (1, 3)}
     for (_, _, concurrency), row in rows.items():
         assert row["requests"] == 2 * concurrency and row["chain_rounds"] == [1, 2]
         assert row["requests_per_s"] == pytest.approx(row["requests"] / row["seconds"])
@@ -239,6 +239,12 @@ def test_bench_serve_rows_against_the_offline_ceiling(tmp_path, capsys, figures)
     assert rows["dynamic", "shared", 3]["mean_batch"] > 1  # three clients at once share batches
     assert [(r["batching"], r["concurrency"]) for r in result["ratios"]] == [
         ("continuous", 1), ("continuous", 3), ("dynamic", 1), ("dynamic", 3)]
+    for ratio in result["ratios"]:  # against the faster baseline of the same point
+        at = {m: rows[ratio["batching"], m, ratio["concurrency"]] for m in ("text", "text-cached")}
+        assert ratio["baseline"] == max(at, key=lambda m: at[m]["requests_per_s"])
+        assert ratio["requests_ratio"] == pytest.approx(
+            rows[ratio["batching"], "shared", ratio["concurrency"]]["requests_per_s"]
+            / at[ratio["baseline"]]["requests_per_s"])
 
 
 def test_the_load_generator_cycles_through_the_request_mix(monkeypatch):

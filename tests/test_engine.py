@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import DEVICE, TOLERANCE, assert_same_generations
 
-from fthss.engine.engine import ChainEngine, RunningBatch
+from fthss.engine.engine import MODES, ChainEngine, RunningBatch
 from fthss.layout.chain import ChainSample, Step
 from fthss.prompts.stage import Stage, StageConfig
+from fthss.verify import text_view
 
 
 @pytest.fixture
@@ -92,6 +93,36 @@ def test_text_mode_holds_one_cache_per_stage(llama, three_stages):
     # text mode re-encodes what shared mode reads once
     assert sum(s.stats.prefilled_tokens for s in result.steps) > \
            sum(s.stats.prefilled_tokens for s in shared.steps)
+
+
+@pytest.mark.parametrize("visible", [False, True])
+def test_text_cached_mode_encodes_only_what_follows_its_stages_cached_prefix(
+        llama, three_stages, visible):
+    """Multi-round: a stage's step reuses what its cache holds up to where its text parts from
+    it (with hidden inputs, at its own last input; with visible ones, nowhere: it encodes only
+    the steps since its last one), with text mode's outputs and logits and the same tokens
+    held, one cache per stage."""
+    request = multi_round(3)
+    for step in request.steps:
+        step.input_visible = visible
+    text, cached = (ChainEngine(llama, three_stages).run([request], mode, output_scores=True)[0]
+                    for mode in ("text", "text-cached"))
+    assert_same_generations([cached], [text])
+    tokens = cached.tokens
+    for k, step in enumerate(cached.steps):
+        view = text_view(tokens, k)
+        assert text.steps[k].stats.prefilled_tokens == len(view)
+        earlier = [j for j in range(k) if tokens.steps[j].stage == tokens.steps[k].stage]
+        if not earlier:
+            assert step.stats.prefilled_tokens == len(view)
+            continue
+        held = text_view(tokens, earlier[-1]) + tokens.steps[earlier[-1]].output_ids[:-1]
+        same = next(i for i, (a, b) in enumerate(zip(held + [-1], view, strict=False)) if a != b)
+        assert (same == len(held)) == visible
+        assert step.stats.prefilled_tokens == len(view) - same
+        assert step.stats.kv_tokens == text.steps[k].stats.kv_tokens
+    assert sum(s.stats.prefilled_tokens for s in cached.steps) < \
+        sum(s.stats.prefilled_tokens for s in text.steps) * (0.5 if visible else 0.9)
 
 
 def test_generation_limits_and_stop_strings(llama, three_stages):
@@ -357,7 +388,7 @@ def test_column_cost_is_a_columns_attention_work_over_a_layers_weights(llama, mo
         work * config.num_hidden_layers / total)
 
 
-@pytest.mark.parametrize("mode", ["shared", "text"])
+@pytest.mark.parametrize("mode", MODES)
 def test_prefill_groups_rows_out_of_slot_order(llama, three_stages, mode, monkeypatch):
     """Rows whose chunks alternate short and long, or whose histories alternate short and
     long, prefill in groups of like rows taken out of slot order (copies of their cache rows,
@@ -514,7 +545,7 @@ def test_the_eager_decode_step_leaves_out_the_rows_at_the_edges_that_do_not_deco
                 torch.testing.assert_close(step.scores, ref.scores, atol=TOLERANCE, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["shared", "text"])
+@pytest.mark.parametrize("mode", MODES)
 def test_a_request_over_a_limit_fails_alone(llama, three_stages, mode):
     """Past the base's positions (at step 0, or only at its second step) or over the cache
     budget: that request fails with an error naming the step; its batch-mates give the outputs

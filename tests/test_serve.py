@@ -100,7 +100,7 @@ async def post_all(base_url: str, bodies: list[dict], concurrency: int) -> list[
     return replies
 
 
-@pytest.mark.parametrize("mode", ["shared", "text"])
+@pytest.mark.parametrize("mode", ["shared", "text", "text-cached"])
 def test_reply_equals_the_request_run_alone(url, reference, mode):
     body = request(3, mode=mode)
     reply = httpx.post(f"{url}/v1/chains", json=body, timeout=60)

@@ -549,6 +549,20 @@ class ChainCache:
         self.slots.kind[row, columns] = Kind.PAD
         self.next_position[row] -= len(columns)
 
+    def keep_content(self, row: int, count: int) -> None:
+        """Keep the first `count` content tokens of `row` (its slots after the prompt's) and
+        make the others padding; the row's positions step back to follow them (text-cached
+        mode: a stage's next step reads on from where its text parts from the cached one)."""
+        content = self.slots.kind[row, : self.length] > Kind.PROMPT
+        columns = content.nonzero().flatten()[count:]
+        self.slots.kind[row, columns] = Kind.PAD
+        self.next_position[row] = self.first_position + count
+
+    @property
+    def holds_prompts_only(self) -> bool:
+        """No row holds anything but the prompt slots (text mode's causal path needs this)."""
+        return self.length == self._prompt_meta.length
+
     def free_hidden(self, next_step: int | torch.Tensor, kept: torch.Tensor | None = None
                     ) -> None:
         """Drop every slot no step from `next_step` on can see (one step for every row, or
@@ -596,6 +610,10 @@ class ChainCache:
     def tokens_held(self) -> torch.Tensor:
         """Per row: the slots that hold a real token (prompt slots included, padding not)."""
         return (self.slots.kind[:, : self.length] != Kind.PAD).sum(dim=1)
+
+    def content_held(self) -> torch.Tensor:
+        """Per row: the slots that hold a content token (real, not a prompt slot)."""
+        return (self.slots.kind[:, : self.length] > Kind.PROMPT).sum(dim=1)
 
     @property
     def kv_bytes(self) -> int:

@@ -19,6 +19,11 @@ text: the chain-of-models baseline. Each step starts a fresh cache holding only 
   prompt and re-encodes, as plain causal text, what it would see in shared mode (shared content,
   earlier outputs, visible inputs: picked by the same visibility rule), then its input. The last
   cache of every stage stays held, as a chain of separate models would keep it.
+text-cached: the same chain of models, each with a prefix cache, as a serving stack with prefix
+  caching runs it: every stage keeps its own cache for the whole chain, and a step encodes only
+  what follows the longest prefix its text shares with what that cache already holds (in a
+  multi-round chain, the rounds since the stage's last step). Same outputs as text mode, up to
+  float; one cache per stage per request, where shared mode keeps one per request.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from fthss.models.base import BaseModel
 from fthss.models.lora import LoraBank
 from fthss.prompts.stage import LayerKV, Stage
 
-MODES = ("shared", "text")
+MODES = ("shared", "text", "text-cached")
 # how a server's requests share batches (`fthss.serve`): joining a `RunningBatch` at its step
 # boundaries, or waiting for the next batch
 BATCHING = ("continuous", "dynamic")
@@ -131,6 +136,7 @@ class _Row:
     results: list[StepResult] = field(default_factory=list)
     ended: bool = False  # the between-steps callable ended this chain, or it failed
     error: str | None = None
+    held: dict[str, list[int]] = field(default_factory=dict)  # text-cached: ids per stage cache
 
 
 @dataclass
@@ -250,7 +256,8 @@ class ChainEngine:
 
         Args:
             requests: the chains; every stage they name must be loaded.
-            mode: "shared" (one cache per request) or "text" (the chain-of-models baseline).
+            mode: "shared" (one cache per request), "text" (the chain-of-models baseline) or
+                "text-cached" (that baseline with a prefix cache per stage).
             sampling: greedy when None.
             step_input: between-steps callable (retrieval, tools), see `StepInput`.
             output_scores: keep the logits each generated token was chosen from.
@@ -409,9 +416,10 @@ class ChainEngine:
     def _step_chunk(self, row: _Row, mode: str, cache_ids: dict[str, int]) -> Chunk:
         """What to encode before the first token of the row's step k. Shared mode: the
         previous step's last token (or the shared content, before step 0), the input segment,
-        and a given output. Text mode: what the step re-encodes (as its own input, under its
+        and a given output. Text modes: what the step re-encodes (as its own input, under its
         prompt) and the input segment; nothing for a given output, which no model has to
-        produce."""
+        produce. In text-cached mode all of it is marked visible: the stage's later steps read
+        on from the same cache, as a causal LM reads all of its text."""
         k, step = row.k, row.request.steps[row.k]
         stage = cache_ids[step.stage]
         segment, given = row.tokens.steps[k].rows(k, stage)
@@ -420,7 +428,10 @@ class ChainEngine:
             return chunk
         if given:
             return []
-        return [(t, (Kind.INPUT, k, stage, False)) for t in row.tokens.text_view(k)] + segment
+        chunk = [(t, (Kind.INPUT, k, stage, False)) for t in row.tokens.text_view(k)] + segment
+        if mode == "text-cached":
+            chunk = [(t, (*meta[:3], True)) for t, meta in chunk]
+        return chunk
 
     def _pad(self, chunks: list[Chunk]) -> tuple[torch.Tensor, TokenMeta]:
         """The chunks as one right-padded batch: token ids `[batch, q]` and their metadata."""
@@ -721,20 +732,36 @@ class RunningBatch:
         self.rows += new
 
     def _run_step(self) -> None:
-        """One step of every member: the rows that take part, the cache they write to, the
-        chunk each encodes (prefill), the outputs they generate (decode), then their results."""
-        engine, rows = self.engine, self.rows
+        """One step of every member: the rows that take part, then their work on the cache
+        they write to (in text-cached mode, one stage's rows after another's, each on its
+        stage's cache)."""
+        engine = self.engine
         started = time.perf_counter()  # a step 0's clock includes encoding the shared content
         active = [row for row in self._taking() if engine._take_input(row, self.step_input)]
-        if not active:
-            return
-        if self._shared is not None:
-            cache, cache_ids = self._shared, {name: i for i, name in enumerate(self.names)}
-        else:
-            cache, cache_ids = engine._text_step_cache(active, len(rows), self._held)
+        if self.mode == "text-cached":
+            by_stage: dict[str, list[_Row]] = {}
+            for row in active:
+                by_stage.setdefault(row.request.steps[row.k].stage, []).append(row)
+            for name, rows in by_stage.items():
+                self._run_rows(rows, *self._stage_cache(name), started)
+        elif active:
+            if self._shared is not None:
+                cache, cache_ids = self._shared, {name: i for i, name in enumerate(self.names)}
+            else:
+                cache, cache_ids = engine._text_step_cache(active, len(self.rows), self._held)
+            self._run_rows(active, cache, cache_ids, started)
+
+    def _run_rows(self, active: list[_Row], cache: ChainCache, cache_ids: dict[str, int],
+                  started: float) -> None:
+        """The step of the rows `active` on `cache` (stage ids `cache_ids`): the chunk each
+        encodes (prefill), the outputs they generate (decode), then their results."""
+        engine, rows = self.engine, self.rows
         chunks = {id(row): engine._step_chunk(row, self.mode, cache_ids) for row in active}
+        if self.mode == "text-cached":
+            self._reuse_prefixes(cache, active, chunks)
         active = engine._within_limits(cache, active, chunks)
-        prompt = engine._causal_prompt(list(cache_ids)) if self.mode == "text" else None
+        prompt = (engine._causal_prompt(list(cache_ids))
+                  if self.mode != "shared" and cache.holds_prompts_only else None)
         logits = engine._prefill(cache, [chunks.get(id(row), []) for row in rows], prompt)
         if self._shared is not None:
             # a row that ran has its previous step in: free what its step won't see; a row
@@ -746,9 +773,52 @@ class RunningBatch:
         generating = [row for row in active if row.request.steps[row.k].output is None]
         outputs = engine._decode(cache, logits, rows, generating, self.sampling,
                                  self.output_scores, cache_ids, self.listener)
+        if self.mode == "text-cached":
+            self._note_held(cache, generating, chunks)
         engine._record_step(active, chunks, outputs, self._caches(), started, self.listener)
         for row in active:
             row.k += 1
+
+    def _stage_cache(self, name: str) -> tuple[ChainCache, dict[str, int]]:
+        """Text-cached mode: stage `name`'s cache (a row per member, its prompt only at first),
+        kept for the batch's life, and the stage id it gives the stage."""
+        if name not in self._held:
+            engine = self.engine
+            self._held[name] = ChainCache(engine.base, engine.prompt_caches([name]),
+                                          len(self.rows), engine.decode_step,
+                                          engine.lora_bank([name]))
+        return self._held[name], {name: 0}
+
+    def _reuse_prefixes(self, cache: ChainCache, active: list[_Row],
+                        chunks: dict[int, Chunk]) -> None:
+        """Text-cached mode: each row keeps, of what its stage's cache holds, the longest
+        prefix its step's text shares with it, and encodes the rest only (at least its last
+        token, whose logits start the output). The K/V kept are those a fresh encoding would
+        compute: the same tokens, at the same positions, under the same causal view."""
+        for row in active:
+            chunk = chunks[id(row)]
+            if not chunk:  # a given output: nothing to encode, the cache keeps what it holds
+                continue
+            name, ids = row.request.steps[row.k].stage, [t for t, _ in chunk]
+            held = row.held.get(name, [])
+            same = next((i for i, (a, b) in enumerate(zip(held, ids, strict=False)) if a != b),
+                        min(len(held), len(ids)))
+            same = min(same, len(ids) - 1)
+            cache.keep_content(row.slot, same)
+            chunks[id(row)] = chunk[same:]
+            row.held[name] = ids
+        # what a row stopped reading is padding now: give it back when that frees a block
+        cache.free_hidden(torch.tensor([row.k for row in self.rows], device=cache.base.device))
+
+    def _note_held(self, cache: ChainCache, generating: list[_Row],
+                   chunks: dict[int, Chunk]) -> None:
+        """Text-cached mode, after decoding: each generating row's cache holds its text, then
+        the output tokens decoding wrote (all but the last, which nobody encoded)."""
+        held = cache.content_held().tolist()
+        for row in generating:
+            name = row.request.steps[row.k].stage
+            written = held[row.slot] - len(row.held[name])
+            row.held[name] = row.held[name] + row.tokens.steps[row.k].output_ids[:written]
 
     def _taking(self) -> list[_Row]:
         """The rows whose step runs now. When some members' steps only encode (their output

@@ -64,7 +64,7 @@ class ChainBody(BaseModel):
     id: str | int | None = None
     shared: str = ""
     steps: list[StepBody] = Field(min_length=1)
-    mode: Literal["shared", "text"] = "shared"
+    mode: Literal["shared", "text", "text-cached"] = "shared"
     temperature: float = Field(0.0, ge=0, description="0: greedy")
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
