@@ -774,7 +774,7 @@ class RunningBatch:
         outputs = engine._decode(cache, logits, rows, generating, self.sampling,
                                  self.output_scores, cache_ids, self.listener)
         if self.mode == "text-cached":
-            self._note_held(cache, generating, chunks)
+            self._note_held(cache, generating)
         engine._record_step(active, chunks, outputs, self._caches(), started, self.listener)
         for row in active:
             row.k += 1
@@ -810,8 +810,8 @@ class RunningBatch:
         # what a row stopped reading is padding now: give it back when that frees a block
         cache.free_hidden(torch.tensor([row.k for row in self.rows], device=cache.base.device))
 
-    def _note_held(self, cache: ChainCache, generating: list[_Row],
-                   chunks: dict[int, Chunk]) -> None:
+    @staticmethod
+    def _note_held(cache: ChainCache, generating: list[_Row]) -> None:
         """Text-cached mode, after decoding: each generating row's cache holds its text, then
         the output tokens decoding wrote (all but the last, which nobody encoded)."""
         held = cache.content_held().tolist()
