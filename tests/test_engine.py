@@ -262,19 +262,21 @@ def test_outputs_do_not_depend_on_how_often_the_host_looks(llama, three_stages):
 
 
 @pytest.mark.device
-def test_compiled_decode_step_has_no_graph_break_and_same_outputs(llama, three_stages):
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_decode_step_has_no_graph_break_and_same_outputs(llama, three_stages, mode):
     """The decode step compiles as one graph (fullgraph: a graph break or a host sync inside
-    it raises), and gives the eager outputs. The eager backend checks tracing on a CPU; a GPU
-    runs the same step through inductor with CUDA graphs."""
+    it raises), and gives the eager outputs, in every mode (text-cached decodes on each
+    stage's own cache). The eager backend checks tracing on a CPU; a GPU runs the same step
+    through inductor with CUDA graphs."""
     from fthss.engine.cache import compiled_decode_step
 
     requests = [multi_round(), ChainSample("q", [Step("A", input="d", max_new_tokens=5),
                                                  Step("C", max_new_tokens=4)])]
-    eager = ChainEngine(llama, three_stages, batch_size=2).run(requests, "shared",
+    eager = ChainEngine(llama, three_stages, batch_size=2).run(requests, mode,
                                                                output_scores=True)
     engine = ChainEngine(llama, three_stages, batch_size=2)
     engine.decode_step = compiled_decode_step(llama, backend="eager", fullgraph=True)
-    assert_same_generations(engine.run(requests, "shared", output_scores=True), eager)
+    assert_same_generations(engine.run(requests, mode, output_scores=True), eager)
 
 
 @pytest.mark.device
