@@ -21,12 +21,12 @@ import time
 from fthss.benchmarks.chains import bench_engine
 from fthss.benchmarks.serve import bench_request
 from fthss.engine import cache
-from fthss.engine.engine import ChainEngine, RunningBatch
+from fthss.engine.engine import MODES, ChainEngine, RunningBatch
 from fthss.models.presets import preset_base
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--concurrency", type=int, default=8)
-parser.add_argument("--mode", default="shared", choices=["shared", "text"])
+parser.add_argument("--mode", default="shared", choices=MODES)
 parser.add_argument("--requests-per-member", type=int, default=4)
 parser.add_argument("--late-share", type=float, default=0.0,
                     help="share of new requests that join one step late (as a server's clients' "
