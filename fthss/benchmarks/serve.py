@@ -111,8 +111,7 @@ def _batch_totals(metrics) -> tuple[float, float]:
 def serve_throughput(base: BaseModel, concurrencies: list[int], intermediate_tokens: int = 1000,
                      new_tokens: int = 16, prompt_tokens: int = 16, rounds: int = 3,
                      max_wait_ms: float = 10.0, repeats: int = 1,
-                     generate_intermediate: bool = False,
-                     modes: tuple[str, ...] = MODES,
+                     generate_intermediate: bool = False, modes: tuple[str, ...] = MODES,
                      progress: bool = False, compile: bool = False,
                      batchings: tuple[str, ...] = ("dynamic",),
                      chain_rounds: tuple[int, ...] = (1,)) -> list[dict]:
