@@ -655,7 +655,7 @@ class RunningBatch:
 
     Args:
         engine: the engine whose base, stages and settings run the batch.
-        mode: "shared" or "text", for every member.
+        mode: "shared", "text" or "text-cached", for every member.
         sampling: one setting for every member (each brings its own seed to `join`).
         step_input, output_scores, listener: as `ChainEngine.run` takes them.
         names: the stages members may name, in the shared cache's order (default: every stage
