@@ -278,6 +278,8 @@ def cmd_demo(args) -> int:
         config = dataclasses.replace(config, test_records=args.test_records)
     if args.lora_epochs is not None:
         config = dataclasses.replace(config, lora_epochs=args.lora_epochs)
+    if args.tasks is not None:
+        config = dataclasses.replace(config, tasks=tuple(dict.fromkeys(args.tasks)))
     summary = run_demo(config, args.out, device=args.device)
     print((Path(args.out) / "report.md").read_text())
     print(f"[demo] done in {summary['wall_s'] / 60:.1f} min: {args.out}/report.md")
@@ -383,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="epochs of every lora-kind method (default 1; 2 brings FTHSS within "
                       "2 points of the chain on more cells and takes about 8 min more: "
                       "exp28, exp29)")
+    demo.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None,
+                      help="run only these tasks (default: all four); a task's figures are the "
+                      "same as in the full demo")
     add_device_argument(demo)
     demo.set_defaults(func=cmd_demo)
 

@@ -27,6 +27,7 @@ import torch
 
 from fthss.atomic import atomic_write_text
 from fthss.errors import ConfigError
+from fthss.tasks import TASKS
 
 ASSETS = Path(__file__).parent / "assets"
 # every kind trains single, chain and fthss (fthss-untuned runs the chain's stages); distill and
@@ -39,6 +40,9 @@ EXTRA_METHODS = ("distill", "adapt")
 class DemoConfig:
     seed: int = 0  # the world's
     train_seed: int | None = None  # stage initialisation and data order (default: `seed`)
+    # the tasks run, in this order; each task's stages and figures do not depend on the others
+    # (their seeds are the task's own), so one task alone reproduces its rows of the full demo
+    tasks: tuple[str, ...] = tuple(TASKS)
     # per task: 500 keeps `fthss demo` within 30 min on a 2-core CPU (evaluation is over half
     # of it); `--test-records 1000` for narrower intervals (docs/experiments.md's runs)
     test_records: int = 500
@@ -86,7 +90,11 @@ class DemoConfig:
         return cls(seed=seed, base=base, shared_mode_steps=667, pretrain_draws=3)
 
     def __post_init__(self):
-        self.kinds = tuple(self.kinds)
+        self.kinds, self.tasks = tuple(self.kinds), tuple(self.tasks)
+        unknown_tasks = [t for t in self.tasks if t not in TASKS]
+        if unknown_tasks or not self.tasks or len(set(self.tasks)) < len(self.tasks):
+            raise ConfigError(f"demo tasks must be distinct ones of {', '.join(TASKS)}, not "
+                              f"{', '.join(unknown_tasks or self.tasks) or 'none'}")
         unknown = [k for k in self.kinds if k not in ("prompt", "lora")]
         if unknown or not self.kinds:
             raise ConfigError(f"demo kinds must be some of prompt, lora, not {unknown or 'none'}")
@@ -252,7 +260,6 @@ def run_task(base, task_name: str, world: Path, config: DemoConfig, out: Path,
 def run_demo(config: DemoConfig, out: str | Path, device: str | None = None) -> dict:
     from fthss.benchmarks.chains import kv_memory, stage_b_latency
     from fthss.evaluation.report import write_report
-    from fthss.tasks import TASKS
 
     out, started = Path(out), time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -260,7 +267,7 @@ def run_demo(config: DemoConfig, out: str | Path, device: str | None = None) -> 
     _check_same_config(config, out / "demo_config.json")
     world, base = prepare(config, out, device)
     reports, timings, phases = [], {}, {}
-    for task_name in TASKS:
+    for task_name in config.tasks:
         task_started = time.perf_counter()
         reports.append(run_task(base, task_name, world, config, out, phases))
         timings[task_name] = time.perf_counter() - task_started
@@ -278,7 +285,8 @@ def run_demo(config: DemoConfig, out: str | Path, device: str | None = None) -> 
 
 
 def _check_same_config(config: DemoConfig, path: Path) -> None:
-    """Stages in a folder are reused on a rerun: they must come from the same configuration."""
+    """Stages in a folder are reused on a rerun: they must come from the same configuration
+    (the tasks may differ: each task's stages are its own)."""
     current = json.loads(json.dumps(asdict(config)))
     if path.is_file():
         try:
@@ -286,7 +294,8 @@ def _check_same_config(config: DemoConfig, path: Path) -> None:
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path}: not valid JSON ({error}); delete it or choose another "
                              "--out") from None
-        differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        differing = sorted(k for k in set(saved) | set(current)
+                           if k != "tasks" and saved.get(k) != current.get(k))
         if differing:
             raise ConfigError(f"{path.parent} holds a demo run with other settings "
                              f"({', '.join(differing)}); choose another --out or delete it")

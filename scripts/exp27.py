@@ -10,12 +10,16 @@ usage: python scripts/exp27.py --seed 0 --train-seed 11 --epochs 1 --out runs/ex
        python scripts/exp27.py --seed 0 --train-seed 0 --epochs 2 --out runs/exp28/w0-e2
        python scripts/exp27.py --seed 0 --train-seed 0 --epochs 2 --base runs/exp30/base-w0-d1 \
            --out runs/exp30/w0-d1-e2
+       python scripts/exp27.py --seed 0 --train-seed 0 --epochs 2 --base runs/exp31/base-w0-d2 \
+           --tasks memory_reasoning --lora-lr 1e-3 --out runs/exp31/w0-d2-lr1
 (`--epochs`: the lora kind's epochs, default the demo's `lora_epochs`, 1; `--base`: another
-pretraining draw of the world, `fthss base pretrain --seed D`, instead of the committed one)
+pretraining draw of the world, `fthss base pretrain --seed D`, instead of the committed one;
+`--tasks`: some of the four, whose rows are those of the full run)
 """
 import argparse
 
 from fthss.demo import DemoConfig, run_demo
+from fthss.tasks import TASKS
 
 defaults = DemoConfig()
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -27,9 +31,10 @@ parser.add_argument("--test-records", type=int, default=defaults.test_records)
 parser.add_argument("--epochs", type=float, default=defaults.lora_epochs)
 parser.add_argument("--lora-lr", type=float, default=defaults.lora_learning_rate)
 parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
+parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
 args = parser.parse_args()
 run_demo(DemoConfig(seed=args.seed, train_seed=args.train_seed, kinds=("lora",),
                     every_method_kind=None, test_records=args.test_records,
                     lora_epochs=args.epochs, base=args.base,
                     lora_learning_rate=args.lora_lr, lora_rank=args.lora_rank,
-                    lora_alpha=2.0 * args.lora_rank), args.out)
+                    lora_alpha=2.0 * args.lora_rank, tasks=tuple(args.tasks)), args.out)

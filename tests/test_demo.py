@@ -3,6 +3,7 @@ every method on the four tasks with both stage kinds, the evaluation with its go
 and bootstrap intervals, the latency and memory measurements, and the report; a rerun reuses the
 stages."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -67,6 +68,27 @@ def test_a_rerun_reuses_the_stages_and_refuses_other_settings(demo, monkeypatch)
     other = DemoConfig(**{**TINY.__dict__, "learning_rate": 1e-3})
     with pytest.raises(ValueError, match="learning_rate"):
         run_demo(other, demo, device="cpu")
+
+
+@pytest.mark.slow  # the quick demo, a few minutes
+def test_one_task_alone_gives_its_rows_of_the_full_demo(demo, tmp_path):
+    def rows(folder, task):
+        report = json.loads((folder / "report.json").read_text())
+        [section] = [t for t in report["tasks"] if t["task"] == task]
+        predictions = [p for p in map(json.loads, (folder / "predictions.jsonl").open())
+                       if p["task"] == task]
+        # stage latencies are wall times: everything else must be equal
+        return [{k: v for k, v in m.items() if k != "stages"} for m in section["methods"]], \
+            predictions
+
+    run_demo(dataclasses.replace(TINY, tasks=("memory_reasoning",)), tmp_path, device="cpu")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [t["task"] for t in report["tasks"]] == ["memory_reasoning"]
+    assert rows(tmp_path, "memory_reasoning") == rows(demo, "memory_reasoning")
+    # the folder takes the other tasks later: its stages are reused, the settings still checked
+    run_demo(dataclasses.replace(TINY, tasks=("memory_reasoning", "compress_qa")), tmp_path,
+             device="cpu")
+    assert rows(tmp_path, "compress_qa") == rows(demo, "compress_qa")
 
 
 def test_a_damaged_settings_file_is_named(tmp_path):
@@ -158,6 +180,21 @@ def test_the_command_picks_the_base_recipe(argv, shared_mode_steps, draws, recor
             config.lora_epochs, config.epochs) == (shared_mode_steps, draws, records,
                                                    lora_epochs, 1.0)
     assert config.kinds == ("prompt", "lora")
+    assert config.tasks == ("compress_qa", "rewrite_qa", "memory_reasoning", "active_rag")
+
+
+def test_the_command_runs_the_tasks_named(tmp_path, monkeypatch, capsys):
+    from fthss.cli import main
+
+    seen = []
+    monkeypatch.setattr("fthss.demo.run_demo", lambda config, out, device=None: (
+        seen.append(config), (Path(out) / "report.md").write_text("report"), {"wall_s": 0.0})[2])
+    argv = ["demo", "--out", str(tmp_path), "--tasks", "active_rag", "memory_reasoning"]
+    assert main(argv) == 0
+    assert seen[0].tasks == ("active_rag", "memory_reasoning")
+    with pytest.raises(SystemExit):
+        main(argv + ["recall"])
+    assert "invalid choice: 'recall'" in capsys.readouterr().err
 
 
 def test_demo_kinds_are_checked():
@@ -169,5 +206,8 @@ def test_demo_kinds_are_checked():
         "single", "chain", "fthss", "distill", "adapt")
     assert DemoConfig(kinds=("lora",), every_method_kind=None).methods("lora") == (
         "single", "chain", "fthss")
+    for tasks in (("recall",), (), ("active_rag", "active_rag")):
+        with pytest.raises(ValueError, match="demo tasks must be distinct ones of compress_qa"):
+            DemoConfig(tasks=tasks)
     # the training seed follows the world's unless set apart
     assert (DemoConfig(seed=3).stage_seed, DemoConfig(seed=3, train_seed=11).stage_seed) == (3, 11)
