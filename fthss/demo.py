@@ -40,8 +40,8 @@ EXTRA_METHODS = ("distill", "adapt")
 class DemoConfig:
     seed: int = 0  # the world's
     train_seed: int | None = None  # stage initialisation and data order (default: `seed`)
-    # the tasks run, in this order; each task's stages and figures do not depend on the others
-    # (their seeds are the task's own), so one task alone reproduces its rows of the full demo
+    # the tasks run, in this order; each task seeds its stages and data order afresh, so one
+    # task alone reproduces its rows of the full demo (tests/test_demo.py)
     tasks: tuple[str, ...] = tuple(TASKS)
     # per task: 500 keeps `fthss demo` within 30 min on a 2-core CPU (evaluation is over half
     # of it); `--test-records 1000` for narrower intervals (docs/experiments.md's runs)
