@@ -85,7 +85,7 @@ def test_one_task_alone_gives_its_rows_of_the_full_demo(demo, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert [t["task"] for t in report["tasks"]] == ["memory_reasoning"]
     assert rows(tmp_path, "memory_reasoning") == rows(demo, "memory_reasoning")
-    # the folder takes the other tasks later: its stages are reused, the settings still checked
+    # the same folder takes another task later
     run_demo(dataclasses.replace(TINY, tasks=("memory_reasoning", "compress_qa")), tmp_path,
              device="cpu")
     assert rows(tmp_path, "compress_qa") == rows(demo, "compress_qa")
@@ -154,16 +154,8 @@ def test_each_committed_world_has_a_text_only_base_and_a_shared_mode_one():
     assert embedded_base({**worlds[0], "seed": 7}) is None
 
 
-@pytest.mark.parametrize("argv, shared_mode_steps, draws, records, lora_epochs", [
-    ([], 0, 1, 500, 1.0),
-    (["--test-records", "1000"], 0, 1, 1000, 1.0),
-    (["--shared-mode-base"], 667, 3, 500, 1.0),
-    (["--quick"], 0, 1, 48, 1.0),
-    (["--quick", "--shared-mode-base", "--test-records", "8"], 10, 1, 8, 1.0),
-    (["--lora-epochs", "2"], 0, 1, 500, 2.0),
-])
-def test_the_command_picks_the_base_recipe(argv, shared_mode_steps, draws, records, lora_epochs,
-                                          tmp_path, monkeypatch):
+def demo_command_config(argv, out, monkeypatch):
+    """The DemoConfig `fthss demo --out OUT ARGV` hands to run_demo (which is not run)."""
     from fthss.cli import main
 
     seen = []
@@ -174,8 +166,22 @@ def test_the_command_picks_the_base_recipe(argv, shared_mode_steps, draws, recor
         return {"wall_s": 0.0}
 
     monkeypatch.setattr("fthss.demo.run_demo", fake_run_demo)
-    assert main(["demo", "--out", str(tmp_path), *argv]) == 0
+    assert main(["demo", "--out", str(out), *argv]) == 0
     [config] = seen
+    return config
+
+
+@pytest.mark.parametrize("argv, shared_mode_steps, draws, records, lora_epochs", [
+    ([], 0, 1, 500, 1.0),
+    (["--test-records", "1000"], 0, 1, 1000, 1.0),
+    (["--shared-mode-base"], 667, 3, 500, 1.0),
+    (["--quick"], 0, 1, 48, 1.0),
+    (["--quick", "--shared-mode-base", "--test-records", "8"], 10, 1, 8, 1.0),
+    (["--lora-epochs", "2"], 0, 1, 500, 2.0),
+])
+def test_the_command_picks_the_base_recipe(argv, shared_mode_steps, draws, records, lora_epochs,
+                                          tmp_path, monkeypatch):
+    config = demo_command_config(argv, tmp_path, monkeypatch)
     assert (config.shared_mode_steps, config.pretrain_draws, config.test_records,
             config.lora_epochs, config.epochs) == (shared_mode_steps, draws, records,
                                                    lora_epochs, 1.0)
@@ -184,17 +190,23 @@ def test_the_command_picks_the_base_recipe(argv, shared_mode_steps, draws, recor
 
 
 def test_the_command_runs_the_tasks_named(tmp_path, monkeypatch, capsys):
-    from fthss.cli import main
-
-    seen = []
-    monkeypatch.setattr("fthss.demo.run_demo", lambda config, out, device=None: (
-        seen.append(config), (Path(out) / "report.md").write_text("report"), {"wall_s": 0.0})[2])
-    argv = ["demo", "--out", str(tmp_path), "--tasks", "active_rag", "memory_reasoning"]
-    assert main(argv) == 0
-    assert seen[0].tasks == ("active_rag", "memory_reasoning")
+    argv = ["--tasks", "active_rag", "memory_reasoning"]
+    assert demo_command_config(argv, tmp_path, monkeypatch).tasks == (
+        "active_rag", "memory_reasoning")
     with pytest.raises(SystemExit):
-        main(argv + ["recall"])
+        demo_command_config(argv + ["recall"], tmp_path, monkeypatch)
     assert "invalid choice: 'recall'" in capsys.readouterr().err
+
+
+def test_a_folder_takes_other_tasks_but_not_other_settings(tmp_path):
+    from fthss.demo import _check_same_config
+
+    path = tmp_path / "demo_config.json"
+    _check_same_config(TINY, path)
+    _check_same_config(dataclasses.replace(TINY, tasks=("active_rag",)), path)
+    other = dataclasses.replace(TINY, tasks=("active_rag",), learning_rate=1e-3)
+    with pytest.raises(ValueError, match=r"other settings \(learning_rate\)"):
+        _check_same_config(other, path)
 
 
 def test_demo_kinds_are_checked():
