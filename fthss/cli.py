@@ -277,13 +277,40 @@ def cmd_demo(args) -> int:
     if args.test_records is not None:
         config = dataclasses.replace(config, test_records=args.test_records)
     if args.lora_epochs is not None:
-        config = dataclasses.replace(config, lora_epochs=args.lora_epochs)
+        config = dataclasses.replace(config, **_lora_epochs(args.lora_epochs))
     if args.tasks is not None:
         config = dataclasses.replace(config, tasks=tuple(dict.fromkeys(args.tasks)))
     summary = run_demo(config, args.out, device=args.device)
     print((Path(args.out) / "report.md").read_text())
     print(f"[demo] done in {summary['wall_s'] / 60:.1f} min: {args.out}/report.md")
     return 0
+
+
+def _task_epochs(text: str) -> tuple[str | None, float]:
+    """An argparse type for `--lora-epochs` items: `N` (every task) or `TASK=N` (one task)."""
+    from fthss.tasks import TASKS
+
+    task_name, is_task, number = text.rpartition("=")
+    if is_task and task_name not in TASKS:
+        raise argparse.ArgumentTypeError(f"{task_name!r} in {text!r} is not a task; the tasks "
+                                         f"are {', '.join(TASKS)}")
+    return task_name or None, positive_float(number)
+
+
+def _lora_epochs(items: list[tuple[str | None, float]]) -> dict:
+    """The DemoConfig fields `--lora-epochs N TASK=N ...` sets: at most one plain N, each task
+    at most once."""
+    plain = [epochs for task_name, epochs in items if task_name is None]
+    named = [task_name for task_name, _ in items if task_name is not None]
+    if len(plain) > 1:
+        raise ConfigError(f"--lora-epochs: one plain number (every task), not {len(plain)}")
+    if len(set(named)) < len(named):
+        twice = sorted({t for t in named if named.count(t) > 1})
+        raise ConfigError(f"--lora-epochs: {', '.join(twice)} given more than once")
+    fields = {"lora_task_epochs": {t: e for t, e in items if t is not None}}
+    if plain:
+        fields["lora_epochs"] = plain[0]
+    return fields
 
 
 def cmd_stage_create(args) -> int:
@@ -381,10 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--test-records", type=positive_int, default=None,
                       help="test questions per task (default: 500, --quick 48; 1000 for the "
                       "intervals of docs/experiments.md, about 10 min more)")
-    demo.add_argument("--lora-epochs", type=positive_float, default=None,
-                      help="epochs of every lora-kind method (default 1; 2 brings FTHSS within "
-                      "2 points of the chain on more cells and takes about 8 min more: "
-                      "exp28, exp29)")
+    demo.add_argument("--lora-epochs", type=_task_epochs, nargs="+", default=None,
+                      metavar="N|TASK=N",
+                      help="epochs of every lora-kind method, for every task (N) or one task "
+                      "(TASK=N) (default 1; 2 brings FTHSS within 2 points of the chain on more "
+                      "cells and takes about 8 min more: exp28, exp29; memory_reasoning=8 closes "
+                      "its gap on the bases where 2 do not: exp31)")
     demo.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None,
                       help="run only these tasks (default: all four); a task's figures are the "
                       "same as in the full demo")

@@ -20,13 +20,14 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from fthss.atomic import atomic_write_text
 from fthss.errors import ConfigError
+from fthss.ranges import POSITIVE
 from fthss.tasks import TASKS
 
 ASSETS = Path(__file__).parent / "assets"
@@ -51,6 +52,10 @@ class DemoConfig:
     # lora kind: 2 epochs bring FTHSS within 2 points of the chain on more cells, but take the
     # demo past its 30-min budget (exp28, exp29: `fthss demo --lora-epochs 2`)
     lora_epochs: float = 1.0
+    # lora kind, per task, instead of `lora_epochs`: a task with fewer train chains gets fewer
+    # updates per epoch (memory_reasoning has 600; its recaller needs 8 epochs on some bases,
+    # exp31: `--lora-epochs 2 memory_reasoning=8`)
+    lora_task_epochs: dict[str, float] = field(default_factory=dict)
     micro_batch_size: int = 16
     # single-round FTHSS (and adapt) trains one stage per phase where the chain trains all in one:
     # dividing the micro-batch by the number of stages gives each stage the chain's number of
@@ -95,6 +100,12 @@ class DemoConfig:
         if unknown_tasks or not self.tasks or len(set(self.tasks)) < len(self.tasks):
             raise ConfigError(f"demo tasks must be distinct ones of {', '.join(TASKS)}, not "
                               f"{', '.join(unknown_tasks or self.tasks) or 'none'}")
+        self.lora_task_epochs = dict(self.lora_task_epochs)
+        for task_name, epochs in self.lora_task_epochs.items():
+            if task_name not in TASKS:
+                raise ConfigError(f"lora_task_epochs: {task_name!r} is not a task; the tasks are "
+                                  f"{', '.join(TASKS)}")
+            POSITIVE.check(epochs, f"lora_task_epochs[{task_name!r}]")
         unknown = [k for k in self.kinds if k not in ("prompt", "lora")]
         if unknown or not self.kinds:
             raise ConfigError(f"demo kinds must be some of prompt, lora, not {unknown or 'none'}")
@@ -106,6 +117,12 @@ class DemoConfig:
     def stage_seed(self) -> int:
         """The seed of the stages' initialisation and training data order."""
         return self.seed if self.train_seed is None else self.train_seed
+
+    def training_epochs(self, task_name: str, kind: str) -> float:
+        """The epochs every method trains `kind` stages for on `task_name`."""
+        if kind == "lora":
+            return self.lora_task_epochs.get(task_name, self.lora_epochs)
+        return self.epochs
 
     def methods(self, kind: str) -> tuple[str, ...]:
         """The training methods the demo runs with stages of `kind`, in training order (adapt
@@ -212,7 +229,7 @@ def train_stages(base, task, samples, method: str, kind: str, config: DemoConfig
         micro_batch = max(1, micro_batch // len(names))
     train = TrainConfig(learning_rate=config.learning_rate,
                         lora_learning_rate=config.lora_learning_rate,
-                        epochs=config.lora_epochs if kind == "lora" else config.epochs,
+                        epochs=config.training_epochs(task.name, kind),
                         micro_batch_size=micro_batch, grad_accumulation=1,
                         warmup_ratio=0.03, max_length=None, seed=config.stage_seed)
     count = len(samples) // 4 if method == "adapt" else len(samples)
@@ -294,8 +311,10 @@ def _check_same_config(config: DemoConfig, path: Path) -> None:
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path}: not valid JSON ({error}); delete it or choose another "
                              "--out") from None
+        # a setting added since the folder's run had its default there
+        defaults = json.loads(json.dumps(asdict(DemoConfig())))
         differing = sorted(k for k in set(saved) | set(current)
-                           if k != "tasks" and saved.get(k) != current.get(k))
+                           if k != "tasks" and saved.get(k, defaults.get(k)) != current.get(k))
         if differing:
             raise ConfigError(f"{path.parent} holds a demo run with other settings "
                              f"({', '.join(differing)}); choose another --out or delete it")

@@ -13,7 +13,8 @@ from fthss.demo import DemoConfig, run_demo
 from fthss.evaluation.evaluate import COMPARISONS, GOLD_UPSTREAM, RUNS
 
 TINY = DemoConfig(test_records=4, train_samples=8, micro_batch_size=8, max_new_tokens=4,
-                  latency_lengths=(20,), memory_total_tokens=24, pretrain_steps=2, lora_epochs=2)
+                  latency_lengths=(20,), memory_total_tokens=24, pretrain_steps=2, lora_epochs=2,
+                  lora_task_epochs={"rewrite_qa": 3})
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,19 @@ def test_one_task_alone_gives_its_rows_of_the_full_demo(demo, tmp_path):
     assert rows(tmp_path, "compress_qa") == rows(demo, "compress_qa")
 
 
+def test_a_folder_from_before_a_setting_existed_takes_its_default(tmp_path):
+    from fthss.demo import _check_same_config
+
+    settings = tmp_path / "demo_config.json"
+    older = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(TINY))).items()
+             if k != "lora_task_epochs"}
+    settings.write_text(json.dumps(older))
+    _check_same_config(dataclasses.replace(TINY, lora_task_epochs={}), settings)
+    settings.write_text(json.dumps(older))
+    with pytest.raises(ValueError, match=r"other settings \(lora_task_epochs\)"):
+        _check_same_config(TINY, settings)  # TINY gives rewrite_qa its own
+
+
 def test_a_damaged_settings_file_is_named(tmp_path):
     (tmp_path / "demo_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="demo_config.json: not valid JSON"):
@@ -131,8 +145,10 @@ def test_each_fthss_stage_gets_as_many_updates_as_in_the_chains_joint_phase(demo
         chain = updates(task, "chain", "A+B")
         assert chain == 2  # 8 chains, 16 sequences, micro-batch 8
         assert updates(task, "fthss", "A") == updates(task, "fthss", "B") == chain
-        # the lora kind trains for `lora_epochs` (TINY: 2), the prompt kind for `epochs` (1)
-        assert updates(task, "chain", "A+B", "lora") == updates(task, "fthss", "A", "lora") == 4
+        # the lora kind trains for `lora_epochs` (TINY: 2) unless its task has its own
+        # (rewrite_qa: 3), the prompt kind for `epochs` (1)
+        lora = {"compress_qa": 4, "rewrite_qa": 6}[task]
+        assert updates(task, "chain", "A+B", "lora") == updates(task, "fthss", "A", "lora") == lora
     # multi-round FTHSS trains its stages jointly, one sequence per chain: the batch stays
     assert updates("memory_reasoning", "fthss", "A+B") == 1
 
@@ -178,6 +194,7 @@ def demo_command_config(argv, out, monkeypatch):
     (["--quick"], 0, 1, 48, 1.0),
     (["--quick", "--shared-mode-base", "--test-records", "8"], 10, 1, 8, 1.0),
     (["--lora-epochs", "2"], 0, 1, 500, 2.0),
+    (["--lora-epochs", "memory_reasoning=8"], 0, 1, 500, 1.0),
 ])
 def test_the_command_picks_the_base_recipe(argv, shared_mode_steps, draws, records, lora_epochs,
                                           tmp_path, monkeypatch):
@@ -187,6 +204,27 @@ def test_the_command_picks_the_base_recipe(argv, shared_mode_steps, draws, recor
                                                    lora_epochs, 1.0)
     assert config.kinds == ("prompt", "lora")
     assert config.tasks == ("compress_qa", "rewrite_qa", "memory_reasoning", "active_rag")
+
+
+def test_lora_epochs_are_given_for_every_task_or_one(tmp_path, monkeypatch, capsys):
+    argv = ["--lora-epochs", "memory_reasoning=8", "2", "active_rag=0.5"]
+    config = demo_command_config(argv, tmp_path, monkeypatch)
+    assert (config.lora_epochs, config.lora_task_epochs) == (
+        2.0, {"memory_reasoning": 8.0, "active_rag": 0.5})
+    assert [config.training_epochs(t, "lora") for t in config.tasks] == [2.0, 2.0, 8.0, 0.5]
+    assert {config.training_epochs(t, "prompt") for t in config.tasks} == {config.epochs}
+    for bad, message in ((["recall=3"], "'recall' in 'recall=3' is not a task"),
+                         (["memory_reasoning=0"], "must be finite and > 0"),
+                         (["2", "3"], "one plain number (every task), not 2"),
+                         (["active_rag=1", "active_rag=2"], "active_rag given more than once")):
+        from fthss.cli import main
+
+        try:  # argparse exits on an item it cannot read; the command returns 2 on a ConfigError
+            status = main(["demo", "--out", str(tmp_path), "--lora-epochs", *bad])
+        except SystemExit as exit:
+            status = exit.code
+        assert status == 2
+        assert message in capsys.readouterr().err
 
 
 def test_the_command_runs_the_tasks_named(tmp_path, monkeypatch, capsys):
@@ -221,5 +259,9 @@ def test_demo_kinds_are_checked():
     for tasks in (("recall",), (), ("active_rag", "active_rag")):
         with pytest.raises(ValueError, match="demo tasks must be distinct ones of compress_qa"):
             DemoConfig(tasks=tasks)
+    with pytest.raises(ValueError, match="lora_task_epochs: 'recall' is not a task"):
+        DemoConfig(lora_task_epochs={"recall": 2})
+    with pytest.raises(ValueError, match=r"lora_task_epochs\['active_rag'\]: must be finite"):
+        DemoConfig(lora_task_epochs={"active_rag": -1})
     # the training seed follows the world's unless set apart
     assert (DemoConfig(seed=3).stage_seed, DemoConfig(seed=3, train_seed=11).stage_seed) == (3, 11)
