@@ -1,4 +1,4 @@
-"""exp27/exp28 (docs/experiments.md): the demo's lora rows over training seeds and settings.
+"""exp27–exp32 (docs/experiments.md): the demo's lora rows over training seeds and settings.
 
 The demo's recipe on one world with lora stages only (single, chain, fthss; fthss-untuned and
 the gold-upstream rows come with the evaluation), the stages initialised and the data ordered by
@@ -12,9 +12,12 @@ usage: python scripts/exp27.py --seed 0 --train-seed 11 --epochs 1 --out runs/ex
            --out runs/exp30/w0-d1-e2
        python scripts/exp27.py --seed 0 --train-seed 0 --epochs 2 --base runs/exp31/base-w0-d2 \
            --tasks memory_reasoning --lora-lr 1e-3 --out runs/exp31/w0-d2-lr1
+       python scripts/exp27.py --seed 1 --train-seed 12 --epochs 2 --train-samples 2048 \
+           --tasks compress_qa --out runs/exp32/w1-t12-cq-n2048
 (`--epochs`: the lora kind's epochs, default the demo's `lora_epochs`, 1; `--base`: another
 pretraining draw of the world, `fthss base pretrain --seed D`, instead of the committed one;
-`--tasks`: some of the four, whose rows are those of the full run)
+`--tasks`: some of the four, whose rows are those of the full run; `--train-samples`: the
+first N train chains of each task, default the demo's 1,024)
 """
 import argparse
 
@@ -28,6 +31,7 @@ parser.add_argument("--train-seed", type=int, required=True)
 parser.add_argument("--out", required=True)
 parser.add_argument("--base", default=None, help="a base pretrained on this world")
 parser.add_argument("--test-records", type=int, default=defaults.test_records)
+parser.add_argument("--train-samples", type=int, default=defaults.train_samples)
 parser.add_argument("--epochs", type=float, default=defaults.lora_epochs)
 parser.add_argument("--lora-lr", type=float, default=defaults.lora_learning_rate)
 parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
@@ -35,6 +39,7 @@ parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASK
 args = parser.parse_args()
 run_demo(DemoConfig(seed=args.seed, train_seed=args.train_seed, kinds=("lora",),
                     every_method_kind=None, test_records=args.test_records,
+                    train_samples=args.train_samples,
                     lora_epochs=args.epochs, base=args.base,
                     lora_learning_rate=args.lora_lr, lora_rank=args.lora_rank,
                     lora_alpha=2.0 * args.lora_rank, tasks=tuple(args.tasks)), args.out)
