@@ -276,6 +276,8 @@ def cmd_demo(args) -> int:
         config = DemoConfig(seed=args.seed, base=args.base)
     if args.test_records is not None:
         config = dataclasses.replace(config, test_records=args.test_records)
+    if args.train_samples is not None:
+        config = dataclasses.replace(config, train_samples=args.train_samples)
     if args.lora_epochs is not None:
         config = dataclasses.replace(config, **_lora_epochs(args.lora_epochs))
     if args.tasks is not None:
@@ -408,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--test-records", type=positive_int, default=None,
                       help="test questions per task (default: 500, --quick 48; 1000 for the "
                       "intervals of docs/experiments.md, about 10 min more)")
+    demo.add_argument("--train-samples", type=positive_int, default=None,
+                      help="train chains per task and method, the first N of the task's split "
+                      "(default 1,024; --quick 64; 2,048 makes FTHSS's compressor as reliable as "
+                      "the chain's over training seeds, at twice the training time: exp32)")
     demo.add_argument("--lora-epochs", type=_task_epochs, nargs="+", default=None,
                       metavar="N|TASK=N",
                       help="epochs of every lora-kind method, for every task (N) or one task "

@@ -195,10 +195,13 @@ def demo_command_config(argv, out, monkeypatch):
     (["--quick", "--shared-mode-base", "--test-records", "8"], 10, 1, 8, 1.0),
     (["--lora-epochs", "2"], 0, 1, 500, 2.0),
     (["--lora-epochs", "memory_reasoning=8"], 0, 1, 500, 1.0),
+    (["--quick", "--train-samples", "16"], 0, 1, 48, 1.0),
 ])
 def test_the_command_picks_the_base_recipe(argv, shared_mode_steps, draws, records, lora_epochs,
                                           tmp_path, monkeypatch):
     config = demo_command_config(argv, tmp_path, monkeypatch)
+    assert config.train_samples == (16 if "--train-samples" in argv else
+                                    64 if "--quick" in argv else 1024)
     assert (config.shared_mode_steps, config.pretrain_draws, config.test_records,
             config.lora_epochs, config.epochs) == (shared_mode_steps, draws, records,
                                                    lora_epochs, 1.0)
