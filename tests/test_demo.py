@@ -210,6 +210,8 @@ def test_the_command_picks_the_base_recipe(argv, shared_mode_steps, draws, recor
 
 
 def test_lora_epochs_are_given_for_every_task_or_one(tmp_path, monkeypatch, capsys):
+    from fthss.cli import main
+
     argv = ["--lora-epochs", "memory_reasoning=8", "2", "active_rag=0.5"]
     config = demo_command_config(argv, tmp_path, monkeypatch)
     assert (config.lora_epochs, config.lora_task_epochs) == (
@@ -220,12 +222,10 @@ def test_lora_epochs_are_given_for_every_task_or_one(tmp_path, monkeypatch, caps
                          (["memory_reasoning=0"], "must be finite and > 0"),
                          (["2", "3"], "one plain number (every task), not 2"),
                          (["active_rag=1", "active_rag=2"], "active_rag given more than once")):
-        from fthss.cli import main
-
         try:  # argparse exits on an item it cannot read; the command returns 2 on a ConfigError
             status = main(["demo", "--out", str(tmp_path), "--lora-epochs", *bad])
-        except SystemExit as exit:
-            status = exit.code
+        except SystemExit as stop:
+            status = stop.code
         assert status == 2
         assert message in capsys.readouterr().err
 
