@@ -412,8 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "intervals of docs/experiments.md, about 10 min more)")
     demo.add_argument("--train-samples", type=positive_int, default=None,
                       help="train chains per task and method, the first N of the task's split "
-                      "(default 1,024; --quick 64; 2,048 makes FTHSS's compressor as reliable as "
-                      "the chain's over training seeds, at twice the training time: exp32)")
+                      "(default 1,024; --quick 64; 2,048 made FTHSS's compressor as reliable as "
+                      "the chain's over three training seeds on world 1's compress_qa, at twice "
+                      "the training time: exp32)")
     demo.add_argument("--lora-epochs", type=_task_epochs, nargs="+", default=None,
                       metavar="N|TASK=N",
                       help="epochs of every lora-kind method, for every task (N) or one task "
