@@ -27,7 +27,7 @@ import torch
 
 from fthss.atomic import atomic_write_text
 from fthss.errors import ConfigError
-from fthss.ranges import POSITIVE
+from fthss.ranges import COUNT, POSITIVE
 from fthss.tasks import TASKS
 
 ASSETS = Path(__file__).parent / "assets"
@@ -100,6 +100,11 @@ class DemoConfig:
         if unknown_tasks or not self.tasks or len(set(self.tasks)) < len(self.tasks):
             raise ConfigError(f"demo tasks must be distinct ones of {', '.join(TASKS)}, not "
                               f"{', '.join(unknown_tasks or self.tasks) or 'none'}")
+        # counts slice the splits: a negative one would silently drop chains from the end
+        for name in ("test_records", "train_samples"):
+            COUNT.check(getattr(self, name), name)
+        for name in ("epochs", "lora_epochs"):
+            POSITIVE.check(getattr(self, name), name)
         self.lora_task_epochs = dict(self.lora_task_epochs)
         for task_name, epochs in self.lora_task_epochs.items():
             if task_name not in TASKS:

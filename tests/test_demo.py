@@ -266,5 +266,10 @@ def test_demo_kinds_are_checked():
         DemoConfig(lora_task_epochs={"recall": 2})
     with pytest.raises(ValueError, match=r"lora_task_epochs\['active_rag'\]: must be finite"):
         DemoConfig(lora_task_epochs={"active_rag": -1})
+    for field, value, message in (("train_samples", -5, "must be >= 1"),
+                                  ("test_records", 0, "must be >= 1"),
+                                  ("lora_epochs", 0.0, "must be finite and > 0")):
+        with pytest.raises(ValueError, match=f"{field}: {message}"):
+            DemoConfig(**{field: value})
     # the training seed follows the world's unless set apart
     assert (DemoConfig(seed=3).stage_seed, DemoConfig(seed=3, train_seed=11).stage_seed) == (3, 11)
