@@ -1,4 +1,4 @@
-"""exp27–exp32 (docs/experiments.md): the demo's lora rows over training seeds and settings.
+"""exp27–exp33 (docs/experiments.md): the demo's lora rows over training seeds and settings.
 
 The demo's recipe on one world with lora stages only (single, chain, fthss; fthss-untuned and
 the gold-upstream rows come with the evaluation), the stages initialised and the data ordered by
@@ -14,6 +14,9 @@ usage: python scripts/exp27.py --seed 0 --train-seed 11 --epochs 1 --out runs/ex
            --tasks memory_reasoning --lora-lr 1e-3 --out runs/exp31/w0-d2-lr1
        python scripts/exp27.py --seed 1 --train-seed 12 --epochs 2 --train-samples 2048 \
            --tasks compress_qa --out runs/exp32/w1-t12-cq-n2048
+       python scripts/exp27.py --seed 1 --train-seed 1 --epochs 2 --train-samples 2048 \
+           --test-records 1000 --tasks compress_qa active_rag --base runs/exp32/base-w1-d1 \
+           --out runs/exp33/w1-d1-t1-n2048
 (`--epochs`: the lora kind's epochs, default the demo's `lora_epochs`, 1; `--base`: another
 pretraining draw of the world, `fthss base pretrain --seed D`, instead of the committed one;
 `--tasks`: some of the four, whose rows are those of the full run; `--train-samples`: the
