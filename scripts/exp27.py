@@ -1,4 +1,4 @@
-"""exp27–exp33 (docs/experiments.md): the demo's lora rows over training seeds and settings.
+"""exp27–exp34 (docs/experiments.md): the demo's lora rows over training seeds and settings.
 
 The demo's recipe on one world with lora stages only (single, chain, fthss; fthss-untuned and
 the gold-upstream rows come with the evaluation), the stages initialised and the data ordered by
